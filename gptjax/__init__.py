@@ -1,0 +1,1 @@
+"""gptjax: pretraining, SFT, reward modelling and RLHF in JAX/Flax."""

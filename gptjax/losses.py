@@ -1,0 +1,61 @@
+"""Losses, each returning a masked sum and a count plus diagnostics (Tunix/nanodo style).
+
+Returning sums, not means, lets callers combine microbatches and hosts exactly: the mean
+is sum(sums) / sum(counts), whatever the padding in each part.
+
+Target convention used everywhere: position t of `tokens_BxT` is predicted from positions
+< t, and only inside one document: `segment_ids[t] == segment_ids[t-1] != 0`. Masks are
+weights on target tokens, aligned with `tokens_BxT`.
+
+Shape legend: B batch, T sequence, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def target_mask(segment_ids_BxT, loss_mask_BxT=None):
+    """Weight of each target token: inside a document, not its first token, times loss_mask.
+
+    Column 0 has no prediction (nothing precedes it), so it is always 0.
+    """
+    seg = segment_ids_BxT
+    same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
+    mask = jnp.pad(same_doc.astype(jnp.float32), ((0, 0), (1, 0)))
+    if loss_mask_BxT is not None:
+        mask = mask * loss_mask_BxT.astype(jnp.float32)
+    return mask
+
+
+def token_logprobs(logits_BxTxV, tokens_BxT):
+    """log p(tokens[t] | tokens[<t]) in float32, aligned with tokens; column 0 is 0."""
+    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
+    logp = jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    return jnp.pad(logp, ((0, 0), (1, 0)))
+
+
+def next_token_loss(logits_BxTxV, tokens_BxT, mask_BxT, z_loss: float = 0.0):
+    """Masked next-token cross-entropy. Returns (loss_sum, count, aux).
+
+    mask_BxT: weights on target tokens (see target_mask).
+    z_loss: PaLM's auxiliary z_loss * log(Z)^2 (Chowdhery et al. 2022, sec. 5), which keeps
+      the softmax normaliser near 1 for bf16 stability; 0 disables it.
+    aux: sums of correct predictions and of the z term, for metrics.
+    """
+    logits = logits_BxTxV[:, :-1].astype(jnp.float32)
+    targets = tokens_BxT[:, 1:]
+    mask = mask_BxT[:, 1:].astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    nll = log_z - target_logit
+    z_term = z_loss * jnp.square(log_z)
+    loss_sum = jnp.sum((nll + z_term) * mask)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    aux = {
+        "correct_sum": jnp.sum(correct * mask),
+        "nll_sum": jnp.sum(nll * mask),
+        "z_sum": jnp.sum(z_term * mask),
+    }
+    return loss_sum, jnp.sum(mask), aux

@@ -1,0 +1,383 @@
+"""Decoder-only transformer in Flax NNX, used pure-functionally.
+
+One model, configurable between GPT-2 conventions (learned positions, LayerNorm, GELU,
+tied unembedding, multi-head attention) and LLaMA conventions (rotary positions, RMSNorm,
+SwiGLU, separate unembedding, grouped KV heads). The NNX module is built once to get a
+graphdef; training code holds only a params pytree (a nested dict of arrays) and calls
+`Model.apply(params, tokens, ...)`, so every train step is a pure function of arrays.
+
+The layer weights are always stored stacked along a leading `layers` axis. `scan_layers`
+only chooses how they are applied (one `lax.scan` vs an unrolled Python loop), so a
+checkpoint is valid under both, and "scan == unrolled" is a test of one set of params.
+
+Every weight carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `kv`, `mlp`,
+`layers`, `pos`) in its `logical_axes` metadata; `gptjax.sharding` maps them to the mesh.
+
+Shape legend:
+  B batch, T query length, S key length, D d_model, N query heads, K kv heads,
+  G = N // K query heads per kv head, H head dim, F MLP hidden, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptjax import config as config_lib
+from gptjax.errors import ConfigError
+
+Params = dict[str, Any]
+
+REMAT_POLICIES = {
+    "none": None,
+    # Recompute everything in the backward pass: least memory.
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep matmul outputs, recompute the cheap elementwise ops (MaxText's common choice).
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. Field docs are in configs/model.py, next to the presets."""
+
+    vocab_size: int = 512
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    d_ff: int = 512
+    max_len: int = 64
+    positions: str = "learned"  # learned | rope
+    rope_theta: float = 10_000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    mlp: str = "gelu"  # gelu | swiglu
+    tie_embeddings: bool = True
+    head: str = "lm"  # lm | scalar
+    dropout: float = 0.0
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d, prefix: str = "model") -> ModelConfig:
+        return config_lib.from_dict(cls, d, prefix)
+
+    def validate(self, prefix: str = "model") -> None:
+        def need(ok, field, msg):
+            if not ok:
+                raise ConfigError(f"{prefix}.{field}", msg)
+
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_ff",
+            "max_len",
+        ):
+            value = getattr(self, name)
+            need(
+                isinstance(value, int) and value > 0, name, f"must be a positive int, got {value!r}"
+            )
+        need(
+            self.d_model % self.n_heads == 0,
+            "n_heads",
+            f"n_heads={self.n_heads} must divide d_model={self.d_model}",
+        )
+        need(
+            self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}",
+        )
+        need(
+            self.positions in ("learned", "rope"),
+            "positions",
+            f"{self.positions!r} not in learned|rope",
+        )
+        need(
+            self.positions != "rope" or self.head_dim % 2 == 0,
+            "positions",
+            f"rope needs an even head dim, got d_model/n_heads={self.head_dim}",
+        )
+        need(
+            self.norm in ("layernorm", "rmsnorm"), "norm", f"{self.norm!r} not in layernorm|rmsnorm"
+        )
+        need(self.mlp in ("gelu", "swiglu"), "mlp", f"{self.mlp!r} not in gelu|swiglu")
+        need(self.head in ("lm", "scalar"), "head", f"{self.head!r} not in lm|scalar")
+        need(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        need(
+            self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} not in {list(DTYPES)}"
+        )
+        need(self.dtype in DTYPES, "dtype", f"{self.dtype!r} not in {list(DTYPES)}")
+        need(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} not in {list(REMAT_POLICIES)}")
+
+
+def _normal(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=tuple(axes))
+
+
+def _const(shape, axes, value: float, dtype) -> nnx.Param:
+    return nnx.Param(jnp.full(shape, value, dtype), logical_axes=tuple(axes))
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm, computed in float32 whatever the compute dtype."""
+
+    def __init__(self, cfg: ModelConfig, lead_shape=(), lead_axes=()):
+        pdt = DTYPES[cfg.param_dtype]
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = _const((*lead_shape, cfg.d_model), (*lead_axes, "embed"), 1.0, pdt)
+        if cfg.norm == "layernorm":
+            self.bias = _const((*lead_shape, cfg.d_model), (*lead_axes, "embed"), 0.0, pdt)
+
+    def __call__(self, x_BxTxD):
+        x = x_BxTxD.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.kind == "layernorm":
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(x_BxTxD.dtype)
+
+
+def rope(x_BxTxNxH, positions_BxT, theta: float):
+    """Rotary position embedding (Su et al. 2021, eq. 34), half-split layout as in LLaMA."""
+    h = x_BxTxNxH.shape[-1]
+    inv_freq_H2 = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    angle_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H2
+    sin, cos = jnp.sin(angle_BxTxH2)[:, :, None], jnp.cos(angle_BxTxH2)[:, :, None]
+    x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BxTxNxH.dtype)
+
+
+def attention_mask(q_segment_BxT, k_segment_BxS, q_index_BxT, k_index_BxS):
+    """True where query t may attend to key s: causal in row index, same segment.
+
+    Segment 0 (padding) attends only to padding, so fully padded rows stay finite.
+    """
+    causal = q_index_BxT[:, :, None] >= k_index_BxS[:, None, :]
+    same_doc = q_segment_BxT[:, :, None] == k_segment_BxS[:, None, :]
+    return causal & same_doc
+
+
+def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+    """Softmax attention with grouped KV heads; logits and softmax in float32."""
+    b, t, n, h = q_BxTxNxH.shape
+    k = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
+    logits = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    ) * (h**-0.5)
+    logits = jnp.where(mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out.reshape(b, t, n, h)
+
+
+def _dropout(x, rate: float, rng):
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block. Built with a leading `layers` axis of size n_layers;
+    called on one layer's slice of its params (see Transformer._blocks)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pdt = DTYPES[cfg.param_dtype]
+        L, D, N, K, H, F = (
+            cfg.n_layers,
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            cfg.d_ff,
+        )
+        std = cfg.init_std
+        # GPT-2: residual projections scaled by 1/sqrt(2L) so the stream's variance stays O(1).
+        out_std = std / math.sqrt(2 * L)
+        self.cfg = cfg
+        self.attn_norm = Norm(cfg, (L,), ("layers",))
+        self.wq = _normal(rngs, (L, D, N, H), ("layers", "embed", "heads", "kv"), std, pdt)
+        self.wk = _normal(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "kv"), std, pdt)
+        self.wv = _normal(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "kv"), std, pdt)
+        self.wo = _normal(rngs, (L, N, H, D), ("layers", "heads", "kv", "embed"), out_std, pdt)
+        self.mlp_norm = Norm(cfg, (L,), ("layers",))
+        if cfg.mlp == "swiglu":
+            self.w_gate = _normal(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pdt)
+        self.w_up = _normal(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pdt)
+        self.w_down = _normal(rngs, (L, F, D), ("layers", "mlp", "embed"), out_std, pdt)
+
+    def __call__(self, x_BxTxD, mask_BxTxS, positions_BxT, rng=None):
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+        rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
+        h = self.attn_norm(x_BxTxD)
+        q = jnp.einsum("btd,dnh->btnh", h, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", h, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", h, self.wv[...].astype(dt))
+        if cfg.positions == "rope":
+            q, k = rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta)
+        a = attend(q, k, v, mask_BxTxS)
+        x_BxTxD = x_BxTxD + _dropout(
+            jnp.einsum("btnh,nhd->btd", a, self.wo[...].astype(dt)), cfg.dropout, rng_attn
+        )
+
+        h = self.mlp_norm(x_BxTxD)
+        up_BxTxF = jnp.einsum("btd,df->btf", h, self.w_up[...].astype(dt))
+        if cfg.mlp == "swiglu":
+            gate = jnp.einsum("btd,df->btf", h, self.w_gate[...].astype(dt))
+            up_BxTxF = jax.nn.silu(gate) * up_BxTxF
+        else:
+            # tanh approximation: on XLA:CPU exact erf costs about half the MLP throughput.
+            up_BxTxF = jax.nn.gelu(up_BxTxF, approximate=True)
+        out = jnp.einsum("btf,fd->btd", up_BxTxF, self.w_down[...].astype(dt))
+        return x_BxTxD + _dropout(out, cfg.dropout, rng_mlp)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pdt = DTYPES[cfg.param_dtype]
+        self.cfg = cfg
+        self.embed = _normal(
+            rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt
+        )
+        if cfg.positions == "learned":
+            self.pos_embed = _normal(
+                rngs, (cfg.max_len, cfg.d_model), ("pos", "embed"), cfg.init_std, pdt
+            )
+        self.blocks = Block(cfg, rngs)
+        self.final_norm = Norm(cfg)
+        if cfg.head == "lm" and not cfg.tie_embeddings:
+            self.unembed = _normal(
+                rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt
+            )
+        if cfg.head == "scalar":
+            self.score_w = _const((cfg.d_model,), ("embed",), 0.0, pdt)
+            self.score_b = _const((), (), 0.0, pdt)
+
+    def _blocks(self, x_BxTxD, mask_BxTxS, positions_BxT, rng):
+        cfg = self.cfg
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def layer(x, layer_params, layer_rng):
+            return nnx.merge(graphdef, layer_params)(x, mask_BxTxS, positions_BxT, layer_rng)
+
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=not cfg.scan_layers)
+        rngs_L = jax.random.split(rng, cfg.n_layers) if rng is not None else None
+        if cfg.scan_layers:
+
+            def body(x, xs):
+                layer_params, layer_rng = xs
+                return layer(x, layer_params, layer_rng), None
+
+            x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, (stacked, rngs_L))
+        else:
+            for i in range(cfg.n_layers):
+                layer_params = jax.tree.map(lambda a, i=i: a[i], stacked)
+                x_BxTxD = layer(x_BxTxD, layer_params, None if rngs_L is None else rngs_L[i])
+        return x_BxTxD
+
+    def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, rng=None):
+        """Returns float32 logits_BxTxV (head='lm') or values_BxT (head='scalar').
+
+        segment_ids: documents packed in one row do not attend to each other (0 = padding).
+        positions: restart at 0 per document; default 0..T-1.
+        rng: dropout key; None means deterministic (eval, sampling, PPO scoring).
+        """
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+        b, t = tokens_BxT.shape
+        index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+        if positions_BxT is None:
+            positions_BxT = index_BxT
+        mask = attention_mask(segment_ids_BxT, segment_ids_BxT, index_BxT, index_BxT)
+        rng_embed, rng_blocks = jax.random.split(rng) if rng is not None else (None, None)
+
+        x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
+        if cfg.positions == "learned":
+            x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(dt)
+        x_BxTxD = _dropout(x_BxTxD, cfg.dropout, rng_embed)
+        x_BxTxD = self._blocks(x_BxTxD, mask, positions_BxT, rng_blocks)
+        h_BxTxD = self.final_norm(x_BxTxD)
+
+        if cfg.head == "scalar":
+            w = self.score_w[...].astype(jnp.float32)
+            return h_BxTxD.astype(jnp.float32) @ w + self.score_b[...].astype(jnp.float32)
+        unembed_DxV = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
+        return jnp.einsum(
+            "btd,dv->btv", h_BxTxD, unembed_DxV.astype(dt), preferred_element_type=jnp.float32
+        )
+
+
+def _logical_axes(state) -> Params:
+    return nnx.to_pure_dict(
+        jax.tree.map(
+            lambda v: v.get_metadata()["logical_axes"],
+            state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+    )
+
+
+class Model:
+    """The pure-functional face of `Transformer`: params in, logits (or values) out."""
+
+    def __init__(self, cfg: ModelConfig):
+        cfg.validate()
+        self.cfg = cfg
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+        self.graphdef, state = nnx.split(abstract)
+        # Shapes and dtypes only: nothing is allocated until `init` runs (under jit).
+        self.abstract_params: Params = nnx.to_pure_dict(state)
+        # Same tree as params, each leaf a tuple of logical axis names.
+        self.logical_axes: Params = _logical_axes(state)
+
+    def init(self, rng: jax.Array) -> Params:
+        return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, nnx.Rngs(params=rng))))
+
+    def apply(self, params: Params, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, rng=None):
+        return nnx.merge(self.graphdef, params)(tokens_BxT, segment_ids_BxT, positions_BxT, rng)
+
+    def param_count(self, include_embeddings: bool = True) -> int:
+        leaves = jax.tree_util.tree_leaves_with_path(self.abstract_params)
+        n = 0
+        for path, leaf in leaves:
+            name = jax.tree_util.keystr(path)
+            if not include_embeddings and ("pos_embed" in name):
+                continue
+            n += math.prod(leaf.shape)
+        return n
+
+
+@functools.cache
+def _cached_model(cfg: ModelConfig) -> Model:
+    return Model(cfg)
+
+
+def get_model(cfg: ModelConfig) -> Model:
+    """One Model per config: its graphdef is reused, so jitted steps are built once."""
+    return _cached_model(cfg)

@@ -1,0 +1,185 @@
+"""Pure train steps `(state, batch, rng) -> (state, metrics)`, jitted once with explicit
+shardings and the state donated (big_vision / MaxText style).
+
+State is a plain dict: {"params", "opt_state", "step"}. Batches are dicts of [B, T] arrays
+(see gptjax/data): tokens, segment_ids, positions, loss_mask. Randomness is
+`fold_in(rng, step)`, so a resumed run draws the same dropout masks.
+
+Shape legend: B batch, A gradient-accumulation microbatches, M = B // A, T sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from gptjax import losses, sharding
+from gptjax.model import Model
+
+State = dict
+
+
+def sequence_logprobs(
+    model: Model, params, tokens_BxT, mask_BxT, segment_ids_BxT=None, positions_BxT=None
+):
+    """Per-token log p(tokens[t] | tokens[<t]) in float32, zero where mask_BxT is 0.
+
+    The one function that PPO (policy, reference, old log-probs), KL and evaluation use, so
+    they can never disagree on how a sequence is scored.
+    """
+    logits = model.apply(params, tokens_BxT, segment_ids_BxT, positions_BxT)
+    return losses.token_logprobs(logits, tokens_BxT) * mask_BxT
+
+
+def init_state(model: Model, tx: optax.GradientTransformation, rng) -> State:
+    params = model.init(rng)
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def state_shardings(model: Model, tx: optax.GradientTransformation, mesh: Mesh):
+    """Shardings for the whole train state, from shapes alone (nothing is allocated).
+
+    Optimizer moments mirror the params; scalars (counts) are replicated.
+    """
+    param_sh = sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
+    abstract_opt = jax.eval_shape(tx.init, model.abstract_params)
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        abstract_opt,
+        param_sh,
+        transform_non_params=lambda _: sharding.replicated(mesh),
+    )
+    return {"params": param_sh, "opt_state": opt_sh, "step": sharding.replicated(mesh)}
+
+
+def create_state(model: Model, tx: optax.GradientTransformation, mesh: Mesh, rng):
+    """Sharded init: each device materialises only its own shard of params and moments."""
+    shardings = state_shardings(model, tx, mesh)
+    state = sharding.sharded_init(functools.partial(init_state, model, tx), shardings, rng)
+    return state, shardings
+
+
+def _global_norm(tree):
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def accumulate_grads(loss_fn: Callable, params, batch, grad_accum_steps: int):
+    """Sums (value, grad) of loss_fn over A microbatches in a lax.scan.
+
+    loss_fn(params, microbatch, index) -> (loss_sum, (count, aux_sums)); every output is a
+    sum, so accumulation is exact: the result equals one pass over the whole batch.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if grad_accum_steps == 1:
+        return grad_fn(params, batch, 0)
+    a = grad_accum_steps
+    micro = jax.tree.map(lambda x: x.reshape(a, x.shape[0] // a, *x.shape[1:]), batch)
+
+    def body(carry, xs):
+        out = grad_fn(params, *xs)
+        return jax.tree.map(jnp.add, carry, out), None
+
+    first = (jax.tree.map(lambda x: x[0], micro), 0)
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, *first))
+    out, _ = jax.lax.scan(body, zero, (micro, jnp.arange(a)))
+    return out
+
+
+def apply_update(state: State, grads, tx, schedule, skip_nonfinite: bool, finite):
+    """One optimizer update plus the norms big_vision logs by default.
+
+    A non-finite loss or gradient with skip_nonfinite leaves params and optimizer state
+    unchanged (selected inside the jit: no host sync), and is counted in the metrics.
+    """
+    params = state["params"]
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    if skip_nonfinite:
+        keep = lambda new, old: jnp.where(finite, new, old)
+        new_params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+    metrics = {
+        "grad_norm": _global_norm(grads),
+        "update_norm": _global_norm(updates),
+        "param_norm": _global_norm(new_params),
+        "lr": schedule(state["step"]),
+        "nonfinite": 1.0 - finite.astype(jnp.float32),
+    }
+    new_state = {"params": new_params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, metrics
+
+
+def lm_train_step(
+    state: State,
+    batch,
+    rng,
+    *,
+    model: Model,
+    tx,
+    schedule,
+    z_loss: float = 0.0,
+    grad_accum_steps: int = 1,
+    skip_nonfinite: bool = True,
+):
+    """Next-token LM step for pretraining and SFT (SFT differs only in batch['loss_mask'])."""
+    rng = jax.random.fold_in(rng, state["step"])
+
+    def loss_fn(params, mb, index):
+        mb_rng = jax.random.fold_in(rng, index)
+        logits = model.apply(
+            params,
+            mb["tokens"],
+            mb["segment_ids"],
+            mb["positions"],
+            rng=mb_rng if model.cfg.dropout > 0 else None,
+        )
+        mask = losses.target_mask(mb["segment_ids"], mb["loss_mask"])
+        loss_sum, count, aux = losses.next_token_loss(logits, mb["tokens"], mask, z_loss)
+        return loss_sum, (count, aux)
+
+    (loss_sum, (count, aux)), grads = accumulate_grads(
+        loss_fn, state["params"], batch, grad_accum_steps
+    )
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    finite = jnp.isfinite(loss) & jnp.isfinite(_global_norm(grads))
+    state, metrics = apply_update(state, grads, tx, schedule, skip_nonfinite, finite)
+    metrics.update(
+        loss=loss, nll=aux["nll_sum"] / denom, accuracy=aux["correct_sum"] / denom, tokens=count
+    )
+    return state, metrics
+
+
+def lm_eval_step(params, batch, *, model: Model):
+    """Summed held-out loss; the caller divides after summing over batches."""
+    logits = model.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
+    mask = losses.target_mask(batch["segment_ids"], batch["loss_mask"])
+    loss_sum, count, aux = losses.next_token_loss(logits, batch["tokens"], mask)
+    return {"loss_sum": loss_sum, "count": count, "correct_sum": aux["correct_sum"]}
+
+
+def jit_train_step(step_fn: Callable, mesh: Mesh, shardings):
+    """jit with explicit in/out shardings (what pjit became) and the state donated."""
+    batch_sh = sharding.batch_sharding(mesh)
+    rep = sharding.replicated(mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(shardings, batch_sh, rep),
+        out_shardings=(shardings, rep),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(eval_fn: Callable, mesh: Mesh, param_shardings):
+    return jax.jit(
+        eval_fn,
+        in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh),
+    )

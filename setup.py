@@ -1,0 +1,42 @@
+"""gptjax: the GPT-assistant recipe (pretrain -> SFT -> RM -> PPO) in JAX/Flax.
+
+Versions are pinned to a set verified together on CPU (Python 3.11, 2026-11).
+"""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    # tfds builds and reads array_record without TensorFlow.
+    "tensorflow-datasets==4.9.10",
+    "array_record==0.8.6",
+    "sentencepiece==0.2.3",
+    "ml_collections==1.1.0",
+    "absl-py==2.5.1",
+    "numpy>=2.0,<3",
+    "tensorboardX==2.6.5",
+    "matplotlib==3.11.2",
+    "tqdm>=4.66",
+]
+
+EXTRAS_REQUIRE = {
+    "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "ruff==0.17.6"],
+    # libtpu for TPU VMs; also lets a CPU host compile ahead of time for TPU topologies.
+    "tpu": ["jax[tpu]==0.10.2"],
+    # Reading registered TFDS datasets that need TensorFlow to prepare (lm1b, c4).
+    "tfds-prepare": ["tensorflow-cpu>=2.18"],
+}
+
+setuptools.setup(
+    name="gptjax",
+    version="0.1.0",
+    description="Pretraining, SFT, reward modelling and RLHF (PPO) in JAX/Flax",
+    packages=setuptools.find_packages(include=["gptjax", "gptjax.*", "experiments", "configs"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+)

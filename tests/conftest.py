@@ -1,0 +1,33 @@
+"""Test session set-up: 8 simulated CPU devices and a persistent compilation cache.
+
+Both must be configured before JAX initialises its backend, hence at import time here.
+"""
+
+import os
+
+# Sharding tests need 8 devices; single-device tests simply use device 0.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Keep libtpu (installed with the `tpu` extra) from probing for TPUs in every worker.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+_CACHE = os.environ.get(
+    "GPTJAX_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
+)
+jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
+# Cache everything: each tiny step compiles in 1-5 s, and reusing it is the whole point.
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # "No tests collected" (exit 5) means the suite did not run: a failure, never a pass.
+    if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture
+def n_devices():
+    return jax.device_count()

@@ -1,0 +1,192 @@
+"""Model properties: causality, packing, scan == loop, remat, every variant trains."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gptjax import losses, train_steps
+from gptjax.model import Model
+from tests.helpers import lm_batch, random_batch, tiny_model_config
+
+VARIANTS = {
+    "gpt2": dict(),
+    "llama": dict(positions="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False),
+    "mha_unrolled": dict(n_kv_heads=4, scan_layers=False),
+    "scalar_head": dict(head="scalar"),
+    "dropout_remat": dict(dropout=0.1, remat="full"),
+    "bf16_compute": dict(dtype="bfloat16"),
+}
+
+
+@functools.cache
+def _model_and_params(**overrides):
+    model = Model(tiny_model_config(**overrides))
+    return model, jax.jit(model.init)(jax.random.key(0))
+
+
+def model_and_params(**overrides):
+    return _model_and_params(**overrides)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_future_tokens_do_not_change_earlier_logits(variant):
+    model, params = model_and_params(**VARIANTS[variant])
+    tokens = np.random.default_rng(0).integers(3, 64, size=(2, 16))
+    changed = tokens.copy()
+    changed[:, 9:] = np.random.default_rng(1).integers(3, 64, size=(2, 7))
+    a = model.apply(params, jnp.asarray(tokens))
+    b = model.apply(params, jnp.asarray(changed))
+    np.testing.assert_allclose(a[:, :9], b[:, :9], atol=1e-6)
+    # and the change is visible from position 9 on, so the check above is not vacuous
+    assert np.abs(np.asarray(a[:, 9:] - b[:, 9:])).max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_packed_documents_equal_documents_run_alone(variant):
+    model, params = model_and_params(**VARIANTS[variant])
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(3, 64, size=n) for n in (7, 12, 5)]
+    # Packed: all three documents in one row of 32, positions restart, tail padded.
+    tokens = np.zeros((1, 32), np.int32)
+    seg = np.zeros((1, 32), np.int32)
+    pos = np.zeros((1, 32), np.int32)
+    start = 0
+    for i, d in enumerate(docs):
+        tokens[0, start : start + len(d)] = d
+        seg[0, start : start + len(d)] = i + 1
+        pos[0, start : start + len(d)] = np.arange(len(d))
+        start += len(d)
+    packed = lm_batch(tokens, seg, pos)
+    logits = model.apply(params, packed["tokens"], packed["segment_ids"], packed["positions"])
+    packed_nll = -losses.token_logprobs(logits, packed["tokens"])
+    packed_mask = losses.target_mask(packed["segment_ids"])
+    start = 0
+    for d in docs:
+        alone = model.apply(params, jnp.asarray(d[None]))
+        alone_nll = -losses.token_logprobs(alone, jnp.asarray(d[None]))
+        np.testing.assert_allclose(
+            packed_nll[0, start + 1 : start + len(d)], alone_nll[0, 1:], rtol=1e-5, atol=1e-5
+        )
+        # First token of each document has no prediction: it would cross the boundary.
+        assert packed_mask[0, start] == 0 and packed_mask[0, start + 1 : start + len(d)].all()
+        start += len(d)
+    assert packed_mask[0, start:].sum() == 0  # padding has no loss
+
+
+def _loss_and_grads(model, params, batch, rng=None):
+    def loss_fn(p):
+        logits = model.apply(p, batch["tokens"], batch["segment_ids"], batch["positions"], rng)
+        if model.cfg.head == "scalar":
+            return jnp.mean((logits - 1.0) ** 2)  # regress every position to 1
+        mask = losses.target_mask(batch["segment_ids"], batch["loss_mask"])
+        s, n, _ = losses.next_token_loss(logits, batch["tokens"], mask)
+        return s / n
+
+    return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+def _assert_trees_close(a, b, **tol):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, **tol), a, b)
+
+
+def test_scan_over_layers_equals_unrolled_stack():
+    scan_model, params = model_and_params(positions="rope", scan_layers=True)
+    loop_model = Model(tiny_model_config(positions="rope", scan_layers=False))
+    batch = random_batch(np.random.default_rng(0), 2, 16, 64)
+    l1, g1 = _loss_and_grads(scan_model, params, batch)
+    l2, g2 = _loss_and_grads(loop_model, params, batch)  # the same params: one layout
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    _assert_trees_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+@pytest.mark.parametrize("scan", [True, False])
+def test_remat_changes_neither_outputs_nor_grads(remat, scan):
+    base, params = model_and_params(scan_layers=scan)
+    remat_model = Model(tiny_model_config(scan_layers=scan, remat=remat))
+    batch = random_batch(np.random.default_rng(1), 2, 16, 64)
+    l1, g1 = _loss_and_grads(base, params, batch)
+    l2, g2 = _loss_and_grads(remat_model, params, batch)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    _assert_trees_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+def test_dropout_is_random_with_rng_and_off_without():
+    model, params = model_and_params(dropout=0.5)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, size=(2, 16)))
+    det1, det2 = model.apply(params, tokens), model.apply(params, tokens)
+    np.testing.assert_array_equal(det1, det2)
+    d1 = model.apply(params, tokens, rng=jax.random.key(1))
+    d2 = model.apply(params, tokens, rng=jax.random.key(2))
+    assert np.abs(np.asarray(d1 - d2)).max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_each_variant_runs_and_trains_one_step(variant):
+    model, params = model_and_params(**VARIANTS[variant])
+    batch = random_batch(np.random.default_rng(0), 4, 16, 64)
+    out = model.apply(params, batch["tokens"])
+    want = (4, 16) if model.cfg.head == "scalar" else (4, 16, 64)
+    assert out.shape == want and out.dtype == jnp.float32
+    rng = jax.random.key(3) if model.cfg.dropout else None
+    loss, grads = _loss_and_grads(model, params, batch, rng)
+    assert np.isfinite(loss)
+    norms = jax.tree.map(lambda g: float(jnp.linalg.norm(g.astype(jnp.float32))), grads)
+    # every weight gets gradient (no disconnected parameter); scalar head starts at 0 so
+    # only its own weights are guaranteed non-zero there
+    flat = jax.tree_util.tree_leaves_with_path(norms)
+    if model.cfg.head == "lm":
+        assert all(n > 0 for _, n in flat), [jax.tree_util.keystr(p) for p, n in flat if n == 0]
+    new = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    loss2, _ = _loss_and_grads(model, new, batch, rng)
+    assert loss2 < loss
+
+
+def test_sequence_logprobs_matches_manual_log_softmax():
+    model, params = model_and_params()
+    batch = random_batch(np.random.default_rng(0), 2, 8, 64)
+    mask = np.ones((2, 8), np.float32)
+    mask[:, :3] = 0
+    logp = train_steps.sequence_logprobs(model, params, batch["tokens"], mask)
+    logits = np.asarray(model.apply(params, batch["tokens"]), np.float64)
+    ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    for b in range(2):
+        for t in range(3, 8):
+            np.testing.assert_allclose(logp[b, t], ref[b, t - 1, batch["tokens"][b, t]], rtol=1e-5)
+    assert (np.asarray(logp)[:, :3] == 0).all()
+
+
+def test_weight_decay_skips_norms_and_biases():
+    from gptjax.optim import decay_mask
+
+    model, _ = model_and_params()
+    mask = decay_mask(model.abstract_params)
+    assert mask["blocks"]["wq"] and mask["embed"]
+    assert not mask["blocks"]["attn_norm"]["scale"] and not mask["final_norm"]["bias"]
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    model, params = model_and_params()
+    batch = random_batch(np.random.default_rng(0), 8, 16, 64)
+    batch["segment_ids"][:, 12:] = 0  # uneven padding: sums, not means, make this exact
+    tx = optax.sgd(1.0)
+
+    def run(accum):
+        state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        step = functools.partial(
+            train_steps.lm_train_step,
+            model=model,
+            tx=tx,
+            schedule=lambda s: 1.0,
+            grad_accum_steps=accum,
+        )
+        return jax.jit(step)(state, batch, jax.random.key(0))
+
+    s1, m1 = run(1)
+    s4, m4 = run(4)
+    np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
+    _assert_trees_close(s1["params"], s4["params"], rtol=1e-5, atol=1e-7)

@@ -1,0 +1,103 @@
+"""Sharding: one rule table, sharded init, and sharded == single-device train step."""
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec
+
+from gptjax import sharding, train_steps
+from gptjax.errors import ConfigError
+from gptjax.model import Model
+from gptjax.sharding import MeshConfig
+from tests.helpers import random_batch, tiny_model_config
+
+CPU8 = MeshConfig(data=2, fsdp=2, tensor=2)
+
+
+def _sgd_step(model, mesh):
+    # SGD with lr 1: the param update is exactly -grad, so comparing updated params compares
+    # gradients (Adam would amplify 1e-7 noise near zero gradients by lr/eps).
+    tx = optax.sgd(1.0)
+    state, shardings = train_steps.create_state(model, tx, mesh, jax.random.key(0))
+    step = functools.partial(train_steps.lm_train_step, model=model, tx=tx, schedule=lambda s: 1.0)
+    return state, train_steps.jit_train_step(step, mesh, shardings)
+
+
+def test_mesh_resolves_minus_one_and_rejects_bad_sizes():
+    assert MeshConfig(data=2, fsdp=-1, tensor=2).shape(8) == (2, 2, 2)
+    assert MeshConfig(data=1, fsdp=-1, tensor=1).shape(1) == (1, 1, 1)
+    with pytest.raises(ConfigError, match="mesh"):
+        MeshConfig(data=3, fsdp=1, tensor=1).shape(8)
+    with pytest.raises(ConfigError, match="at most one"):
+        MeshConfig(data=-1, fsdp=-1, tensor=1).shape(8)
+    with pytest.raises(ConfigError, match="mesh.tensor"):
+        MeshConfig(tensor=0).shape(8)
+
+
+def test_unknown_logical_axis_is_an_error():
+    with pytest.raises(KeyError, match="embedd"):
+        sharding.logical_to_spec(("vocab", "embedd"))
+    assert sharding.logical_to_spec(("vocab", "embed")) == PartitionSpec("tensor", "fsdp")
+
+
+def test_every_model_weight_matches_a_rule():
+    model = Model(tiny_model_config(positions="learned", tie_embeddings=False))
+    specs = jax.tree.map(
+        sharding.logical_to_spec, model.logical_axes, is_leaf=lambda x: isinstance(x, tuple)
+    )
+    assert jax.tree.structure(
+        specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    ) == jax.tree.structure(model.abstract_params)
+
+
+def test_indivisible_dim_names_the_param():
+    mesh = sharding.make_mesh(CPU8)
+    model = Model(tiny_model_config(vocab_size=63))
+    with pytest.raises(ConfigError, match="embed"):
+        sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
+
+
+def test_sharded_init_shards_the_large_weights():
+    assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+    mesh = sharding.make_mesh(CPU8)
+    model = Model(tiny_model_config(tie_embeddings=False))
+    state, _ = _sgd_step(model, mesh)
+    p = state["params"]
+    # (vocab, embed) over (tensor, fsdp): each device holds a quarter of the table.
+    assert p["embed"].sharding.shard_shape(p["embed"].shape) == (32, 16)
+    assert p["blocks"]["wq"].sharding.spec == PartitionSpec(None, "fsdp", "tensor", None)
+    assert p["blocks"]["w_down"].sharding.shard_shape(p["blocks"]["w_down"].shape) == (2, 32, 16)
+    # Nothing with more than a vector's worth of bytes is left replicated.
+    assert sharding.replicated_params(p, min_bytes=512) == []
+    # Adam-like state mirrors the params' sharding.
+    opt_state, _ = train_steps.create_state(model, optax.adam(1e-3), mesh, jax.random.key(0))
+    mu = opt_state["opt_state"][0].mu
+    assert mu["embed"].sharding.spec == p["embed"].sharding.spec
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(positions="rope", norm="rmsnorm", mlp="swiglu", tie_embeddings=False)],
+)
+def test_lm_step_on_8_devices_equals_single_device(overrides):
+    model = Model(tiny_model_config(**overrides))
+    batch = random_batch(np.random.default_rng(0), 8, 16, 64)
+    batch["segment_ids"][:, 10:] = 2  # two documents per row
+    single = sharding.make_mesh(MeshConfig(fsdp=-1), devices=jax.devices()[:1])
+    multi = sharding.make_mesh(CPU8)
+    s1, step1 = _sgd_step(model, single)
+    s8, step8 = _sgd_step(model, multi)
+    p0 = jax.tree.map(np.asarray, s1["params"])
+    jax.tree.map(np.testing.assert_array_equal, p0, jax.tree.map(np.asarray, s8["params"]))
+    s1, m1 = step1(s1, batch, jax.random.key(1))
+    s8, m8 = step8(s8, batch, jax.random.key(1))
+    np.testing.assert_allclose(m1["loss"], m8["loss"], rtol=1e-6)
+    np.testing.assert_allclose(m1["grad_norm"], m8["grad_norm"], rtol=1e-5)
+    g1 = jax.tree.map(lambda new, old: old - np.asarray(new), s1["params"], p0)
+    g8 = jax.tree.map(lambda new, old: old - np.asarray(new), s8["params"], p0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g8)
+    assert s8["params"]["blocks"]["w_up"].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
+    assert int(s8["step"]) == 1
