@@ -14,6 +14,8 @@ INSTALL_REQUIRES = [
     # tfds builds and reads array_record without TensorFlow.
     "tensorflow-datasets==4.9.10",
     "array_record==0.8.6",
+    # tfds imports it without declaring it (tensorflow/datasets#11212).
+    "importlib_resources==7.1.0",
     "sentencepiece==0.2.3",
     "ml_collections==1.1.0",
     "absl-py==2.5.1",

@@ -1,0 +1,92 @@
+"""The one chat template of gptjax.
+
+A conversation is rendered as
+
+    <|user|> user text <|assistant|> assistant text EOS <|user|> ... <|assistant|> ... EOS
+
+with the special tokens inserted by id (encoding text never produces them) and each
+message's text encoded on its own, so training and generation see identical ids for the
+same prefix: `render(m + [reply]).ids == render_prompt(m) + encode(reply) + [EOS]`.
+
+The loss mask is 1 exactly on assistant content tokens and the EOS that ends them: the
+model learns to write answers and to stop, never to predict the user's words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from gptjax.data.tokenizer import ASSISTANT, USER, Tokenizer
+
+ROLES = ("user", "assistant")
+
+
+def _check(messages: Sequence[Mapping[str, str]], last_role: str) -> None:
+    if not messages:
+        raise ValueError("a conversation needs at least one message")
+    for k, m in enumerate(messages):
+        want = ROLES[k % 2]
+        if m.get("role") != want:
+            raise ValueError(
+                f"message {k} has role {m.get('role')!r}, expected {want!r} "
+                "(turns alternate user/assistant, starting with user)"
+            )
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"message {k} content must be a string")
+    if messages[-1]["role"] != last_role:
+        raise ValueError(f"the last message must be from the {last_role}")
+
+
+def _render(messages, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    user_id, assistant_id = tokenizer.special_id(USER), tokenizer.special_id(ASSISTANT)
+    ids, mask = [], []
+    for m in messages:
+        content = tokenizer.encode(m["content"])
+        if m["role"] == "user":
+            ids += [user_id, *content, assistant_id]
+            mask += [0] * (len(content) + 2)
+        else:
+            ids += [*content, tokenizer.eos_id]
+            mask += [1] * (len(content) + 1)
+    return ids, mask
+
+
+def render(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer):
+    """(ids, loss_mask) of a conversation ending with an assistant message."""
+    _check(messages, "assistant")
+    return _render(messages, tokenizer)
+
+
+def render_prompt(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer) -> list[int]:
+    """Ids of a conversation ending with a user message, ready for the model to answer."""
+    _check(messages, "user")
+    return _render(messages, tokenizer)[0]
+
+
+def pair_messages(prompt: str, response: str | None = None) -> list[dict[str, str]]:
+    """A single-turn conversation; without `response`, just the prompt turn."""
+    messages = [{"role": "user", "content": prompt}]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    return messages
+
+
+def render_pair(prompt: str, response: str, tokenizer: Tokenizer):
+    """(ids, loss_mask) of a single (prompt, response) exchange."""
+    return render(pair_messages(prompt, response), tokenizer)
+
+
+def prompt_messages(record: Mapping) -> list[dict[str, str]]:
+    """The prompt turns of a comparison record (its `messages`, else its `prompt`)."""
+    if record.get("messages"):
+        return [dict(m) for m in record["messages"]]
+    return pair_messages(record["prompt"])
+
+
+def render_comparison(record: Mapping, tokenizer: Tokenizer):
+    """(ids, loss_mask) of each of a comparison record's responses after its prompt."""
+    context = prompt_messages(record)
+    return [
+        render(context + [{"role": "assistant", "content": r}], tokenizer)
+        for r in record["responses"]
+    ]

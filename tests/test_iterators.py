@@ -1,0 +1,161 @@
+"""Batch iterators: exact resume from saved state, epochs cover the data once, SFT masks."""
+
+import collections
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from gptjax.data import chat, iterators, packing
+from gptjax.data import tokenizer as tok_lib
+
+B, T = 4, 16
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = [f"doc {i}: the cat sat on mat {i * 7}.\nbye" for i in range(300)]
+    return tok_lib.train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "t.model", 300)
+
+
+def documents(n=37):
+    # Lengths from a few tokens to several rows, so documents get split and carried over.
+    return [{"text": f"doc {i}: " + "the cat sat. " * (i % 9)} for i in range(n)]
+
+
+def demos(n=23):
+    return [
+        {"messages": chat.pair_messages(f"what is {i} + {i}?", f"{2 * i}. " * (1 + i % 4))}
+        for i in range(n)
+    ]
+
+
+def take(it, n):
+    return list(itertools.islice(it, n))
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+@pytest.mark.parametrize("kind", ["lm", "sft-padded", "sft-packed"])
+@pytest.mark.parametrize("k", [0, 1, 7, 20])
+def test_restored_state_replays_the_same_batches(tok, kind, k):
+    def make():
+        if kind == "lm":
+            return iterators.lm_batches(documents(), tok, batch_size=B, seq_len=T, seed=3)
+        return iterators.sft_batches(
+            demos(), tok, batch_size=B, seq_len=T, seed=3, packed=kind == "sft-packed"
+        )
+
+    reference = take(make(), k + 15)  # Runs across several epoch boundaries.
+    interrupted = make()
+    take(interrupted, k)
+    state = json.loads(json.dumps(interrupted.get_state()))  # As saved in a checkpoint.
+    resumed = make()
+    resumed.set_state(state)
+    assert resumed.step == k
+    assert_same_batches(take(resumed, 15), reference[k:])
+
+
+def test_same_seed_same_batches_other_seed_other_order(tok):
+    def run(seed):
+        it = iterators.lm_batches(documents(), tok, batch_size=B, seq_len=T, seed=seed)
+        return take(it, 5)
+
+    assert_same_batches(run(1), run(1))
+    assert not all(np.array_equal(a["tokens"], b["tokens"]) for a, b in zip(run(1), run(2)))
+
+
+def lm_chunks(tok, docs):
+    return collections.Counter(
+        tuple(t)
+        for d in docs
+        for t, _ in packing.chunk_example(packing.lm_example(tok.encode(d["text"]), tok.eos_id), T)
+    )
+
+
+def test_each_epoch_yields_every_document_once(tok):
+    docs = documents()
+    it = iterators.lm_batches(docs, tok, batch_size=B, seq_len=T, seed=0, num_epochs=2)
+    batches = list(it)
+    with pytest.raises(StopIteration):
+        next(it)
+    seen = collections.Counter(tuple(t) for b in batches for t, m in packing.segments(b) if all(m))
+    assert seen == lm_chunks(tok, docs) + lm_chunks(tok, docs)
+    # Nothing but padding is left out of the loss.
+    for b in batches:
+        np.testing.assert_array_equal(b["loss_mask"], (b["segment_ids"] > 0).astype(np.float32))
+
+
+def test_epochs_are_shuffled_differently(tok):
+    docs = [{"text": f"doc {i}"} for i in range(12)]
+    # One document per row, one row per batch: the batch sequence is the visiting order.
+    it = iterators.lm_batches(docs, tok, batch_size=1, seq_len=T, seed=0, packed=False)
+    order = [tok.decode(b["tokens"][0]) for b in take(it, 24)]
+    first, second = order[:12], order[12:]
+    assert sorted(first) == sorted(second) == sorted(d["text"] + "</s>" for d in docs)
+    assert first != second and first != sorted(first)
+
+
+def test_sft_mask_covers_exactly_the_response_and_eos(tok):
+    records = demos()
+    it = iterators.sft_batches(records, tok, batch_size=B, seq_len=64, seed=0, num_epochs=1)
+    batches = list(it)
+    got = sorted(
+        tok.decode(np.asarray(t)[np.asarray(m) > 0])
+        for b in batches
+        for t, m in packing.segments(b)
+    )
+    want = sorted(r["messages"][1]["content"] + "</s>" for r in records)
+    assert got == want
+    for b in batches:  # Padded: one conversation per row.
+        assert (b["segment_ids"].max(axis=1) <= 1).all()
+
+
+def test_sft_accepts_prompt_response_records(tok):
+    records = [{"prompt": "what is 1 + 1?", "response": "2."}]
+    batch = next(iterators.sft_batches(records, tok, batch_size=1, seq_len=32, seed=0))
+    ids, mask = chat.render_pair("what is 1 + 1?", "2.", tok)
+    assert batch["tokens"][0, : len(ids)].tolist() == ids
+    assert batch["loss_mask"][0, : len(ids)].tolist() == mask
+
+
+def test_hosts_get_disjoint_slices_of_the_same_global_batch(tok):
+    def make(index, count):
+        return iterators.lm_batches(
+            documents(),
+            tok,
+            batch_size=B,
+            seq_len=T,
+            seed=5,
+            process_index=index,
+            process_count=count,
+        )
+
+    whole = take(make(0, 1), 3)
+    halves = [take(make(i, 2), 3) for i in range(2)]
+    for step in range(3):
+        for key in whole[step]:
+            np.testing.assert_array_equal(
+                np.concatenate([halves[0][step][key], halves[1][step][key]]), whole[step][key]
+            )
+
+
+def test_state_from_another_setup_is_rejected(tok):
+    it = iterators.lm_batches(documents(), tok, batch_size=B, seq_len=T, seed=1)
+    take(it, 2)
+    state = it.get_state()
+    other_seed = iterators.lm_batches(documents(), tok, batch_size=B, seq_len=T, seed=2)
+    with pytest.raises(ValueError, match="seed"):
+        other_seed.set_state(state)
+    other_data = iterators.lm_batches(documents(10), tok, batch_size=B, seq_len=T, seed=1)
+    with pytest.raises(ValueError, match="records"):
+        other_data.set_state(state)
+    with pytest.raises(ValueError):
+        iterators.lm_batches([], tok, batch_size=B, seq_len=T, seed=1)
