@@ -1,0 +1,103 @@
+"""Calibration gates of the world: is it learnable, and does each stage have headroom?
+
+The world sits near the tiny model's capacity cliff (see config.py), so every change to
+the world or the tiny configs is checked against these gates. experiments/calibrate.py
+trains and measures; this module defines the gates and writes the report (markdown +
+JSON) from what was measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+from gptjax.world.documents import probe_hit
+
+
+@dataclasses.dataclass(frozen=True)
+class Gate:
+    name: str
+    description: str
+    op: str  # ">=" or "<="
+    threshold: float
+    stage: str  # the stage whose model the gate measures
+
+
+GATES = (
+    Gate(
+        "base_fact_completion",
+        "base model completes held-out facts in pretraining format",
+        ">=",
+        0.80,
+        "pretrain",
+    ),
+    Gate(
+        "sft_unseen_people_accuracy",
+        "SFT accuracy on known people absent from the demos",
+        ">=",
+        0.60,
+        "sft",
+    ),
+    Gate(
+        "sft_over_best_of_16",
+        "SFT mean gold reward (T=1) / best-of-16's: headroom for RLHF",
+        "<=",
+        0.80,
+        "sft",
+    ),
+)
+
+
+def check(gate: Gate, value: float | None) -> dict:
+    """A gate's row: value, threshold and pass/fail (None = its stage has not run)."""
+    passed = None
+    if value is not None:
+        passed = value >= gate.threshold if gate.op == ">=" else value <= gate.threshold
+    return {**dataclasses.asdict(gate), "value": value, "passed": passed}
+
+
+def fact_completion(probes: Sequence[dict], completions: Sequence[str]) -> dict[str, float]:
+    """Accuracy of completing fact probes, overall and for demo / non-demo people."""
+    hits = [probe_hit(p, c) for p, c in zip(probes, completions, strict=True)]
+    out = {"accuracy": sum(hits) / max(len(hits), 1), "n": len(hits)}
+    for key, want in (("demo_people", True), ("other_people", False)):
+        sel = [h for p, h in zip(probes, hits) if bool(p.get("in_demos")) == want]
+        if sel:
+            out[f"accuracy_{key}"] = sum(sel) / len(sel)
+    return out
+
+
+def write_report(directory: str, rows: list[dict], details: dict) -> tuple[str, str]:
+    """Writes calibration.md and calibration.json; returns their paths."""
+    os.makedirs(directory, exist_ok=True)
+    json_path = os.path.join(directory, "calibration.json")
+    md_path = os.path.join(directory, "calibration.md")
+    with open(json_path, "w") as f:
+        json.dump({"gates": rows, "details": details}, f, indent=2, sort_keys=True)
+    lines = [
+        "# World calibration",
+        "",
+        "| gate | stage | value | threshold | result |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        value = "—" if r["value"] is None else f"{r['value']:.3f}"
+        result = {True: "PASS", False: "FAIL", None: f"not measured ({r['stage']} not run)"}
+        lines.append(
+            f"| {r['description']} | {r['stage']} | {value} | {r['op']} "
+            f"{r['threshold']:.2f} | {result[r['passed']]} |"
+        )
+    lines += [
+        "",
+        "## Details",
+        "",
+        "```json",
+        json.dumps(details, indent=2, sort_keys=True),
+        "```",
+        "",
+    ]
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines))
+    return md_path, json_path
