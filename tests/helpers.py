@@ -28,3 +28,46 @@ def lm_batch(tokens_BxT, segment_ids_BxT=None, positions_BxT=None, loss_mask_BxT
 
 def random_batch(rng: np.random.Generator, b: int, t: int, vocab: int):
     return lm_batch(rng.integers(3, vocab, size=(b, t)))
+
+
+# Command-line overrides that shrink the tiny pipeline to test size.
+TINY_CLI = [
+    "--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=4",
+    "--config.model.n_kv_heads=4", "--config.model.d_ff=64", "--config.model.max_len=32",
+    "--config.pretrain.seq_len=32", "--config.pretrain.batch_size=8",
+    "--config.pretrain.eval_batches=2", "--config.pretrain.log_every=1",
+    "--config.pretrain.optim.warmup_steps=2", "--config.tokenizer.vocab_size=320",
+]
+
+
+def write_text_corpus(path, n_paragraphs: int = 300, seed: int = 0) -> str:
+    """A small generated text: blank-line-separated paragraphs from a word bigram model."""
+    rng = np.random.default_rng(seed)
+    words = ["the", "cat", "dog", "sat", "ran", "on", "mat", "rug", "and", "then", "slept",
+             "ate", "a", "big", "red", "fox", "saw", "it", "under", "tree"]
+    succ = {w: rng.choice(len(words), size=3, replace=False) for w in words}
+    paragraphs = []
+    for _ in range(n_paragraphs):
+        w, out = words[rng.integers(len(words))], []
+        for _ in range(rng.integers(8, 30)):
+            out.append(w)
+            w = words[rng.choice(succ[w])]
+        paragraphs.append(" ".join(out) + ".")
+    with open(path, "w") as f:
+        f.write("\n\n".join(paragraphs) + "\n")
+    return str(path)
+
+
+def subprocess_env(n_devices: int = 1) -> dict:
+    """Environment for a child `python -m experiments...`: n CPU devices, the shared cache."""
+    import os
+
+    import jax
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    return env

@@ -1,0 +1,112 @@
+"""The pipeline config: every stage's settings, as named presets.
+
+    python -m experiments.main            # = --config=configs/pipeline.py:tiny
+    python -m experiments.main --config=configs/pipeline.py:tiny --workdir=runs/tiny \
+        --config.pretrain.steps=200
+    python -m experiments.main --config=configs/pipeline.py:small_cpu
+    python -m experiments.main --config=configs/pipeline.py:gpt2_124m,mesh=tpu_vm \
+        --config.data.pretrain=tfds:lm1b                          # on a TPU VM
+
+Presets: tiny (CPU, minutes), small_cpu (CPU, ~12M params), gpt2_124m, gpt2_350m,
+gpt2_1.5b, llama_1b, llama_7b (TPU). The arg is `MODEL[,mesh=MESH]` as in
+configs/model.py.
+
+Sections:
+  seeds      separate seeds for the world, init, data order and sampling, so one can be
+             varied while the others stay fixed (e.g. init seeds over fixed data)
+  world      knobs and sizes of the built-in assistant world (gptjax/world/config.py)
+  data       where each stage's data comes from: "world" or KIND:PATH (README: Using
+             your own data); data_dir holds prepared TFDS datasets (default workdir/data)
+  tokenizer  sentencepiece training settings; path empty = <workdir>/tokenizer/spm.model
+  model      architecture (configs/model.py); vocab_size 0 = the tokenizer's, padded
+  mesh       device mesh (gptjax/sharding.py)
+  pretrain   steps, batch, optimizer, checkpointing and eval of next-token pretraining
+"""
+
+import ml_collections
+
+from configs import model as model_presets
+
+CPU_PRESETS = ("tiny", "small_cpu", "gpt2_4l")
+
+
+def _world(name: str) -> ml_collections.ConfigDict:
+    from gptjax.world.config import WorldConfig
+
+    fields = WorldConfig().to_dict()
+    fields["skill_mix"] = list(fields["skill_mix"])
+    return ml_collections.ConfigDict(fields)
+
+
+def _stage(
+    steps: int,
+    batch_size: int,
+    seq_len: int,
+    lr: float,
+    warmup: int,
+    checkpoint_every: int,
+    eval_every: int,
+) -> ml_collections.ConfigDict:
+    from gptjax.optim import OptimConfig
+
+    return ml_collections.ConfigDict(
+        dict(
+            steps=steps,
+            batch_size=batch_size,  # global, in rows of seq_len tokens
+            seq_len=seq_len,
+            optim={**OptimConfig().__dict__, "lr": lr, "warmup_steps": warmup},
+            z_loss=0.0,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=3,
+            eval_every=eval_every,  # 0 = only at the end
+            eval_batches=8,
+            log_every=10,
+            # A non-finite loss or gradient: "skip" leaves params and optimizer state
+            # unchanged (counted in metrics), "stop" ends the stage with the last good state.
+            nonfinite="skip",
+        )
+    )
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    name, opts = model_presets.parse_arg(arg)
+    unknown = set(opts) - {"mesh"}
+    if unknown:
+        raise ValueError(f"unknown config arg options {sorted(unknown)} in {arg!r}; known: mesh")
+    cpu = name in CPU_PRESETS
+    c = ml_collections.ConfigDict()
+    c.preset = name
+    c.seeds = ml_collections.ConfigDict(dict(world=0, init=0, data=0, sampling=0))
+    c.world = _world(name)
+    c.data = ml_collections.ConfigDict(
+        dict(
+            pretrain="world",  # "world" | text:/f.txt | lines:/f.txt | jsonl:/f.jsonl | tfds:NAME
+            data_dir="",  # prepared datasets; empty = <workdir>/data
+            heldout_fraction=0.02,  # of a user's corpus, held out for eval loss
+        )
+    )
+    c.tokenizer = ml_collections.ConfigDict(
+        dict(
+            path="",  # an existing .model to load, or empty to train one into the workdir
+            vocab_size=512 if cpu else 32768,
+            model_type="bpe",  # bpe | unigram
+            # Model vocab = tokenizer vocab rounded up to this (TPU matmuls like 128).
+            pad_vocab_to=64 if cpu else 128,
+        )
+    )
+    c.model = model_presets.model_config(name)
+    c.model.vocab_size = 0  # 0: the tokenizer's size, padded
+    c.mesh = model_presets.mesh_config(opts.get("mesh", "cpu" if cpu else "tpu_vm"))
+
+    if name == "tiny":
+        # ~1.2M tokens: about two passes over the world's ~1.3M-token corpus would be
+        # better, but 600 steps keep pretraining inside its 6-minute budget on 2 cores.
+        c.pretrain = _stage(600, 32, 64, 3e-3, 50, 200, 0)
+    elif name in CPU_PRESETS:
+        c.tokenizer.vocab_size = 4096 if name == "small_cpu" else 512
+        c.pretrain = _stage(1000, 16, 256 if name == "small_cpu" else 128, 1e-3, 100, 250, 0)
+    else:
+        batch, seq_len, steps, lr = model_presets.TRAIN[name]
+        c.pretrain = _stage(steps, batch, seq_len, lr, 2000, 1000, 5000)
+        c.pretrain.optim.grad_accum_steps = 1
+    return c

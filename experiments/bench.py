@@ -1,0 +1,181 @@
+"""Benchmarks: numbers are measured here, never asserted by tests.
+
+    python -m experiments.bench train [--configs=tiny,small_cpu,gpt2_4l] [--steps=20]
+
+train: training tokens/s and model-FLOPs utilisation (MFU) of lm_train_step.
+  Definitions, fixed so the number cannot drift:
+  - peak = FLOP/s of a jitted 2048x2048x2048 float32 matmul, measured in this process;
+  - model FLOPs per token = 6*N (N = all params, unembedding included)
+                            + 12*L*T*d (attention scores and values, forward + backward);
+  - MFU = tokens/s * FLOPs per token / peak.
+  Also reports the first step's compile time, and fails loudly if the step recompiles
+  after step 1 or XLA reports that donated buffers were not usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import model as model_configs
+from gptjax import sharding, train_steps
+from gptjax.config import parse_lm
+from gptjax.model import Model
+from gptjax.optim import make_optimizer
+
+TRAIN_CONFIGS = ("tiny", "small_cpu", "gpt2_4l")
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def measure_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a jitted n^3 float32 matmul: the machine's attainable peak for MFU."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times)
+
+
+def model_flops_per_token(model: Model, seq_len: int) -> float:
+    cfg = model.cfg
+    return 6 * model.param_count() + 12 * cfg.n_layers * seq_len * cfg.d_model
+
+
+def bench_train(name: str, steps: int, peak: float) -> dict:
+    config = model_configs.get_config(name)
+    setup = parse_lm(config, n_devices=1)
+    model = Model(setup.model)
+    b, t = setup.train.batch_size, setup.train.seq_len
+    tx, schedule = make_optimizer(setup.optim, steps + 1)
+    mesh = sharding.make_mesh(setup.mesh, devices=jax.devices()[:1])
+    state, shardings = train_steps.create_state(model, tx, mesh, jax.random.key(0))
+    step_fn = functools.partial(
+        train_steps.lm_train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        grad_accum_steps=setup.optim.grad_accum_steps,
+    )
+    step = train_steps.jit_train_step(step_fn, mesh, shardings)
+    rng = np.random.default_rng(0)
+    batches = [
+        {
+            "tokens": rng.integers(3, setup.model.vocab_size, (b, t), dtype=np.int32),
+            "segment_ids": np.ones((b, t), np.int32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+            "loss_mask": np.ones((b, t), np.float32),
+        }
+        for _ in range(4)
+    ]
+    batches = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in batches]
+    key = jax.random.key(1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        compiled = step.lower(state, batches[0], key).compile()
+        compile_s = time.perf_counter() - t0
+        state, metrics = step(state, batches[0], key)
+        jax.block_until_ready(metrics)
+        cache_after_first = step._cache_size()
+        step_times = []
+        for i in range(steps):
+            t0 = time.perf_counter()
+            state, metrics = step(state, batches[i % len(batches)], key)
+            jax.block_until_ready(metrics["loss"])
+            step_times.append(time.perf_counter() - t0)
+    bad = [str(w.message) for w in caught if "donated buffers were not usable" in str(w.message)]
+    if bad:
+        raise BenchError(f"{name}: {bad[0]}")
+    if step._cache_size() != cache_after_first:
+        raise BenchError(
+            f"{name}: train step recompiled after step 1 "
+            f"({cache_after_first} -> {step._cache_size()} cache entries)"
+        )
+    del compiled
+    step_s = statistics.median(step_times)
+    tokens_per_s = b * t / step_s
+    flops_per_token = model_flops_per_token(model, t)
+    return {
+        "config": name,
+        "params": model.param_count(),
+        "batch": b,
+        "seq_len": t,
+        "step_ms": 1e3 * step_s,
+        "tokens_per_s": tokens_per_s,
+        "model_tflops_per_s": tokens_per_s * flops_per_token / 1e12,
+        "mfu": tokens_per_s * flops_per_token / peak,
+        "compile_s": compile_s,
+        "final_loss": float(metrics["loss"]),
+    }
+
+
+def environment() -> dict:
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": jax.device_count(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def run_train(args) -> dict:
+    peak = measure_peak_flops()
+    rows = [bench_train(name, args.steps, peak) for name in args.configs.split(",")]
+    print(f"peak (2048^3 f32 matmul): {peak / 1e9:.1f} GFLOP/s on {jax.default_backend()}")
+    print(
+        f"{'config':<10} {'params':>8} {'B x T':>9} {'step ms':>8} {'tokens/s':>9} "
+        f"{'MFU':>6} {'compile s':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['config']:<10} {r['params'] / 1e6:>7.2f}M {r['batch']:>4}x{r['seq_len']:<4} "
+            f"{r['step_ms']:>8.1f} {r['tokens_per_s']:>9.0f} {100 * r['mfu']:>5.1f}% "
+            f"{r['compile_s']:>9.2f}"
+        )
+    return {"peak_flops": peak, "env": environment(), "rows": rows}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.bench")
+    sub = parser.add_subparsers(dest="bench", required=True)
+    p = sub.add_parser("train", help="training tokens/s and MFU")
+    p.add_argument("--configs", default=",".join(TRAIN_CONFIGS))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--out", default="runs/bench/train.json")
+    args = parser.parse_args(argv)
+    try:
+        result = {"train": run_train}[args.bench](args)
+    except BenchError as e:
+        print(f"bench failed: {e}", file=sys.stderr)
+        return 1
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""What every stage runner shares: data sources, the tokenizer, the mesh, the LM trainer.
+
+Stages find their inputs in the same workdir (`<workdir>/<stage>/checkpoints`,
+`<workdir>/tokenizer/spm.model`, `<workdir>/data`) or at explicit paths in the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+
+from experiments.loop import LoopConfig
+from gptjax import config as config_lib
+from gptjax import sharding, train_steps
+from gptjax.config import TrainConfig
+from gptjax.data import builders
+from gptjax.data import tokenizer as tok_lib
+from gptjax.errors import ConfigError
+from gptjax.model import Model, ModelConfig
+from gptjax.optim import OptimConfig, make_optimizer
+from gptjax.world import WorldConfig, generate
+
+WORLD = "world"
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+    return os.path.join(workdir, stage)
+
+
+def data_dir(config, workdir: str) -> str:
+    return config.data.data_dir or os.path.join(workdir, "data")
+
+
+def world_config(config) -> WorldConfig:
+    fields = config.world.to_dict()
+    fields["skill_mix"] = tuple(fields["skill_mix"])
+    fields["seed"] = config.seeds.world
+    try:
+        return config_lib.from_dict(WorldConfig, fields, "world")
+    except ValueError as e:  # WorldConfig.__post_init__ names the field
+        raise ConfigError("world", str(e)) from None
+
+
+def world_data(config, workdir: str) -> dict[str, Sequence[dict]]:
+    """The generated world as TFDS array_record splits (prepared once per content hash)."""
+    cfg = world_config(config)
+    return builders.build_records(
+        "world",
+        lambda: generate(cfg),
+        {"world": cfg.to_dict(), "hash": cfg.content_hash()},
+        data_dir(config, workdir),
+    )
+
+
+def pretrain_sources(config, workdir: str) -> tuple[Sequence, Sequence]:
+    """(train, held-out) pretraining documents from the world or the user's corpus."""
+    spec = config.data.pretrain
+    if spec == WORLD:
+        world = world_data(config, workdir)
+        return world["pretrain"], world["pretrain_heldout"]
+    frac = config.data.heldout_fraction
+    if not 0 < frac < 1:
+        raise ConfigError("data.heldout_fraction", f"must be in (0, 1), got {frac}")
+    pct = max(1, round(100 * frac))
+    ddir = data_dir(config, workdir)
+    try:
+        train = builders.load_split(spec, f"train[:{100 - pct}%]", ddir)
+        heldout = builders.load_split(spec, f"train[{100 - pct}%:]", ddir)
+    except ValueError as e:
+        raise ConfigError("data.pretrain", str(e)) from None
+    if len(train) == 0 or len(heldout) == 0:
+        raise ConfigError(
+            "data.pretrain",
+            f"{spec} has too few documents to hold out "
+            f"{pct}% for evaluation ({len(train)} train, "
+            f"{len(heldout)} held out)",
+        )
+    return train, heldout
+
+
+def _texts(source: Sequence, limit_chars: int = 20_000_000):
+    n = 0
+    for i in range(len(source)):
+        text = source[i]["text"] if isinstance(source[i], dict) else str(source[i])
+        yield text
+        n += len(text)
+        if n >= limit_chars:
+            return
+
+
+def get_tokenizer(config, workdir: str, corpus: Sequence | None = None) -> tok_lib.Tokenizer:
+    """Loads config.tokenizer.path, or the workdir's, or trains one on the corpus."""
+    if config.tokenizer.path:
+        if not os.path.exists(config.tokenizer.path):
+            raise ConfigError("tokenizer.path", f"no such file: {config.tokenizer.path}")
+        return tok_lib.load_tokenizer(config.tokenizer.path)
+    path = os.path.join(workdir, "tokenizer", "spm.model")
+    if corpus is None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"no tokenizer at {path}: run the pretrain stage first, "
+                f"or set --config.tokenizer.path"
+            )
+        return tok_lib.load_tokenizer(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return tok_lib.train_tokenizer(
+        _texts(corpus), path, config.tokenizer.vocab_size, model_type=config.tokenizer.model_type
+    )
+
+
+def model_config(config, tokenizer: tok_lib.Tokenizer, head: str = "lm") -> ModelConfig:
+    """The model section with the vocab resolved from the tokenizer (padded)."""
+    fields = config.model.to_dict()
+    if fields["vocab_size"] == 0:
+        fields["vocab_size"] = tok_lib.padded_vocab_size(
+            tokenizer.vocab_size, config.tokenizer.pad_vocab_to
+        )
+    else:
+        try:
+            tok_lib.check_vocab(tokenizer.vocab_size, fields["vocab_size"])
+        except ValueError as e:
+            raise ConfigError("model.vocab_size", str(e)) from None
+    fields["head"] = head
+    return config_lib.from_dict(ModelConfig, fields, "model")
+
+
+def make_mesh(config):
+    mesh_cfg = config_lib.from_dict(sharding.MeshConfig, config.mesh, "mesh")
+    sharding.maybe_initialize_distributed(mesh_cfg)
+    return sharding.make_mesh(mesh_cfg)
+
+
+def stage_train_config(section, prefix: str) -> tuple[TrainConfig, OptimConfig, LoopConfig]:
+    s = section
+    train = config_lib.from_dict(
+        TrainConfig,
+        dict(batch_size=s.batch_size, seq_len=s.seq_len, steps=s.steps, z_loss=s.z_loss),
+        prefix,
+    )
+    optim = config_lib.from_dict(OptimConfig, s.optim, f"{prefix}.optim")
+    loop = LoopConfig(
+        steps=s.steps,
+        checkpoint_every=s.checkpoint_every,
+        keep_checkpoints=s.keep_checkpoints,
+        eval_every=s.eval_every,
+        log_every=s.log_every,
+        nonfinite=s.nonfinite,
+        tokens_per_step=s.batch_size * s.seq_len,
+    )
+    if loop.nonfinite not in ("skip", "stop"):
+        raise ConfigError(f"{prefix}.nonfinite", f"{loop.nonfinite!r} not in skip|stop")
+    if loop.checkpoint_every < 1:
+        raise ConfigError(
+            f"{prefix}.checkpoint_every", f"must be >= 1, got {loop.checkpoint_every}"
+        )
+    return train, optim, loop
+
+
+def check_fits(train: TrainConfig, optim: OptimConfig, model: ModelConfig, mesh, prefix: str):
+    dp = sharding.data_parallel_size(mesh)
+    per = dp * optim.grad_accum_steps * jax.process_count()
+    if train.batch_size % per:
+        raise ConfigError(
+            f"{prefix}.batch_size",
+            f"{train.batch_size} is not divisible by data-parallel size x "
+            f"grad_accum_steps x processes = {per}",
+        )
+    if train.seq_len > model.max_len:
+        raise ConfigError(
+            f"{prefix}.seq_len", f"{train.seq_len} exceeds model.max_len={model.max_len}"
+        )
+
+
+@dataclasses.dataclass
+class LMTrainer:
+    """Model, optimizer, sharded state and jitted steps for next-token training."""
+
+    model: Model
+    mesh: jax.sharding.Mesh
+    tx: object
+    shardings: dict
+    init_state: Callable
+    train_step: Callable
+    eval_step: Callable
+
+    @classmethod
+    def build(
+        cls,
+        model_cfg: ModelConfig,
+        optim: OptimConfig,
+        train: TrainConfig,
+        mesh,
+        seed: int,
+        init_params: Callable | None = None,
+    ) -> LMTrainer:
+        model = Model(model_cfg)
+        tx, schedule = make_optimizer(optim, train.steps)
+        shardings = train_steps.state_shardings(model, tx, mesh)
+
+        def init_fn(rng):
+            params = model.init(rng) if init_params is None else init_params()
+            return {
+                "params": params,
+                "opt_state": tx.init(params),
+                "step": jax.numpy.zeros((), jax.numpy.int32),
+            }
+
+        init_state = functools.partial(
+            jax.jit(init_fn, out_shardings=shardings), jax.random.key(seed)
+        )
+        step = functools.partial(
+            train_steps.lm_train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            z_loss=train.z_loss,
+            grad_accum_steps=optim.grad_accum_steps,
+        )
+        return cls(
+            model,
+            mesh,
+            tx,
+            shardings,
+            init_state,
+            train_steps.jit_train_step(step, mesh, shardings),
+            train_steps.jit_eval_step(
+                functools.partial(train_steps.lm_eval_step, model=model), mesh, shardings["params"]
+            ),
+        )
+
+    def put_batch(self, host_batch):
+        return sharding.global_batch(self.mesh, host_batch)
+
+    def step_fn(self):
+        """(state, host batch, rng) -> (state, metrics), placing the batch on the mesh."""
+        return lambda state, batch, rng: self.train_step(state, self.put_batch(batch), rng)
+
+    def eval_fn(self, batches: list[dict]):
+        """Held-out loss and accuracy over fixed batches (sums, then one division)."""
+        placed = [self.put_batch(b) for b in batches]
+
+        def evaluate(params):
+            totals = {"loss_sum": 0.0, "count": 0.0, "correct_sum": 0.0}
+            for b in placed:
+                out = jax.device_get(self.eval_step(params, b))
+                totals = {k: totals[k] + float(out[k]) for k in totals}
+            n = max(totals["count"], 1.0)
+            return {
+                "loss": totals["loss_sum"] / n,
+                "accuracy": totals["correct_sum"] / n,
+                "tokens": totals["count"],
+            }
+
+        return evaluate
+
+
+def fixed_batches(iterator, n: int) -> list[dict]:
+    return [next(iterator) for _ in range(n)]
+
+
+def resolved_config_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True, default=str)
+
+
+def load_stage_params(
+    config, workdir: str, stage: str, tokenizer, head: str = "lm", directory: str | None = None
+):
+    """(Model, params) of a stage's final checkpoint, sharded over this run's mesh.
+
+    directory: an explicit checkpoint directory (another run's output); default
+    `<workdir>/<stage>/checkpoints`.
+    """
+    from gptjax import checkpoint as ckpt_lib
+
+    model = Model(model_config(config, tokenizer, head))
+    mesh = make_mesh(config)
+    shardings = sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
+    directory = directory or os.path.join(stage_dir(workdir, stage), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"no {stage} checkpoints at {directory}: run --stages={stage} first (same --workdir)"
+        )
+    abstract = ckpt_lib.abstract_tree(model.abstract_params, shardings)
+    params, step, meta = ckpt_lib.load_params(directory, abstract)
+    if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
+        raise ValueError(
+            f"{directory} step {step} was trained with tokenizer "
+            f"{meta['tokenizer_hash'][:12]}, not {tokenizer.hash[:12]}"
+        )
+    return model, params

@@ -1,0 +1,225 @@
+"""The one stage loop every trained stage (pretrain, SFT, RM, PPO) runs on.
+
+restore-or-init -> for each step: batch, jitted step, metrics, periodic eval, periodic
+checkpoint -> final eval and checkpoint. Also: SIGTERM/SIGINT save the current step and
+stop with a one-line reason (orbax's own preemption check is always false without
+jax.distributed, so single-host runs need this handler), and the non-finite policy.
+
+Metrics of step n are read while step n+1 runs (nanodo): the host never waits on the
+device just to log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+from tqdm import tqdm
+
+from gptjax import checkpoint as ckpt_lib
+from gptjax.metrics import MetricsWriter, to_python
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class StageStopped(RuntimeError):
+    """The stage stopped early (signal, non-finite loss); `str(e)` is the one-line reason."""
+
+    def __init__(self, reason: str, exit_code: int = 1):
+        super().__init__(reason)
+        self.exit_code = exit_code
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    steps: int
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # 0: only at the end
+    log_every: int = 10
+    nonfinite: str = "skip"  # skip: leave params unchanged and go on; stop: stop the stage
+    tokens_per_step: int = 0  # for tokens/s on the progress bar
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class StageResult:
+    state: Any
+    last_metrics: dict[str, float]
+    eval_metrics: dict[str, float]
+    resumed_from: int | None
+    wall_s: float
+    steps_run: int
+    nonfinite_steps: int = 0
+
+
+class _Signals:
+    """Turns SIGTERM/SIGINT into a flag checked between steps."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _items(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k != "step"}
+
+
+def run_stage(
+    name: str,
+    stage_dir: str,
+    loop: LoopConfig,
+    *,
+    init_state: Callable[[], dict],
+    state_shardings: dict,
+    train_step: Callable,
+    batches: Iterator,
+    rng: jax.Array,
+    eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    meta: dict[str, Any] | None = None,
+    extra_state: Any = None,
+) -> StageResult:
+    """Runs (or resumes) one stage to `loop.steps` steps.
+
+    init_state: builds the fresh (sharded) train state; only called if no checkpoint exists.
+    state: a dict with "step" plus named pytrees, each saved as an orbax item.
+    batches: yields host batches; get_state()/set_state() give its JSON position.
+    meta: JSON saved with every checkpoint (resolved config, tokenizer hash, ...).
+    extra_state: optional object with get_state()/set_state() (e.g. the KL controller).
+    """
+    if loop.nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite policy {loop.nonfinite!r} not in {NONFINITE_POLICIES}")
+    os.makedirs(stage_dir, exist_ok=True)
+    abstract = jax.eval_shape(init_state)
+    item_names = tuple(_items(abstract))
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(stage_dir, "checkpoints"), item_names, keep=loop.keep_checkpoints
+    )
+    resumed_from = ckpt.latest_step()
+    if resumed_from is None:
+        state = init_state()
+    else:
+        abstract_items = ckpt_lib.abstract_tree(_items(abstract), _items(state_shardings))
+        _, items, saved_meta = ckpt.restore(abstract_items, resumed_from)
+        state = {
+            **items,
+            "step": jax.device_put(
+                jax.numpy.asarray(resumed_from, jax.numpy.int32), state_shardings["step"]
+            ),
+        }
+        batches.set_state(saved_meta["data"])
+        if extra_state is not None:
+            extra_state.set_state(saved_meta["extra"])
+        logging.info("%s: resumed from step %d", name, resumed_from)
+    start = int(state["step"])
+
+    def save(step: int):
+        data = {
+            "data": batches.get_state(),
+            "rng": ckpt_lib.key_to_json(rng),
+            "extra": extra_state.get_state() if extra_state is not None else None,
+            **(meta or {}),
+        }
+        ckpt.save(step, _items(state), data)
+
+    writer = MetricsWriter(stage_dir)
+    bar = tqdm(
+        total=loop.steps,
+        initial=start,
+        desc=name,
+        disable=not loop.progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        mininterval=0.5,
+    )
+    last, eval_metrics, nonfinite = {}, {}, 0
+    t_start = t_last = time.perf_counter()
+    pending = None
+
+    def consume(step: int, device_metrics):
+        nonlocal last, nonfinite, t_last
+        last = to_python(device_metrics)
+        if last.get("nonfinite", 0.0) > 0:
+            nonfinite += 1
+            writer.write(step, {"nonfinite_step": 1.0})
+            if loop.nonfinite == "stop":
+                raise StageStopped(
+                    f"{name}: non-finite loss or gradient at step {step}; "
+                    f"stopped with the last good state (policy nonfinite=stop)"
+                )
+        now = time.perf_counter()
+        if loop.tokens_per_step:
+            last["tokens_per_s"] = loop.tokens_per_step / max(now - t_last, 1e-9)
+        t_last = now
+        if step % loop.log_every == 0 or step == loop.steps:
+            writer.write(step, last)
+        postfix = {"loss": f"{last.get('loss', float('nan')):.3f}"}
+        if "tokens_per_s" in last:
+            postfix["tok/s"] = f"{last['tokens_per_s']:.0f}"
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(1)
+
+    try:
+        with _Signals() as signals:
+            for step in range(start + 1, loop.steps + 1):
+                state, metrics = train_step(state, next(batches), rng)
+                if pending is not None:
+                    consume(*pending)
+                pending = (step, metrics)
+                if signals.received is not None:
+                    consume(*pending)
+                    pending = None
+                    save(step)
+                    ckpt.wait()
+                    signame = signal.Signals(signals.received).name
+                    raise StageStopped(
+                        f"{name}: received {signame} at step {step}; saved "
+                        f"checkpoint {step}, rerun the same command to resume",
+                        exit_code=128 + signals.received,
+                    )
+                if step % loop.checkpoint_every == 0 and step != loop.steps:
+                    consume(*pending)
+                    pending = None
+                    save(step)
+                if eval_fn is not None and loop.eval_every and step % loop.eval_every == 0:
+                    eval_metrics = eval_fn(state["params"])
+                    writer.write(step, eval_metrics, prefix="eval/")
+            if pending is not None:
+                consume(*pending)
+            if start < loop.steps or resumed_from is None:
+                save(loop.steps)
+            if eval_fn is not None:
+                eval_metrics = eval_fn(state["params"])
+                writer.write(loop.steps, eval_metrics, prefix="eval/")
+    finally:
+        bar.close()
+        ckpt.close()
+        writer.close()
+    return StageResult(
+        state,
+        last,
+        eval_metrics,
+        resumed_from,
+        time.perf_counter() - t_start,
+        loop.steps - start,
+        nonfinite,
+    )

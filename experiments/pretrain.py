@@ -1,0 +1,101 @@
+"""Pretraining: next-token LM on the world's corpus (default) or the user's text.
+
+python -m experiments.main --stages=pretrain
+python -m experiments.main --stages=pretrain --config.data.pretrain=text:/path/corpus.txt
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from experiments import common
+from experiments.loop import run_stage
+from gptjax.data.iterators import lm_batches
+from gptjax.sampling import greedy_uncached, left_pad
+
+STAGE = "pretrain"
+
+
+def build(config, workdir: str):
+    """Everything the stage needs, validated and built before anything compiles."""
+    train_cfg, optim_cfg, loop_cfg = common.stage_train_config(config.pretrain, STAGE)
+    mesh = common.make_mesh(config)
+    train_src, heldout_src = common.pretrain_sources(config, workdir)
+    tokenizer = common.get_tokenizer(config, workdir, corpus=train_src)
+    model_cfg = common.model_config(config, tokenizer)
+    common.check_fits(train_cfg, optim_cfg, model_cfg, mesh, STAGE)
+    trainer = common.LMTrainer.build(model_cfg, optim_cfg, train_cfg, mesh, config.seeds.init)
+    kw = dict(
+        batch_size=train_cfg.batch_size,
+        seq_len=train_cfg.seq_len,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    batches = lm_batches(train_src, tokenizer, seed=config.seeds.data, **kw)
+    heldout = lm_batches(heldout_src, tokenizer, seed=0, shuffle=False, **kw)
+    eval_batches = common.fixed_batches(heldout, config.pretrain.eval_batches)
+    return dict(
+        trainer=trainer,
+        tokenizer=tokenizer,
+        loop=loop_cfg,
+        batches=batches,
+        eval_batches=eval_batches,
+        heldout_src=heldout_src,
+    )
+
+
+def sample_prompts(config, workdir: str, heldout_src, n: int = 4) -> list[str]:
+    if config.data.pretrain == common.WORLD:
+        probes = common.world_data(config, workdir)["fact_probes"]
+        return [probes[i]["prefix"] for i in range(min(n, len(probes)))]
+    return [" ".join(heldout_src[i]["text"].split()[:8]) for i in range(min(n, len(heldout_src)))]
+
+
+def samples(trainer, tokenizer, params, prompts: list[str], max_new_tokens: int = 24):
+    tokens, mask = left_pad([tokenizer.encode(p) for p in prompts])
+    room = trainer.model.cfg.max_len - tokens.shape[1]
+    out, _ = greedy_uncached(
+        trainer.model, params, tokens, mask, min(max_new_tokens, room), eos_id=tokenizer.eos_id
+    )
+    out = np.asarray(out)
+    texts = []
+    for row in out:
+        ids = row.tolist()
+        if tokenizer.eos_id in ids:
+            ids = ids[: ids.index(tokenizer.eos_id)]
+        texts.append(tokenizer.decode(ids))
+    return texts
+
+
+def run(config, workdir: str) -> dict:
+    parts = build(config, workdir)
+    trainer, tokenizer = parts["trainer"], parts["tokenizer"]
+    result = run_stage(
+        STAGE,
+        common.stage_dir(workdir, STAGE),
+        parts["loop"],
+        init_state=trainer.init_state,
+        state_shardings=trainer.shardings,
+        train_step=trainer.step_fn(),
+        batches=parts["batches"],
+        rng=jax.random.key(config.seeds.init),
+        eval_fn=trainer.eval_fn(parts["eval_batches"]),
+        meta={
+            "config": common.resolved_config_json(config),
+            "tokenizer_hash": tokenizer.hash,
+            "stage": STAGE,
+        },
+    )
+    prompts = sample_prompts(config, workdir, parts["heldout_src"])
+    completions = samples(trainer, tokenizer, result.state["params"], prompts)
+    return {
+        "stage": STAGE,
+        "heldout_loss": result.eval_metrics.get("loss"),
+        "heldout_accuracy": result.eval_metrics.get("accuracy"),
+        "train_loss": result.last_metrics.get("loss"),
+        "wall_s": result.wall_s,
+        "steps_run": result.steps_run,
+        "resumed_from": result.resumed_from,
+        "samples": list(zip(prompts, completions)),
+    }
