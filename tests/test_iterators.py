@@ -112,7 +112,7 @@ def test_sft_mask_covers_exactly_the_response_and_eos(tok):
         for b in batches
         for t, m in packing.segments(b)
     )
-    want = sorted(r["messages"][1]["content"] + "</s>" for r in records)
+    want = sorted(" " + r["messages"][1]["content"] + "</s>" for r in records)
     assert got == want
     for b in batches:  # Padded: one conversation per row.
         assert (b["segment_ids"].max(axis=1) <= 1).all()

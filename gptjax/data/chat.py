@@ -5,8 +5,14 @@ A conversation is rendered as
     <|user|> user text <|assistant|> assistant text EOS <|user|> ... <|assistant|> ... EOS
 
 with the special tokens inserted by id (encoding text never produces them) and each
-message's text encoded on its own, so training and generation see identical ids for the
-same prefix: `render(m + [reply]).ids == render_prompt(m) + encode(reply) + [EOS]`.
+message's text encoded on its own after one space (`SEP`), so training and generation see
+identical ids for the same prefix:
+`render(m + [reply]).ids == render_prompt(m) + encode(SEP + reply) + [EOS]`.
+
+Why the space: the tokenizer has no dummy prefix, and in running text (the pretraining
+corpus) words follow a space, so " oslo" and "oslo" are different pieces. With the space,
+an answer in a chat reply is tokenized the way the base model saw it in pretraining, and
+SFT can reuse what pretraining learned. `decode_reply` strips it again.
 
 The loss mask is 1 exactly on assistant content tokens and the EOS that ends them: the
 model learns to write answers and to stop, never to predict the user's words.
@@ -19,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from gptjax.data.tokenizer import ASSISTANT, USER, Tokenizer
 
 ROLES = ("user", "assistant")
+SEP = " "
 
 
 def _check(messages: Sequence[Mapping[str, str]], last_role: str) -> None:
@@ -41,7 +48,7 @@ def _render(messages, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     user_id, assistant_id = tokenizer.special_id(USER), tokenizer.special_id(ASSISTANT)
     ids, mask = [], []
     for m in messages:
-        content = tokenizer.encode(m["content"])
+        content = tokenizer.encode(SEP + m["content"])
         if m["role"] == "user":
             ids += [user_id, *content, assistant_id]
             mask += [0] * (len(content) + 2)
@@ -61,6 +68,21 @@ def render_prompt(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer) -
     """Ids of a conversation ending with a user message, ready for the model to answer."""
     _check(messages, "user")
     return _render(messages, tokenizer)[0]
+
+
+def encode_reply(reply: str, tokenizer: Tokenizer) -> list[int]:
+    """Ids of an assistant reply as the template writes it (without its EOS)."""
+    return tokenizer.encode(SEP + reply)
+
+
+def decode_reply(ids: Sequence[int], tokenizer: Tokenizer) -> tuple[str, bool]:
+    """(text, ended) of generated reply ids: cut at the first EOS, template space removed."""
+    ids = list(ids)
+    ended = tokenizer.eos_id in ids
+    if ended:
+        ids = ids[: ids.index(tokenizer.eos_id)]
+    text = tokenizer.decode(ids)
+    return (text[len(SEP):] if text.startswith(SEP) else text), ended
 
 
 def pair_messages(prompt: str, response: str | None = None) -> list[dict[str, str]]:
