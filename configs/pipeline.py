@@ -21,6 +21,9 @@ Sections:
   model      architecture (configs/model.py); vocab_size 0 = the tokenizer's, padded
   mesh       device mesh (gptjax/sharding.py)
   pretrain   steps, batch, optimizer, checkpointing and eval of next-token pretraining
+  sft        the same for supervised fine-tuning on demonstrations (loss on replies only),
+             starting from the pretrain stage's final params (or sft.init_from)
+  eval       the evaluator's fixed protocol (gptjax/evaluate.py)
 """
 
 import ml_collections
@@ -82,7 +85,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         dict(
             pretrain="world",  # "world" | text:/f.txt | lines:/f.txt | jsonl:/f.jsonl | tfds:NAME
             data_dir="",  # prepared datasets; empty = <workdir>/data
-            heldout_fraction=0.02,  # of a user's corpus, held out for eval loss
+            pretrain_heldout_fraction=0.02,  # of a user's corpus, held out for eval loss
+            demos="world",  # "world" | demos:/path/demos.jsonl (formats: README)
+            demos_heldout_fraction=0.05,  # of a user's demos, held out for eval loss
         )
     )
     c.tokenizer = ml_collections.ConfigDict(
@@ -98,15 +103,31 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.vocab_size = 0  # 0: the tokenizer's size, padded
     c.mesh = model_presets.mesh_config(opts.get("mesh", "cpu" if cpu else "tpu_vm"))
 
+    c.eval = ml_collections.ConfigDict(dict(
+        max_new_tokens=16,
+        samples=4,  # temperature-1 replies per prompt, besides the greedy one
+        temperature=1.0,
+        seed=1234,  # fixed sampling seeds: every model is judged on the same draws
+        batch_size=64,
+        bootstrap=1000,
+        max_prompts=0,  # 0 = every eval prompt
+    ))
+
     if name == "tiny":
         # ~1.2M tokens: about two passes over the world's ~1.3M-token corpus would be
         # better, but 600 steps keep pretraining inside its 6-minute budget on 2 cores.
         c.pretrain = _stage(600, 32, 64, 3e-3, 50, 200, 0)
+        c.sft = _stage(300, 32, 64, 1e-3, 20, 100, 0)
     elif name in CPU_PRESETS:
         c.tokenizer.vocab_size = 4096 if name == "small_cpu" else 512
-        c.pretrain = _stage(1000, 16, 256 if name == "small_cpu" else 128, 1e-3, 100, 250, 0)
+        seq_len = 256 if name == "small_cpu" else 128
+        c.pretrain = _stage(1000, 16, seq_len, 1e-3, 100, 250, 0)
+        c.sft = _stage(300, 16, seq_len, 3e-4, 20, 100, 0)
     else:
         batch, seq_len, steps, lr = model_presets.TRAIN[name]
         c.pretrain = _stage(steps, batch, seq_len, lr, 2000, 1000, 5000)
-        c.pretrain.optim.grad_accum_steps = 1
+        c.sft = _stage(2000, 128, seq_len, 2e-5, 100, 500, 500)
+    # Demos are short: pack several per row (segment ids keep them apart).
+    c.sft.packed = True
+    c.sft.init_from = ""  # a base checkpoint dir; empty = <workdir>/pretrain/checkpoints
     return c

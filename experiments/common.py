@@ -64,22 +64,26 @@ def pretrain_sources(config, workdir: str) -> tuple[Sequence, Sequence]:
     if spec == WORLD:
         world = world_data(config, workdir)
         return world["pretrain"], world["pretrain_heldout"]
-    frac = config.data.heldout_fraction
-    if not 0 < frac < 1:
-        raise ConfigError("data.heldout_fraction", f"must be in (0, 1), got {frac}")
-    pct = max(1, round(100 * frac))
-    ddir = data_dir(config, workdir)
+    return split_user_file(
+        "data.pretrain", spec, config.data.pretrain_heldout_fraction, data_dir(config, workdir)
+    )
+
+
+def split_user_file(field: str, spec: str, heldout_fraction: float, ddir: str):
+    """(train, held-out) slices of a user's dataset; errors name the config field."""
+    if not 0 < heldout_fraction < 1:
+        raise ConfigError(f"{field}_heldout_fraction", f"must be in (0, 1), got {heldout_fraction}")
+    pct = max(1, round(100 * heldout_fraction))
     try:
         train = builders.load_split(spec, f"train[:{100 - pct}%]", ddir)
         heldout = builders.load_split(spec, f"train[{100 - pct}%:]", ddir)
     except ValueError as e:
-        raise ConfigError("data.pretrain", str(e)) from None
+        raise ConfigError(field, str(e)) from None
     if len(train) == 0 or len(heldout) == 0:
         raise ConfigError(
-            "data.pretrain",
-            f"{spec} has too few documents to hold out "
-            f"{pct}% for evaluation ({len(train)} train, "
-            f"{len(heldout)} held out)",
+            field,
+            f"{spec} has too few records to hold out {pct}% for "
+            f"evaluation ({len(train)} train, {len(heldout)} held out)",
         )
     return train, heldout
 
@@ -197,23 +201,27 @@ class LMTrainer:
         train: TrainConfig,
         mesh,
         seed: int,
-        init_params: Callable | None = None,
+        init_params=None,
     ) -> LMTrainer:
+        """init_params: start from these (sharded) params, e.g. the base model for SFT;
+        None initialises from `seed`."""
         model = Model(model_cfg)
         tx, schedule = make_optimizer(optim, train.steps)
         shardings = train_steps.state_shardings(model, tx, mesh)
 
-        def init_fn(rng):
-            params = model.init(rng) if init_params is None else init_params()
+        def from_params(params):
             return {
                 "params": params,
                 "opt_state": tx.init(params),
                 "step": jax.numpy.zeros((), jax.numpy.int32),
             }
 
-        init_state = functools.partial(
-            jax.jit(init_fn, out_shardings=shardings), jax.random.key(seed)
-        )
+        if init_params is None:
+            init = jax.jit(lambda rng: from_params(model.init(rng)), out_shardings=shardings)
+            init_state = functools.partial(init, jax.random.key(seed))
+        else:
+            init = jax.jit(from_params, out_shardings=shardings)
+            init_state = functools.partial(init, init_params)
         step = functools.partial(
             train_steps.lm_train_step,
             model=model,
@@ -222,6 +230,7 @@ class LMTrainer:
             z_loss=train.z_loss,
             grad_accum_steps=optim.grad_accum_steps,
         )
+        eval_step = functools.partial(train_steps.lm_eval_step, model=model)
         return cls(
             model,
             mesh,
@@ -229,9 +238,7 @@ class LMTrainer:
             shardings,
             init_state,
             train_steps.jit_train_step(step, mesh, shardings),
-            train_steps.jit_eval_step(
-                functools.partial(train_steps.lm_eval_step, model=model), mesh, shardings["params"]
-            ),
+            train_steps.jit_eval_step(eval_step, mesh, shardings["params"]),
         )
 
     def put_batch(self, host_batch):
@@ -294,3 +301,36 @@ def load_stage_params(
             f"{meta['tokenizer_hash'][:12]}, not {tokenizer.hash[:12]}"
         )
     return model, params
+
+
+def run_lm_stage(stage: str, config, workdir: str, parts: dict):
+    """Runs an LMTrainer stage (pretrain, SFT) on the shared loop; returns (result, summary)."""
+    from experiments.loop import run_stage
+
+    trainer, tokenizer = parts["trainer"], parts["tokenizer"]
+    result = run_stage(
+        stage,
+        stage_dir(workdir, stage),
+        parts["loop"],
+        init_state=trainer.init_state,
+        state_shardings=trainer.shardings,
+        train_step=trainer.step_fn(),
+        batches=parts["batches"],
+        rng=jax.random.key(config.seeds.init),
+        eval_fn=trainer.eval_fn(parts["eval_batches"]),
+        meta={
+            "config": resolved_config_json(config),
+            "tokenizer_hash": tokenizer.hash,
+            "stage": stage,
+        },
+    )
+    summary = {
+        "stage": stage,
+        "heldout_loss": result.eval_metrics.get("loss"),
+        "heldout_accuracy": result.eval_metrics.get("accuracy"),
+        "train_loss": result.last_metrics.get("loss"),
+        "wall_s": result.wall_s,
+        "steps_run": result.steps_run,
+        "resumed_from": result.resumed_from,
+    }
+    return result, summary

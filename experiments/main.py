@@ -16,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import calibrate, pretrain, show_data
+from experiments import calibrate, evaluate, pretrain, sft, show_data
 from experiments.loop import StageStopped
 from gptjax.errors import ConfigError
 
@@ -25,6 +25,8 @@ STAGES = {
     "pretrain": pretrain.run,
     "show_data": show_data.run,
     "calibrate": calibrate.run,
+    "sft": sft.run,
+    "eval": evaluate.run,
 }
 DEFAULT_STAGES = "pretrain"
 

@@ -10,7 +10,6 @@ import jax
 import numpy as np
 
 from experiments import common
-from experiments.loop import run_stage
 from gptjax.data.iterators import lm_batches
 from gptjax.sampling import greedy_uncached, left_pad
 
@@ -70,32 +69,7 @@ def samples(trainer, tokenizer, params, prompts: list[str], max_new_tokens: int 
 
 def run(config, workdir: str) -> dict:
     parts = build(config, workdir)
-    trainer, tokenizer = parts["trainer"], parts["tokenizer"]
-    result = run_stage(
-        STAGE,
-        common.stage_dir(workdir, STAGE),
-        parts["loop"],
-        init_state=trainer.init_state,
-        state_shardings=trainer.shardings,
-        train_step=trainer.step_fn(),
-        batches=parts["batches"],
-        rng=jax.random.key(config.seeds.init),
-        eval_fn=trainer.eval_fn(parts["eval_batches"]),
-        meta={
-            "config": common.resolved_config_json(config),
-            "tokenizer_hash": tokenizer.hash,
-            "stage": STAGE,
-        },
-    )
+    result, summary = common.run_lm_stage(STAGE, config, workdir, parts)
     prompts = sample_prompts(config, workdir, parts["heldout_src"])
-    completions = samples(trainer, tokenizer, result.state["params"], prompts)
-    return {
-        "stage": STAGE,
-        "heldout_loss": result.eval_metrics.get("loss"),
-        "heldout_accuracy": result.eval_metrics.get("accuracy"),
-        "train_loss": result.last_metrics.get("loss"),
-        "wall_s": result.wall_s,
-        "steps_run": result.steps_run,
-        "resumed_from": result.resumed_from,
-        "samples": list(zip(prompts, completions)),
-    }
+    completions = samples(parts["trainer"], parts["tokenizer"], result.state["params"], prompts)
+    return {**summary, "samples": list(zip(prompts, completions))}

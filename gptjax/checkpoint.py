@@ -25,20 +25,24 @@ def abstract_tree(tree, shardings=None):
     if shardings is None:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
     return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 class Checkpointer:
     """Keeps the last `keep` checkpoints of one stage; saves asynchronously."""
 
-    def __init__(self, directory: str, item_names: tuple[str, ...], keep: int = 3,
-                 async_save: bool = True):
+    def __init__(
+        self, directory: str, item_names: tuple[str, ...], keep: int = 3, async_save: bool = True
+    ):
         self.directory = os.path.abspath(directory)
         self.item_names = tuple(item_names)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+        )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(*self.item_names, META))
+            self.directory, options=options, item_names=(*self.item_names, META)
+        )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()

@@ -37,8 +37,10 @@ class MetricsWriter:
     def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
         row = {"step": int(step), **{f"{prefix}{k}": v for k, v in metrics.items()}}
         # JSON has no NaN/Inf: write them as strings so a non-finite loss stays visible.
-        clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
-                 for k, v in row.items()}
+        clean = {
+            k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+            for k, v in row.items()
+        }
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
         if self._tb is not None:

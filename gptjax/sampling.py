@@ -24,14 +24,15 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
     tokens = np.full((len(prompts), p), pad_id, np.int32)
     mask = np.zeros((len(prompts), p), np.int32)
     for i, x in enumerate(prompts):
-        tokens[i, p - len(x):] = x
-        mask[i, p - len(x):] = 1
+        tokens[i, p - len(x) :] = x
+        mask[i, p - len(x) :] = 1
     return tokens, mask
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def greedy_uncached(model: Model, params, prompt_BxP, prompt_mask_BxP, max_new_tokens: int,
-                    eos_id: int = 1):
+def greedy_uncached(
+    model: Model, params, prompt_BxP, prompt_mask_BxP, max_new_tokens: int, eos_id: int = 1
+):
     """Greedy decoding with a full forward pass per token. Returns tokens_BxN, done_B.
 
     Left padding is segment 0 and real tokens segment 1, so pads are never attended to;
@@ -51,6 +52,95 @@ def greedy_uncached(model: Model, params, prompt_BxP, prompt_mask_BxP, max_new_t
         tokens = tokens.at[:, p + i].set(nxt)
         return tokens, done | (nxt == eos_id)
 
-    tokens, done = jax.lax.fori_loop(0, max_new_tokens, body,
-                                     (tokens, jnp.zeros((b,), jnp.bool_)))
+    tokens, done = jax.lax.fori_loop(0, max_new_tokens, body, (tokens, jnp.zeros((b,), jnp.bool_)))
     return tokens[:, p:], done
+
+
+def filter_logits(logits_BxV, top_k: int = 0, top_p: float = 1.0):
+    """Top-k then nucleus (top-p) truncation: excluded logits become -inf.
+
+    top_k = 0 and top_p = 1 keep everything. Top-p keeps the smallest set of tokens whose
+    probability reaches top_p (Holtzman et al. 2020), always including the most likely.
+    """
+    neg = jnp.finfo(logits_BxV.dtype).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth, neg, logits_BxV)
+    if top_p < 1.0:
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(sorted_BxV, axis=-1)
+        # Keep a token if the mass strictly before it is < top_p.
+        before = jnp.cumsum(probs, axis=-1) - probs
+        cutoff = jnp.min(jnp.where(before < top_p, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < cutoff, neg, logits_BxV)
+    return logits_BxV
+
+
+def choose(logits_BxV, keys_B, temperature: float, top_k: int, top_p: float):
+    """Next tokens and their log-probs under the temperature-scaled distribution.
+
+    temperature 0 is greedy (log-probs at temperature 1). The log-probs are of the full
+    temperature-scaled softmax, before top-k/top-p truncation, so at temperature 1 they
+    equal `sequence_logprobs` of the chosen tokens.
+    """
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if temperature == 0.0:
+        tokens_B = jnp.argmax(logits_BxV, axis=-1)
+        logp_BxV = jax.nn.log_softmax(logits_BxV, axis=-1)
+    else:
+        scaled = logits_BxV / temperature
+        logp_BxV = jax.nn.log_softmax(scaled, axis=-1)
+        truncated = filter_logits(scaled, top_k, top_p)
+        tokens_B = jax.vmap(jax.random.categorical)(keys_B, truncated)
+    tokens_B = tokens_B.astype(jnp.int32)
+    return tokens_B, jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p")
+)
+def generate(
+    model: Model,
+    params,
+    prompt_BxP,
+    prompt_mask_BxP,
+    seeds_B,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+):
+    """Samples replies to left-padded prompts. Returns (tokens_BxN, logprobs_BxN, mask_BxN).
+
+    seeds_B: one integer seed per row, so a row's sample does not depend on its batch.
+    mask_BxN is 1 on generated tokens up to and including the first EOS; the tokens after
+    a row's EOS are pad (0) with log-prob 0.
+    """
+    b, p = prompt_BxP.shape
+    t = p + max_new_tokens
+    tokens = jnp.zeros((b, t), jnp.int32).at[:, :p].set(prompt_BxP)
+    seg = jnp.ones((b, t), jnp.int32).at[:, :p].set(prompt_mask_BxP)
+    positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+    keys_B = jax.vmap(lambda s: jax.random.key(s))(seeds_B)
+
+    def body(i, carry):
+        tokens, logp, mask, done = carry
+        logits = model.apply(params, tokens, seg, positions)[:, p + i - 1]
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, i)
+        nxt, lp = choose(logits, step_keys, temperature, top_k, top_p)
+        live = ~done
+        tokens = tokens.at[:, p + i].set(jnp.where(live, nxt, 0))
+        logp = logp.at[:, i].set(jnp.where(live, lp, 0.0))
+        mask = mask.at[:, i].set(live.astype(jnp.int32))
+        return tokens, logp, mask, done | (nxt == eos_id)
+
+    init = (
+        tokens,
+        jnp.zeros((b, max_new_tokens), jnp.float32),
+        jnp.zeros((b, max_new_tokens), jnp.int32),
+        jnp.zeros((b,), jnp.bool_),
+    )
+    tokens, logp, mask, _ = jax.lax.fori_loop(0, max_new_tokens, body, init)
+    return tokens[:, p:], logp, mask

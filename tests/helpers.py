@@ -32,19 +32,46 @@ def random_batch(rng: np.random.Generator, b: int, t: int, vocab: int):
 
 # Command-line overrides that shrink the tiny pipeline to test size.
 TINY_CLI = [
-    "--config.model.d_model=32", "--config.model.n_layers=2", "--config.model.n_heads=4",
-    "--config.model.n_kv_heads=4", "--config.model.d_ff=64", "--config.model.max_len=32",
-    "--config.pretrain.seq_len=32", "--config.pretrain.batch_size=8",
-    "--config.pretrain.eval_batches=2", "--config.pretrain.log_every=1",
-    "--config.pretrain.optim.warmup_steps=2", "--config.tokenizer.vocab_size=320",
+    "--config.model.d_model=32",
+    "--config.model.n_layers=2",
+    "--config.model.n_heads=4",
+    "--config.model.n_kv_heads=4",
+    "--config.model.d_ff=64",
+    "--config.model.max_len=32",
+    "--config.pretrain.seq_len=32",
+    "--config.pretrain.batch_size=8",
+    "--config.pretrain.eval_batches=2",
+    "--config.pretrain.log_every=1",
+    "--config.pretrain.optim.warmup_steps=2",
+    "--config.tokenizer.vocab_size=320",
 ]
 
 
 def write_text_corpus(path, n_paragraphs: int = 300, seed: int = 0) -> str:
     """A small generated text: blank-line-separated paragraphs from a word bigram model."""
     rng = np.random.default_rng(seed)
-    words = ["the", "cat", "dog", "sat", "ran", "on", "mat", "rug", "and", "then", "slept",
-             "ate", "a", "big", "red", "fox", "saw", "it", "under", "tree"]
+    words = [
+        "the",
+        "cat",
+        "dog",
+        "sat",
+        "ran",
+        "on",
+        "mat",
+        "rug",
+        "and",
+        "then",
+        "slept",
+        "ate",
+        "a",
+        "big",
+        "red",
+        "fox",
+        "saw",
+        "it",
+        "under",
+        "tree",
+    ]
     succ = {w: rng.choice(len(words), size=3, replace=False) for w in words}
     paragraphs = []
     for _ in range(n_paragraphs):
@@ -71,3 +98,24 @@ def subprocess_env(n_devices: int = 1) -> dict:
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     return env
+
+
+SFT_CLI = [
+    "--config.sft.seq_len=32",
+    "--config.sft.batch_size=8",
+    "--config.sft.eval_batches=1",
+    "--config.sft.log_every=1",
+    "--config.sft.optim.warmup_steps=2",
+]
+
+
+def write_demos(path, n: int = 120, seed: int = 0) -> str:
+    """prompt/response JSONL: small additions."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.integers(0, 10, size=2)
+            f.write(json.dumps({"prompt": f"what is {a} plus {b}?", "response": f"{a + b}"}) + "\n")
+    return str(path)

@@ -22,9 +22,17 @@ pytestmark = pytest.mark.slow
 
 
 def main_cmd(workdir, corpus, steps, *extra):
-    return [sys.executable, "-m", "experiments.main", f"--workdir={workdir}",
-            "--stages=pretrain", f"--config.data.pretrain=text:{corpus}",
-            f"--config.pretrain.steps={steps}", *TINY_CLI, *extra]
+    return [
+        sys.executable,
+        "-m",
+        "experiments.main",
+        f"--workdir={workdir}",
+        "--stages=pretrain",
+        f"--config.data.pretrain=text:{corpus}",
+        f"--config.pretrain.steps={steps}",
+        *TINY_CLI,
+        *extra,
+    ]
 
 
 def per_step_losses(workdir) -> dict[int, float]:
@@ -33,8 +41,9 @@ def per_step_losses(workdir) -> dict[int, float]:
 
 
 def final_params(workdir, step):
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "pretrain", "checkpoints"), ("params",),
-                                 async_save=False)
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "pretrain", "checkpoints"), ("params",), async_save=False
+    )
     structure = ckpt._manager.item_metadata(step)["params"]
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), structure)
     _, items, meta = ckpt.restore({"params": abstract}, step)
@@ -45,8 +54,14 @@ def final_params(workdir, step):
 def test_trains_on_a_local_text_file_through_the_cli(tmp_path):
     corpus = write_text_corpus(tmp_path / "corpus.txt")
     workdir = tmp_path / "run"
-    out = subprocess.run(main_cmd(workdir, corpus, 30), env=subprocess_env(), capture_output=True,
-                         text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = subprocess.run(
+        main_cmd(workdir, corpus, 30),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "held-out loss" in out.stdout and "->" in out.stdout  # loss and samples printed
     losses = per_step_losses(workdir)
@@ -57,8 +72,13 @@ def test_trains_on_a_local_text_file_through_the_cli(tmp_path):
     assert meta["stage"] == "pretrain" and len(meta["tokenizer_hash"]) == 64
     assert json.loads(meta["config"])["data"]["pretrain"] == f"text:{corpus}"
     # Rerunning the finished command resumes instead of starting over.
-    again = subprocess.run(main_cmd(workdir, corpus, 30), env=subprocess_env(),
-                           capture_output=True, text=True, timeout=600)
+    again = subprocess.run(
+        main_cmd(workdir, corpus, 30),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0 and "resumed from step 30" in again.stdout, again.stderr[-2000:]
 
 
@@ -66,14 +86,20 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run_bitwise(tmp_path):
     corpus = write_text_corpus(tmp_path / "corpus.txt")
     steps = 60
     straight = tmp_path / "straight"
-    out = subprocess.run(main_cmd(straight, corpus, steps), env=subprocess_env(),
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        main_cmd(straight, corpus, steps),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
 
     resumed = tmp_path / "resumed"
     cmd = main_cmd(resumed, corpus, steps, "--config.pretrain.checkpoint_every=1000")
-    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = resumed / "pretrain" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -112,13 +138,17 @@ def test_checkpoint_saved_on_1_device_restores_onto_8(tmp_path):
     shardings = train_steps.state_shardings(model, tx, eight)
     abstract = ckpt_lib.abstract_tree(
         {"params": state["params"], "opt_state": state["opt_state"]},
-        {"params": shardings["params"], "opt_state": shardings["opt_state"]})
+        {"params": shardings["params"], "opt_state": shardings["opt_state"]},
+    )
     restored = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), ("params", "opt_state"))
     step, items, _ = restored.restore(abstract)
     restored.close()
     assert step == 5
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]),
-                 jax.device_get(items["params"]))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        jax.device_get(state["params"]),
+        jax.device_get(items["params"]),
+    )
     embed = items["params"]["embed"]
     assert len(embed.sharding.device_set) == 8
     assert embed.sharding.shard_shape(embed.shape) == (32, 16)

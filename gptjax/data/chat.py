@@ -82,7 +82,7 @@ def decode_reply(ids: Sequence[int], tokenizer: Tokenizer) -> tuple[str, bool]:
     if ended:
         ids = ids[: ids.index(tokenizer.eos_id)]
     text = tokenizer.decode(ids)
-    return (text[len(SEP):] if text.startswith(SEP) else text), ended
+    return (text[len(SEP) :] if text.startswith(SEP) else text), ended
 
 
 def pair_messages(prompt: str, response: str | None = None) -> list[dict[str, str]]:

@@ -1,0 +1,152 @@
+"""Talk to a trained model of a workdir.
+
+    python -m experiments.chat --workdir=runs/tiny                        # interactive, SFT
+    python -m experiments.chat --workdir=runs/tiny --stage=base --prompt="what is 3 + 4?"
+    python -m experiments.chat --workdir=runs/tiny --compare --prompt="where does ka ri live?"
+
+Interactive mode keeps the conversation (multi-turn, in the chat template) until an empty
+line, `/reset` (new conversation) or end of input. --compare answers with every trained
+stage side by side (one-shot or interactive).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import common
+from gptjax import sampling
+from gptjax.data import chat
+from gptjax.errors import ConfigError
+
+# Stage names as users say them -> the workdir's stage directory.
+STAGES = {"base": "pretrain", "sft": "sft", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with trained stages.")
+_STAGE = flags.DEFINE_enum("stage", "sft", list(STAGES), "Which model answers.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Answer this one prompt and exit.")
+_COMPARE = flags.DEFINE_bool("compare", False, "Answer with every trained stage.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Longest reply, in tokens.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def load_config(workdir: str):
+    """The config the workdir was trained with (saved with every checkpoint)."""
+    import json
+
+    import ml_collections
+
+    from gptjax import checkpoint as ckpt_lib
+
+    directory = os.path.join(workdir, "pretrain", "checkpoints")
+    ckpt = ckpt_lib.Checkpointer(directory, (), async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no pretrain checkpoint in {directory}")
+        _, _, meta = ckpt.restore({}, step)
+    finally:
+        ckpt.close()
+    return ml_collections.ConfigDict(json.loads(meta["config"]))
+
+
+class Chatter:
+    """One model, one conversation."""
+
+    def __init__(self, config, workdir: str, stage: str):
+        self.stage = stage
+        self.tokenizer = common.get_tokenizer(config, workdir)
+        self.model, self.params = common.load_stage_params(
+            config, workdir, STAGES[stage], self.tokenizer
+        )
+        self.messages: list[dict[str, str]] = []
+
+    def reply(self, text: str, temperature: float, max_new_tokens: int, seed: int) -> str:
+        self.messages.append({"role": "user", "content": text})
+        ids = chat.render_prompt(self.messages, self.tokenizer)
+        room = self.model.cfg.max_len - len(ids)
+        while room < 1 and len(self.messages) > 1:  # forget the oldest exchange
+            self.messages = self.messages[2:]
+            ids = chat.render_prompt(self.messages, self.tokenizer)
+            room = self.model.cfg.max_len - len(ids)
+        if room < 1:
+            self.messages = []
+            return f"[prompt of {len(ids)} tokens does not fit max_len={self.model.cfg.max_len}]"
+        tokens, mask = sampling.left_pad([ids])
+        out, _, out_mask = sampling.generate(
+            self.model,
+            self.params,
+            tokens,
+            mask,
+            np.array([seed], np.int32),
+            max_new_tokens=min(max_new_tokens, room),
+            eos_id=self.tokenizer.eos_id,
+            temperature=temperature,
+        )
+        new = np.asarray(out)[0][np.asarray(out_mask)[0] > 0].tolist()
+        text, ended = chat.decode_reply(new, self.tokenizer)
+        self.messages.append({"role": "assistant", "content": text})
+        shown = text if text.strip() else "[empty reply]"
+        return shown if ended else shown + " [no EOS]"
+
+    def reset(self):
+        self.messages = []
+
+
+def trained_stages(workdir: str) -> list[str]:
+    return [s for s, d in STAGES.items() if os.path.isdir(os.path.join(workdir, d, "checkpoints"))]
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.ERROR)
+    if not _WORKDIR.value:
+        print("error: --workdir is required (a run directory of experiments.main)", file=sys.stderr)
+        return 2
+    try:
+        config = load_config(_WORKDIR.value)
+        stages = trained_stages(_WORKDIR.value) if _COMPARE.value else [_STAGE.value]
+        chatters = [Chatter(config, _WORKDIR.value, s) for s in stages]
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    kw = dict(temperature=_TEMPERATURE.value, max_new_tokens=_MAX_NEW.value, seed=_SEED.value)
+
+    def answer(text: str):
+        for c in chatters:
+            label = f"[{c.stage}] " if len(chatters) > 1 else ""
+            print(f"{label}{c.reply(text, **kw)}", flush=True)
+
+    if _PROMPT.value is not None:
+        answer(_PROMPT.value)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(
+            f"chatting with {', '.join(stages)}; empty line to quit, /reset for a new conversation",
+            flush=True,
+        )
+    while True:
+        try:
+            if interactive:  # our own prompt: input()'s goes to stderr under readline
+                sys.stdout.write("you> ")
+                sys.stdout.flush()
+            line = input()
+        except EOFError:
+            return 0
+        if not line.strip():
+            return 0
+        if line.strip() == "/reset":
+            for c in chatters:
+                c.reset()
+            continue
+        answer(line.strip())
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
