@@ -1,6 +1,7 @@
 """Benchmarks: numbers are measured here, never asserted by tests.
 
     python -m experiments.bench train [--configs=tiny,small_cpu,gpt2_4l] [--steps=20]
+    python -m experiments.bench sample [--configs=tiny,small_cpu]
 
 train: training tokens/s and model-FLOPs utilisation (MFU) of lm_train_step.
   Definitions, fixed so the number cannot drift:
@@ -129,6 +130,54 @@ def bench_train(name: str, steps: int, peak: float) -> dict:
     }
 
 
+SAMPLE_CONFIGS = ("tiny", "small_cpu")
+
+
+def bench_sample(
+    name: str, batch: int, prompt_len: int = 16, new_tokens: int = 32, repeats: int = 3
+) -> dict:
+    """Decode tokens/s of the KV-cache sampler vs the uncached baseline (the same jitted
+    full forward run inside one lax loop). Greedy with no EOS, so every row decodes
+    `new_tokens` tokens and both do the same amount of decoding."""
+    from gptjax import sampling
+
+    config = model_configs.get_config(name)
+    setup = parse_lm(config, n_devices=1)
+    model = Model(setup.model)
+    params = jax.jit(model.init)(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, setup.model.vocab_size, (batch, prompt_len), dtype=np.int32)
+    mask = np.ones_like(prompts)
+    seeds = np.arange(batch, dtype=np.int32)
+    kw = dict(max_new_tokens=new_tokens, eos_id=-1)  # no EOS: fixed work per call
+    row = {"config": name, "batch": batch, "prompt": prompt_len, "new_tokens": new_tokens}
+    for label, fn in (("cached", sampling.generate), ("uncached", sampling.generate_uncached)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(model, params, prompts, mask, seeds, **kw))
+        row[f"{label}_compile_s"] = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(model, params, prompts, mask, seeds, **kw))
+            times.append(time.perf_counter() - t0)
+        row[f"{label}_tokens_per_s"] = batch * new_tokens / statistics.median(times)
+    row["speedup"] = row["cached_tokens_per_s"] / row["uncached_tokens_per_s"]
+    return row
+
+
+def run_sample(args) -> dict:
+    rows = [bench_sample(name, b) for name in args.configs.split(",") for b in (1, 64)]
+    print(
+        f"{'config':<10} {'batch':>5} {'cached tok/s':>13} {'uncached tok/s':>15} {'speed-up':>9}"
+    )
+    for r in rows:
+        print(
+            f"{r['config']:<10} {r['batch']:>5} {r['cached_tokens_per_s']:>13.0f} "
+            f"{r['uncached_tokens_per_s']:>15.0f} {r['speedup']:>8.1f}x"
+        )
+    return {"env": environment(), "rows": rows}
+
+
 def environment() -> dict:
     return {
         "jax": jax.__version__,
@@ -164,9 +213,12 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=",".join(TRAIN_CONFIGS))
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", default="runs/bench/train.json")
+    p = sub.add_parser("sample", help="decode tokens/s, cached vs uncached")
+    p.add_argument("--configs", default=",".join(SAMPLE_CONFIGS))
+    p.add_argument("--out", default="runs/bench/sample.json")
     args = parser.parse_args(argv)
     try:
-        result = {"train": run_train}[args.bench](args)
+        result = {"train": run_train, "sample": run_sample}[args.bench](args)
     except BenchError as e:
         print(f"bench failed: {e}", file=sys.stderr)
         return 1

@@ -10,34 +10,10 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from experiments import common, pretrain
-from gptjax.sampling import greedy_uncached, left_pad
 from gptjax.world import calibration
 
 STAGE = "calibrate"
-
-
-def complete(
-    model, params, tokenizer, prefixes: list[str], max_new_tokens: int, batch_size: int = 64
-) -> list[str]:
-    """Greedy completions, EOS-terminated, decoded."""
-    out = []
-    for i in range(0, len(prefixes), batch_size):
-        chunk = prefixes[i : i + batch_size]
-        # Pad the batch to a fixed size so every chunk reuses one compiled program.
-        tokens, mask = left_pad(
-            [tokenizer.encode(p) for p in chunk] + [[tokenizer.eos_id]] * (batch_size - len(chunk))
-        )
-        new, _ = greedy_uncached(
-            model, params, tokens, mask, max_new_tokens, eos_id=tokenizer.eos_id
-        )
-        for row in np.asarray(new)[: len(chunk)].tolist():
-            if tokenizer.eos_id in row:
-                row = row[: row.index(tokenizer.eos_id)]
-            out.append(tokenizer.decode(row))
-    return out
 
 
 def run(config, workdir: str) -> dict:
@@ -51,7 +27,9 @@ def run(config, workdir: str) -> dict:
     model, params = common.load_stage_params(config, workdir, "pretrain", tokenizer)
     probes = common.world_data(config, workdir)["fact_probes"]
     probes = [probes[i] for i in range(len(probes))]
-    completions = complete(model, params, tokenizer, [p["prefix"] for p in probes], 4)
+    completions = common.greedy_completions(
+        model, params, tokenizer, [p["prefix"] for p in probes], 4
+    )
     facts = calibration.fact_completion(probes, completions)
     values = {"base_fact_completion": facts["accuracy"]}
     rows = [calibration.check(g, values.get(g.name)) for g in calibration.GATES]

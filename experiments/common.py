@@ -334,3 +334,37 @@ def run_lm_stage(stage: str, config, workdir: str, parts: dict):
         "resumed_from": result.resumed_from,
     }
     return result, summary
+
+
+def greedy_completions(
+    model, params, tokenizer, prefixes: list[str], max_new_tokens: int, batch_size: int = 64
+) -> list[str]:
+    """Greedy raw-text continuations (cut at EOS), in fixed-size batches (one compile)."""
+    import numpy as np
+
+    from gptjax import sampling
+
+    prompts = [tokenizer.encode(p) for p in prefixes]
+    width = max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, model.cfg.max_len - width)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        tokens, mask = sampling.left_pad(chunk + [[tokenizer.eos_id]] * (batch_size - len(chunk)))
+        tokens = np.pad(tokens, ((0, 0), (width - tokens.shape[1], 0)))
+        mask = np.pad(mask, ((0, 0), (width - mask.shape[1], 0)))
+        new, _, new_mask = sampling.generate(
+            model,
+            params,
+            tokens,
+            mask,
+            np.zeros(batch_size, np.int32),
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+        )
+        for row, m in zip(np.asarray(new)[: len(chunk)], np.asarray(new_mask)[: len(chunk)]):
+            ids = row[m > 0].tolist()
+            if tokenizer.eos_id in ids:
+                ids = ids[: ids.index(tokenizer.eos_id)]
+            out.append(tokenizer.decode(ids))
+    return out

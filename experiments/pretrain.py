@@ -7,11 +7,9 @@ python -m experiments.main --stages=pretrain --config.data.pretrain=text:/path/c
 from __future__ import annotations
 
 import jax
-import numpy as np
 
 from experiments import common
 from gptjax.data.iterators import lm_batches
-from gptjax.sampling import greedy_uncached, left_pad
 
 STAGE = "pretrain"
 
@@ -51,25 +49,11 @@ def sample_prompts(config, workdir: str, heldout_src, n: int = 4) -> list[str]:
     return [" ".join(heldout_src[i]["text"].split()[:8]) for i in range(min(n, len(heldout_src)))]
 
 
-def samples(trainer, tokenizer, params, prompts: list[str], max_new_tokens: int = 24):
-    tokens, mask = left_pad([tokenizer.encode(p) for p in prompts])
-    room = trainer.model.cfg.max_len - tokens.shape[1]
-    out, _ = greedy_uncached(
-        trainer.model, params, tokens, mask, min(max_new_tokens, room), eos_id=tokenizer.eos_id
-    )
-    out = np.asarray(out)
-    texts = []
-    for row in out:
-        ids = row.tolist()
-        if tokenizer.eos_id in ids:
-            ids = ids[: ids.index(tokenizer.eos_id)]
-        texts.append(tokenizer.decode(ids))
-    return texts
-
-
 def run(config, workdir: str) -> dict:
     parts = build(config, workdir)
     result, summary = common.run_lm_stage(STAGE, config, workdir, parts)
     prompts = sample_prompts(config, workdir, parts["heldout_src"])
-    completions = samples(parts["trainer"], parts["tokenizer"], result.state["params"], prompts)
+    completions = common.greedy_completions(
+        parts["trainer"].model, result.state["params"], parts["tokenizer"], prompts, 24, 8
+    )
     return {**summary, "samples": list(zip(prompts, completions))}

@@ -55,12 +55,16 @@ def prompt_ids(record: dict, tokenizer, mode: str) -> list[int]:
     raise ValueError(f"unknown prompt mode {mode!r}; expected one of {MODES}")
 
 
-def _decode(ids: list[int], n_tokens: int, tokenizer, mode: str) -> tuple[str, bool]:
+def _decode(ids: list[int], tokenizer, mode: str) -> tuple[str, bool, int]:
+    """(reply text, ended, reply length in tokens) of generated ids."""
     if mode == "chat":
-        return chat.decode_reply(ids, tokenizer)
+        text, ended = chat.decode_reply(ids, tokenizer)
+        return text, ended, len(ids)
     eos = tokenizer.eos_id in ids
     text = tokenizer.decode(ids[: ids.index(tokenizer.eos_id)] if eos else ids)
-    return parse_fewshot_completion(text, eos=eos)
+    answer, ended = parse_fewshot_completion(text, eos=eos)
+    # The worksheet answer ends at its newline: count its tokens, not what followed.
+    return answer, ended, len(tokenizer.encode(" " + answer)) + int(ended)
 
 
 def generate_replies(
@@ -107,8 +111,7 @@ def generate_replies(
         out, out_mask = np.asarray(out), np.asarray(out_mask)
         for k, (i, j) in enumerate(chunk):
             ids = out[k][out_mask[k] > 0].tolist()
-            text, ended = _decode(ids, len(ids), tokenizer, mode)
-            replies.append(Reply(i, j, text, ended, len(ids)))
+            replies.append(Reply(i, j, *_decode(ids, tokenizer, mode)))
     return replies
 
 

@@ -59,3 +59,28 @@ def next_token_loss(logits_BxTxV, tokens_BxT, mask_BxT, z_loss: float = 0.0):
         "z_sum": jnp.sum(z_term * mask),
     }
     return loss_sum, jnp.sum(mask), aux
+
+
+def ranking_loss(rewards_BxK, ranks_BxK, valid_BxK):
+    """InstructGPT's K-way reward-model loss (Ouyang et al. 2022, eq. 1).
+
+    Each prompt's loss is the mean of -log σ(r_w - r_l) over its ordered pairs (w ranked
+    strictly better than l; rank 0 = best; equal ranks are ties and give no pair; invalid
+    responses are padding). Returns (loss_sum over prompts, number of prompts with a pair,
+    aux sums over pairs: pairs, correct_sum, margin_sum).
+    """
+    r = rewards_BxK.astype(jnp.float32)
+    valid = valid_BxK.astype(jnp.float32)
+    diff_BxKxK = r[:, :, None] - r[:, None, :]  # r_i - r_j
+    better = (ranks_BxK[:, :, None] < ranks_BxK[:, None, :]).astype(jnp.float32)
+    pair_BxKxK = better * valid[:, :, None] * valid[:, None, :]
+    pairs_B = pair_BxKxK.sum(axis=(1, 2))
+    nll_B = -(jax.nn.log_sigmoid(diff_BxKxK) * pair_BxKxK).sum(axis=(1, 2))
+    has_pair = pairs_B > 0
+    loss_sum = jnp.sum(jnp.where(has_pair, nll_B / jnp.maximum(pairs_B, 1.0), 0.0))
+    aux = {
+        "pairs": pairs_B.sum(),
+        "correct_sum": jnp.sum((diff_BxKxK > 0) * pair_BxKxK),
+        "margin_sum": jnp.sum(diff_BxKxK * pair_BxKxK),
+    }
+    return loss_sum, jnp.sum(has_pair.astype(jnp.float32)), aux

@@ -193,6 +193,48 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
     return out.reshape(b, t, n, h)
 
 
+@jax.custom_vjp
+def gelu_tanh(x):
+    """GELU, tanh approximation (Hendrycks & Gimpel 2016, sec. 2): jax.nn.gelu(x, True).
+
+    The custom backward saves only x and recomputes the derivative from it. Autodiff of
+    jax.nn.gelu saves five [B, T, F] intermediates per layer, and XLA:CPU fuses their
+    combination into the loop that also transposes the gradient for the weight-gradient
+    dot: that one loop took longer than all the MLP's matmuls.
+    """
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, g):
+    # d/dx x/2 (1 + tanh u), u = c (x + a x^3):  (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2).
+    c, a = math.sqrt(2 / math.pi), 0.044715
+    x = x.astype(jnp.float32)
+    x2 = x * x
+    t = jnp.tanh(c * x * (1 + a * x2))
+    dgelu = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * a * x2)
+    return ((g.astype(jnp.float32) * dgelu).astype(g.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+def _dense(x, w, dt, n_in: int = 1):
+    """x @ w contracting x's last n_in axes with w's first n_in, as one 2-D matmul.
+
+    The einsum ("btd,df->btf", "btnh,nhd->btd") on flat [B*T, D] rows: from 3-D activations
+    XLA:CPU computes each weight gradient through a transposed copy of the activation
+    gradient, a strided loop slower than the matmul itself; from 2-D ones, as a plain dot.
+    """
+    k = math.prod(w.shape[:n_in])
+    lead = x.shape[: x.ndim - n_in]
+    y = x.reshape(-1, k) @ w.astype(dt).reshape(k, -1)
+    return y.reshape(*lead, *w.shape[n_in:])
+
+
 def _dropout(x, rate: float, rng):
     if rng is None or rate == 0.0:
         return x
@@ -229,30 +271,40 @@ class Block(nnx.Module):
         self.w_up = _normal(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pdt)
         self.w_down = _normal(rngs, (L, F, D), ("layers", "mlp", "embed"), out_std, pdt)
 
-    def __call__(self, x_BxTxD, mask_BxTxS, positions_BxT, rng=None):
+    def __call__(
+        self, x_BxTxD, mask_BxTxS, positions_BxT, rng=None, kv_cache=None, cache_index=None
+    ):
+        """One layer. With kv_cache=(k_BxSxKxH, v_BxSxKxH), the new keys/values are written
+        at cache_index and attention runs over the whole cache; returns (x, new kv_cache)."""
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
         h = self.attn_norm(x_BxTxD)
-        q = jnp.einsum("btd,dnh->btnh", h, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", h, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", h, self.wv[...].astype(dt))
+        q = _dense(h, self.wq[...], dt)
+        k = _dense(h, self.wk[...], dt)
+        v = _dense(h, self.wv[...], dt)
         if cfg.positions == "rope":
             q, k = rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta)
+        if kv_cache is not None:
+            # In place inside the decode loop: XLA aliases a while-loop carry updated by
+            # dynamic_update_slice, so no step copies the cache.
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
+            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
+            kv_cache = (k, v)
         a = attend(q, k, v, mask_BxTxS)
-        x_BxTxD = x_BxTxD + _dropout(
-            jnp.einsum("btnh,nhd->btd", a, self.wo[...].astype(dt)), cfg.dropout, rng_attn
-        )
+        x_BxTxD = x_BxTxD + _dropout(_dense(a, self.wo[...], dt, n_in=2), cfg.dropout, rng_attn)
 
         h = self.mlp_norm(x_BxTxD)
-        up_BxTxF = jnp.einsum("btd,df->btf", h, self.w_up[...].astype(dt))
+        up_BxTxF = _dense(h, self.w_up[...], dt)
         if cfg.mlp == "swiglu":
-            gate = jnp.einsum("btd,df->btf", h, self.w_gate[...].astype(dt))
+            gate = _dense(h, self.w_gate[...], dt)
             up_BxTxF = jax.nn.silu(gate) * up_BxTxF
         else:
             # tanh approximation: on XLA:CPU exact erf costs about half the MLP throughput.
-            up_BxTxF = jax.nn.gelu(up_BxTxF, approximate=True)
-        out = jnp.einsum("btf,fd->btd", up_BxTxF, self.w_down[...].astype(dt))
-        return x_BxTxD + _dropout(out, cfg.dropout, rng_mlp)
+            up_BxTxF = gelu_tanh(up_BxTxF)
+        out = _dense(up_BxTxF, self.w_down[...], dt)
+        x_BxTxD = x_BxTxD + _dropout(out, cfg.dropout, rng_mlp)
+        return x_BxTxD if kv_cache is None else (x_BxTxD, kv_cache)
 
 
 class Transformer(nnx.Module):
@@ -300,30 +352,16 @@ class Transformer(nnx.Module):
                 x_BxTxD = layer(x_BxTxD, layer_params, None if rngs_L is None else rngs_L[i])
         return x_BxTxD
 
-    def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, rng=None):
-        """Returns float32 logits_BxTxV (head='lm') or values_BxT (head='scalar').
-
-        segment_ids: documents packed in one row do not attend to each other (0 = padding).
-        positions: restart at 0 per document; default 0..T-1.
-        rng: dropout key; None means deterministic (eval, sampling, PPO scoring).
-        """
+    def _embed(self, tokens_BxT, positions_BxT, rng=None):
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
-        b, t = tokens_BxT.shape
-        index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        if segment_ids_BxT is None:
-            segment_ids_BxT = jnp.ones((b, t), jnp.int32)
-        if positions_BxT is None:
-            positions_BxT = index_BxT
-        mask = attention_mask(segment_ids_BxT, segment_ids_BxT, index_BxT, index_BxT)
-        rng_embed, rng_blocks = jax.random.split(rng) if rng is not None else (None, None)
-
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
         if cfg.positions == "learned":
             x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(dt)
-        x_BxTxD = _dropout(x_BxTxD, cfg.dropout, rng_embed)
-        x_BxTxD = self._blocks(x_BxTxD, mask, positions_BxT, rng_blocks)
-        h_BxTxD = self.final_norm(x_BxTxD)
+        return _dropout(x_BxTxD, cfg.dropout, rng)
 
+    def _head(self, x_BxTxD):
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+        h_BxTxD = self.final_norm(x_BxTxD)
         if cfg.head == "scalar":
             w = self.score_w[...].astype(jnp.float32)
             return h_BxTxD.astype(jnp.float32) @ w + self.score_b[...].astype(jnp.float32)
@@ -331,6 +369,53 @@ class Transformer(nnx.Module):
         return jnp.einsum(
             "btd,dv->btv", h_BxTxD, unembed_DxV.astype(dt), preferred_element_type=jnp.float32
         )
+
+    def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, rng=None, cache=None):
+        """Returns float32 logits_BxTxV (head='lm') or values_BxT (head='scalar').
+
+        segment_ids: documents packed in one row do not attend to each other (0 = padding).
+        positions: restart at 0 per document; default 0..T-1.
+        rng: dropout key; None means deterministic (eval, sampling, PPO scoring).
+        cache: a KV cache from `init_cache`; the T tokens are written at cache["index"] and
+          attend to everything cached before them. Returns (outputs, new cache) then.
+        """
+        b, t = tokens_BxT.shape
+        index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids_BxT is None:
+            segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+        if positions_BxT is None:
+            positions_BxT = index_BxT
+        if cache is not None:
+            return self._cached(tokens_BxT, segment_ids_BxT, positions_BxT, cache)
+        mask = attention_mask(segment_ids_BxT, segment_ids_BxT, index_BxT, index_BxT)
+        rng_embed, rng_blocks = jax.random.split(rng) if rng is not None else (None, None)
+        x_BxTxD = self._embed(tokens_BxT, positions_BxT, rng_embed)
+        x_BxTxD = self._blocks(x_BxTxD, mask, positions_BxT, rng_blocks)
+        return self._head(x_BxTxD)
+
+    def _cached(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache):
+        """Prefill (T = prompt length) or decode (T = 1) against the KV cache.
+
+        Layers run unrolled, each with its own cache array in the caller's loop carry, so
+        each step updates the caches in place rather than rebuilding a stacked array.
+        """
+        b, t = tokens_BxT.shape
+        index = cache["index"]
+        seg_BxS = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids_BxT, (0, index))
+        s = seg_BxS.shape[1]
+        q_index = index + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        k_index = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        # Causality also hides the cache slots not written yet (k_index > q_index).
+        mask = attention_mask(segment_ids_BxT, seg_BxS, q_index, k_index)
+        x_BxTxD = self._embed(tokens_BxT, positions_BxT)
+        graphdef, stacked = nnx.split(self.blocks)
+        new_kv = []
+        for i in range(self.cfg.n_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
+            x_BxTxD, kv = layer(x_BxTxD, mask, positions_BxT, None, cache["kv"][i], index)
+            new_kv.append(kv)
+        new_cache = {"kv": tuple(new_kv), "segment_ids": seg_BxS, "index": index + t}
+        return self._head(x_BxTxD), new_cache
 
 
 def _logical_axes(state) -> Params:
@@ -359,8 +444,30 @@ class Model:
     def init(self, rng: jax.Array) -> Params:
         return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, nnx.Rngs(params=rng))))
 
-    def apply(self, params: Params, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, rng=None):
-        return nnx.merge(self.graphdef, params)(tokens_BxT, segment_ids_BxT, positions_BxT, rng)
+    def apply(
+        self,
+        params: Params,
+        tokens_BxT,
+        segment_ids_BxT=None,
+        positions_BxT=None,
+        rng=None,
+        cache=None,
+    ):
+        """Outputs for tokens_BxT; with a cache, (outputs, new cache) (see Transformer)."""
+        model = nnx.merge(self.graphdef, params)
+        return model(tokens_BxT, segment_ids_BxT, positions_BxT, rng, cache)
+
+    def init_cache(self, batch: int, length: int):
+        """An empty KV cache for `batch` rows of up to `length` tokens (prompt + new)."""
+        cfg = self.cfg
+        shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+        dt = DTYPES[cfg.dtype]
+        kv = tuple((jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.n_layers))
+        return {
+            "kv": kv,
+            "segment_ids": jnp.zeros((batch, length), jnp.int32),
+            "index": jnp.zeros((), jnp.int32),
+        }
 
     def param_count(self, include_embeddings: bool = True) -> int:
         leaves = jax.tree_util.tree_leaves_with_path(self.abstract_params)

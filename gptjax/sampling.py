@@ -1,8 +1,14 @@
-"""Generation.
+"""Batched generation with a KV cache.
 
-`greedy_uncached` re-runs the full forward pass for every new token inside one jitted
-`lax.fori_loop`: simple and obviously correct, used for the samples printed after
-pretraining and as the baseline the KV-cache sampler is benchmarked against.
+`generate`: one prefill over the left-padded prompts fills a cache sized to prompt + new
+tokens, then a jitted `lax.while_loop` decodes one token per step and stops as soon as
+every row has emitted EOS (or at the length limit). Greedy, temperature, top-k, top-p;
+per-row seeds; returns tokens, their log-probs under the sampling policy, and a mask.
+`generate_uncached` is the same loop re-running the full forward pass for every token:
+the obviously-correct reference the cached sampler is tested and benchmarked against.
+
+Left padding is segment 0 and real tokens segment 1, so pads are never attended to;
+positions count real tokens only, so a padded prompt is scored as if unpadded.
 
 Shape legend: B batch, P prompt length (left-padded), N new tokens, T = P + N, V vocab.
 """
@@ -27,33 +33,6 @@ def left_pad(prompts: list[list[int]], pad_id: int = 0) -> tuple[np.ndarray, np.
         tokens[i, p - len(x) :] = x
         mask[i, p - len(x) :] = 1
     return tokens, mask
-
-
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def greedy_uncached(
-    model: Model, params, prompt_BxP, prompt_mask_BxP, max_new_tokens: int, eos_id: int = 1
-):
-    """Greedy decoding with a full forward pass per token. Returns tokens_BxN, done_B.
-
-    Left padding is segment 0 and real tokens segment 1, so pads are never attended to;
-    positions count real tokens only, so a padded prompt is scored as if unpadded.
-    """
-    b, p = prompt_BxP.shape
-    t = p + max_new_tokens
-    tokens = jnp.zeros((b, t), jnp.int32).at[:, :p].set(prompt_BxP)
-    seg = jnp.ones((b, t), jnp.int32).at[:, :p].set(prompt_mask_BxP)
-    positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
-
-    def body(i, carry):
-        tokens, done = carry
-        logits = model.apply(params, tokens, seg, positions)
-        nxt = jnp.argmax(logits[:, p + i - 1], axis=-1).astype(jnp.int32)
-        nxt = jnp.where(done, 0, nxt)
-        tokens = tokens.at[:, p + i].set(nxt)
-        return tokens, done | (nxt == eos_id)
-
-    tokens, done = jax.lax.fori_loop(0, max_new_tokens, body, (tokens, jnp.zeros((b,), jnp.bool_)))
-    return tokens[:, p:], done
 
 
 def filter_logits(logits_BxV, top_k: int = 0, top_p: float = 1.0):
@@ -96,9 +75,10 @@ def choose(logits_BxV, keys_B, temperature: float, top_k: int, top_p: float):
     return tokens_B, jnp.take_along_axis(logp_BxV, tokens_B[:, None], axis=-1)[:, 0]
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p")
-)
+_STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def generate(
     model: Model,
     params,
@@ -118,6 +98,62 @@ def generate(
     mask_BxN is 1 on generated tokens up to and including the first EOS; the tokens after
     a row's EOS are pad (0) with log-prob 0.
     """
+    b, p = prompt_BxP.shape
+    n = max_new_tokens
+    positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
+    cache = model.init_cache(b, p + n)
+    logits_BxPxV, cache = model.apply(
+        params, prompt_BxP, prompt_mask_BxP, positions_BxP, cache=cache
+    )
+    keys_B = jax.vmap(jax.random.key)(seeds_B)
+
+    def cond(carry):
+        i, done = carry[0], carry[-1]
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, logits_BxV, pos_B, cache, tokens, logp, mask, done = carry
+        step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, i)
+        nxt, lp = choose(logits_BxV, step_keys, temperature, top_k, top_p)
+        live = ~done
+        nxt = jnp.where(live, nxt, 0)
+        tokens = tokens.at[:, i].set(nxt)
+        logp = logp.at[:, i].set(jnp.where(live, lp, 0.0))
+        mask = mask.at[:, i].set(live.astype(jnp.int32))
+        out, cache = model.apply(
+            params, nxt[:, None], jnp.ones((b, 1), jnp.int32), pos_B[:, None], cache=cache
+        )
+        return i + 1, out[:, 0], pos_B + 1, cache, tokens, logp, mask, done | (nxt == eos_id)
+
+    init = (
+        jnp.zeros((), jnp.int32),
+        logits_BxPxV[:, -1],
+        positions_BxP[:, -1] + 1,
+        cache,
+        jnp.zeros((b, n), jnp.int32),
+        jnp.zeros((b, n), jnp.float32),
+        jnp.zeros((b, n), jnp.int32),
+        jnp.zeros((b,), jnp.bool_),
+    )
+    _, _, _, _, tokens, logp, mask, _ = jax.lax.while_loop(cond, body, init)
+    return tokens, logp, mask
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def generate_uncached(
+    model: Model,
+    params,
+    prompt_BxP,
+    prompt_mask_BxP,
+    seeds_B,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+):
+    """`generate` without a cache: a full forward pass per token (the reference)."""
     b, p = prompt_BxP.shape
     t = p + max_new_tokens
     tokens = jnp.zeros((b, t), jnp.int32).at[:, :p].set(prompt_BxP)

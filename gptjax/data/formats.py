@@ -263,8 +263,17 @@ def _ranked(obj: Mapping) -> tuple[list[str], list[int]]:
         raise ValueError("'responses' must be a list of at least 2 strings")
     if not isinstance(ranks, list) or len(ranks) != len(responses):
         raise ValueError("missing field 'ranks', or its length differs from 'responses'")
+    ended = obj.get("ended")
+    if ended is not None and (
+        not isinstance(ended, list)
+        or len(ended) != len(responses)
+        or not all(isinstance(e, bool) for e in ended)
+    ):
+        raise ValueError("'ended' must be a list of booleans, one per response")
     for k, (r, rank) in enumerate(zip(responses, ranks)):
-        if not isinstance(r, str) or not r.strip():
+        # Sampled replies (records with 'ended') may be empty: saying nothing is a reply
+        # a labeler ranks. In hand-written files an empty response is a mistake.
+        if not isinstance(r, str) or (ended is None and not r.strip()):
             raise ValueError(f"empty response {k}")
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
             raise ValueError(f"rank {k} must be a non-negative integer, got {rank!r}")
@@ -303,12 +312,19 @@ def normalize_comparison(obj: Mapping) -> dict:
             "missing field: expected 'prompt'+'chosen'+'rejected', HH 'chosen'+'rejected',"
             " or 'prompt'+'responses'+'ranks'"
         )
-    return {
+    record = {
         "prompt": turns[-1]["content"],
         "messages": turns,
         "responses": list(responses),
         "ranks": list(ranks),
     }
+    # Optional: whether each reply ended with EOS (collected samples; default all did),
+    # and free-form metadata carried through untouched (e.g. the world's gold ranks).
+    if "ended" in obj:
+        record["ended"] = list(obj["ended"])
+    if "meta" in obj:
+        record["meta"] = obj["meta"]
+    return record
 
 
 def read_comparisons(path: str) -> Iterator[dict]:

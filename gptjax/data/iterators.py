@@ -192,3 +192,112 @@ def sft_batches(
         packed=packed,
         **kwargs,
     )
+
+
+def comparison_example(record: Mapping, tokenizer: Tokenizer, seq_len: int, k_max: int):
+    """One comparison as K rows of [T]: the prompt, a reply, and its EOS if it ended.
+
+    Returns tokens/segment_ids/positions [K, T] (right-padded), reward_index [K] (the
+    column of the reply's last token: its EOS when it ended), ranks [K], valid [K].
+    A reply that did not end gets no EOS, so the RM sees it as unfinished, as it was.
+    """
+    context = chat.render_prompt(
+        record.get("messages") or chat.pair_messages(record["prompt"]), tokenizer
+    )
+    responses = record["responses"]
+    if len(responses) > k_max:
+        raise ValueError(f"comparison has {len(responses)} responses; k_max is {k_max}")
+    ended = record.get("ended") or [True] * len(responses)
+    out = {
+        "tokens": np.zeros((k_max, seq_len), np.int32),
+        "segment_ids": np.zeros((k_max, seq_len), np.int32),
+        "positions": np.zeros((k_max, seq_len), np.int32),
+        "reward_index": np.zeros((k_max,), np.int32),
+        "ranks": np.zeros((k_max,), np.int32),
+        "valid": np.zeros((k_max,), np.float32),
+    }
+    for k, (reply, done) in enumerate(zip(responses, ended)):
+        ids = context + chat.encode_reply(reply, tokenizer) + ([tokenizer.eos_id] if done else [])
+        # Keep the end (where the reward is read); cut the prompt's start if too long.
+        ids = ids[-seq_len:]
+        n = len(ids)
+        out["tokens"][k, :n] = ids
+        out["segment_ids"][k, :n] = 1
+        out["positions"][k, :n] = np.arange(n)
+        out["reward_index"][k] = n - 1
+        out["ranks"][k] = record["ranks"][k]
+        out["valid"][k] = 1.0
+    return out
+
+
+class ComparisonBatches:
+    """[B, K, T] reward-model batches, deterministic from (seed, step), resumable.
+
+    Epoch e visits the records in `permutation(seed, e)`, B at a time (batches run across
+    epoch boundaries). Position = number of records consumed, so the state is tiny.
+    """
+
+    def __init__(
+        self,
+        source: Sequence[Mapping],
+        tokenizer: Tokenizer,
+        *,
+        batch_size: int,
+        seq_len: int,
+        k_max: int,
+        seed: int,
+        shuffle: bool = True,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        if len(source) == 0:
+            raise ValueError("cannot iterate over an empty set of comparisons")
+        self._source, self._tok = source, tokenizer
+        self.batch_size, self.seq_len, self.k_max = batch_size, seq_len, k_max
+        self.seed, self.shuffle = int(seed), shuffle
+        self.process_index, self.process_count = process_index, process_count
+        self._consumed = 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __iter__(self):
+        return self
+
+    def _record(self, n: int) -> Mapping:
+        epoch, index = divmod(n, len(self._source))
+        if self.shuffle:
+            if self._order is None or self._order[0] != epoch:
+                rng = np.random.default_rng([self.seed, epoch])
+                self._order = (epoch, rng.permutation(len(self._source)))
+            index = int(self._order[1][index])
+        return self._source[index]
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [
+            comparison_example(
+                self._record(self._consumed + i), self._tok, self.seq_len, self.k_max
+            )
+            for i in range(self.batch_size)
+        ]
+        self._consumed += self.batch_size
+        batch = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+        return host_slice(batch, self.process_index, self.process_count)
+
+    def get_state(self) -> dict[str, int]:
+        return {
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            "num_records": len(self._source),
+            "consumed": self._consumed,
+        }
+
+    def set_state(self, state: Mapping[str, int]) -> None:
+        if (
+            state.get("version") != _STATE_VERSION
+            or state["seed"] != self.seed
+            or state["num_records"] != len(self._source)
+        ):
+            raise ValueError(
+                f"comparison iterator state {dict(state)} does not match seed "
+                f"{self.seed} over {len(self._source)} records"
+            )
+        self._consumed = int(state["consumed"])

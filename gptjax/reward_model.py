@@ -1,0 +1,132 @@
+"""Reward model: K responses per prompt, one pairwise ranking loss over all their pairs.
+
+InstructGPT (Ouyang et al. 2022, sec. 3.5, eq. 1):
+
+    loss(θ) = -1/C(K,2) · E_{(x, y_w, y_l)} [ log σ( r_θ(x, y_w) − r_θ(x, y_l) ) ]
+
+All K responses of a prompt sit in one batch element, so each response goes through the
+model once and every one of the prompt's C(K,2) comparisons is used once per epoch (their
+remedy for the overfitting that shuffling pairs independently caused). The reward is the
+scalar head's value at the response's last token (its EOS).
+
+Batch (numpy dict): tokens / segment_ids / positions [B, K, T]; reward_index [B, K] (the
+column of the response's last token); ranks [B, K] (0 = best, equal = tie); valid [B, K]
+(0 for padding responses when prompts have fewer than K).
+
+Shape legend: B prompts, K responses per prompt, T tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from gptjax import losses
+from gptjax.model import Model
+from gptjax.train_steps import accumulate_grads, apply_update
+
+
+def rewards(model: Model, params, batch) -> jax.Array:
+    """rewards_BxK: the scalar head at each response's reward_index."""
+    b, k, t = batch["tokens"].shape
+    flat = lambda x: x.reshape(b * k, t)
+    values_NxT = model.apply(
+        params, flat(batch["tokens"]), flat(batch["segment_ids"]), flat(batch["positions"])
+    )
+    index_N = batch["reward_index"].reshape(b * k)
+    return jnp.take_along_axis(values_NxT, index_N[:, None], axis=1).reshape(b, k)
+
+
+def rm_train_step(
+    state,
+    batch,
+    rng,
+    *,
+    model: Model,
+    tx,
+    schedule,
+    grad_accum_steps: int = 1,
+    skip_nonfinite: bool = True,
+):
+    """One step of the K-way ranking loss. Same contract as lm_train_step."""
+    del rng  # the RM has no dropout here; kept for the shared step signature
+
+    def loss_fn(params, mb, index):
+        r_BxK = rewards(model, params, mb)
+        loss_sum, count, aux = losses.ranking_loss(r_BxK, mb["ranks"], mb["valid"])
+        return loss_sum, (count, aux)
+
+    (loss_sum, (count, aux)), grads = accumulate_grads(
+        loss_fn, state["params"], batch, grad_accum_steps
+    )
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
+    state, metrics = apply_update(state, grads, tx, schedule, skip_nonfinite, finite)
+    pairs = jnp.maximum(aux["pairs"], 1.0)
+    metrics.update(
+        loss=loss,
+        accuracy=aux["correct_sum"] / pairs,
+        margin=aux["margin_sum"] / pairs,
+        pairs=aux["pairs"],
+    )
+    return state, metrics
+
+
+def rm_eval_step(params, batch, *, model: Model):
+    """Rewards of every response (for accuracy, calibration, baselines on the host)."""
+    return rewards(model, params, batch)
+
+
+def normalise_bias(params, mean_reward: float):
+    """Shifts the head's bias so responses that averaged `mean_reward` average 0.
+
+    InstructGPT normalises the RM so that the labeler demonstrations score 0 on average
+    before RL; the shift is stored in the params, so every later reader gets it.
+    """
+    params = jax.tree.map(lambda x: x, params)
+    params["score_b"] = params["score_b"] - jnp.asarray(mean_reward, params["score_b"].dtype)
+    return params
+
+
+def pair_stats(rewards_BxK: np.ndarray, ranks_BxK: np.ndarray, valid_BxK: np.ndarray):
+    """(accuracy, mean margin, n pairs) of host-side rewards against given ranks."""
+    r, ranks, valid = map(np.asarray, (rewards_BxK, ranks_BxK, valid_BxK))
+    better = (
+        (ranks[:, :, None] < ranks[:, None, :]) & (valid[:, :, None] > 0) & (valid[:, None, :] > 0)
+    )
+    diff = r[:, :, None] - r[:, None, :]
+    n = int(better.sum())
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    return float((diff[better] > 0).mean()), float(diff[better].mean()), n
+
+
+def calibration_bins(rewards_BxK, ranks_BxK, valid_BxK, n_bins: int = 10):
+    """Predicted P(i beats j) = σ(r_i − r_j) vs the observed win rate, per bin.
+
+    Uses every ordered pair of distinct ranks once per direction; returns a list of
+    {"predicted", "observed", "n"} for non-empty bins.
+    """
+    r, ranks, valid = map(np.asarray, (rewards_BxK, ranks_BxK, valid_BxK))
+    both = (
+        (valid[:, :, None] > 0) & (valid[:, None, :] > 0) & (ranks[:, :, None] != ranks[:, None, :])
+    )
+    p = 1 / (1 + np.exp(-(r[:, :, None] - r[:, None, :])))[both]
+    won = (ranks[:, :, None] < ranks[:, None, :])[both]
+    edges = np.linspace(0, 1, n_bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (p >= lo) & ((p < hi) | (hi == 1.0))
+        if sel.any():
+            out.append(
+                {
+                    "predicted": float(p[sel].mean()),
+                    "observed": float(won[sel].mean()),
+                    "n": int(sel.sum()),
+                }
+            )
+    return out
