@@ -103,15 +103,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.vocab_size = 0  # 0: the tokenizer's size, padded
     c.mesh = model_presets.mesh_config(opts.get("mesh", "cpu" if cpu else "tpu_vm"))
 
-    c.eval = ml_collections.ConfigDict(dict(
-        max_new_tokens=16,
-        samples=4,  # temperature-1 replies per prompt, besides the greedy one
-        temperature=1.0,
-        seed=1234,  # fixed sampling seeds: every model is judged on the same draws
-        batch_size=64,
-        bootstrap=1000,
-        max_prompts=0,  # 0 = every eval prompt
-    ))
+    c.eval = ml_collections.ConfigDict(
+        dict(
+            max_new_tokens=16,
+            samples=4,  # temperature-1 replies per prompt, besides the greedy one
+            temperature=1.0,
+            seed=1234,  # fixed sampling seeds: every model is judged on the same draws
+            batch_size=64,
+            bootstrap=1000,
+            max_prompts=0,  # 0 = every eval prompt
+        )
+    )
 
     if name == "tiny":
         # ~1.2M tokens: about two passes over the world's ~1.3M-token corpus would be
