@@ -36,6 +36,14 @@ def token_logprobs(logits_BxTxV, tokens_BxT):
     return jnp.pad(logp, ((0, 0), (1, 0)))
 
 
+def _first_argmax(x_BxTxV):
+    """jnp.argmax (first index of the maximum) as a max and a min: XLA:CPU runs the
+    (value, index) reduction of argmax several times slower."""
+    v = x_BxTxV.shape[-1]
+    at_max = x_BxTxV == jnp.max(x_BxTxV, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(at_max, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+
+
 def next_token_loss(logits_BxTxV, tokens_BxT, mask_BxT, z_loss: float = 0.0):
     """Masked next-token cross-entropy. Returns (loss_sum, count, aux).
 
@@ -44,15 +52,20 @@ def next_token_loss(logits_BxTxV, tokens_BxT, mask_BxT, z_loss: float = 0.0):
       the softmax normaliser near 1 for bf16 stability; 0 disables it.
     aux: sums of correct predictions and of the z term, for metrics.
     """
-    logits = logits_BxTxV[:, :-1].astype(jnp.float32)
-    targets = tokens_BxT[:, 1:]
-    mask = mask_BxT[:, 1:].astype(jnp.float32)
+    # Position t predicts tokens[t + 1]; the last position has no target. It is kept and
+    # zeroed rather than sliced off the logits: slicing copies the [B, T, V] logits and
+    # pads their gradient back, which costs more than the extra row of softmax.
+    t = tokens_BxT.shape[1]
+    logits = logits_BxTxV.astype(jnp.float32)
+    targets = jnp.pad(tokens_BxT[:, 1:], ((0, 0), (0, 1)))
+    mask = jnp.pad(mask_BxT[:, 1:].astype(jnp.float32), ((0, 0), (0, 1)))
+    has_target = jnp.arange(t) < t - 1
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    nll = log_z - target_logit
-    z_term = z_loss * jnp.square(log_z)
+    nll = jnp.where(has_target, log_z - target_logit, 0.0)
+    z_term = jnp.where(has_target, z_loss * jnp.square(log_z), 0.0)
     loss_sum = jnp.sum((nll + z_term) * mask)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = (_first_argmax(logits) == targets).astype(jnp.float32)
     aux = {
         "correct_sum": jnp.sum(correct * mask),
         "nll_sum": jnp.sum(nll * mask),
