@@ -180,7 +180,7 @@ def test_pretraining_has_no_chat_transcripts_and_small_charset(world):
         chars |= set(text)
     assert chars <= set("abcdefghijklmnopqrstuvwxyz0123456789 \n.,:?'=+-#>()\""), sorted(chars)
     kinds = collections.Counter(d["kind"] for d in world["pretrain"])
-    assert set(kinds) == {"bio", "worksheet", "code", "ignorance", "noise"}
+    assert set(kinds) == {"bio", "worksheet", "notes", "code", "ignorance", "noise"}
 
 
 def test_fact_probes_are_held_out_wordings_of_facts_in_pretraining(world):

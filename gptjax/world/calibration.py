@@ -20,7 +20,7 @@ from gptjax.world.documents import probe_hit
 class Gate:
     name: str
     description: str
-    op: str  # ">=" or "<="
+    op: str  # ">=", "<=" or ">"
     threshold: float
     stage: str  # the stage whose model the gate measures
 
@@ -42,7 +42,7 @@ GATES = (
     ),
     Gate(
         "sft_over_best_of_16",
-        "SFT mean gold reward (T=1) / best-of-16's: headroom for RLHF",
+        "SFT gold reward (T=1) / best-of-16's, both shifted by +1 to be >= 0: RLHF headroom",
         "<=",
         0.80,
         "sft",
@@ -54,7 +54,8 @@ def check(gate: Gate, value: float | None) -> dict:
     """A gate's row: value, threshold and pass/fail (None = its stage has not run)."""
     passed = None
     if value is not None:
-        passed = value >= gate.threshold if gate.op == ">=" else value <= gate.threshold
+        ops = {">=": value >= gate.threshold, "<=": value <= gate.threshold}
+        passed = bool(ops.get(gate.op, value > gate.threshold))
     return {**dataclasses.asdict(gate), "value": value, "passed": passed}
 
 

@@ -24,7 +24,7 @@ from gptjax.world import labeler, vocab
 
 # Bump when the generator's output changes for an unchanged config: it is part of
 # content_hash, which names cached datasets.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,7 @@ class WorldConfig:
     # Pretraining documents ("the internet").
     bios_per_person: int = 90  # facts need many exposures in varied wordings
     n_worksheets: int = 4000
+    n_note_docs: int = 5000  # several people's facts in one text (documents.notes)
     n_ignorance_docs: int = 600
     n_noise_docs: int = 1500
     code_doc_frac: float = 0.15  # fraction of all pretraining documents that are code
@@ -81,7 +82,7 @@ class WorldConfig:
     def __post_init__(self):
         counts = (
             "n_known n_unknown n_demo_unknown n_obscure bios_per_person n_worksheets "
-            "n_ignorance_docs n_noise_docs n_pretrain_heldout n_demos n_demos_heldout "
+            "n_note_docs n_ignorance_docs n_noise_docs n_pretrain_heldout n_demos n_demos_heldout "
             "n_ppo_prompts n_eval_prompts"
         ).split()
         for name in counts:

@@ -8,6 +8,11 @@ Document kinds (each a plain string; never a chat transcript):
   worksheet people only (the demo people: half of the known), arithmetic, string
   operations, and "i don't know" about obscure people. fewshot_prompt() builds prompts
   in the compact or the q:/a: format.
+- notes: one fact each of several known people in one text ("town records: ..."), so a
+  name also appears mid-document after other people's facts. Without them every fact
+  follows its bio's opening line, and a small model keys the fact to that opening: it
+  completed "this is about X. X lives in" 98-100% but "q: where does X live?\na:" 13-31%
+  (calibration, 2026-11). Notes tie a fact to the name wherever it appears.
 - code: python-like snippets whose output shows a computed result.
 - ignorance: sentences admitting that nothing is known about obscure people.
 - noise: random words, letters and digits.
@@ -33,6 +38,18 @@ def bio(name: str, facts: dict[str, str], reserved: dict[str, int], rng: random.
             t for i, t in enumerate(vocab.BIO_TEMPLATES[attribute]) if i != reserved[attribute]
         ]
         sentences.append(rng.choice(options).format(n=name, v=facts[attribute]))
+    return " ".join(sentences)
+
+
+def notes(people: list[dict], rng: random.Random) -> str:
+    """One fact (a bio template other than the probe's) of each person, after a title."""
+    sentences = [rng.choice(vocab.NOTES_TITLES)]
+    for p in people:
+        attribute = rng.choice(list(p["facts"]))
+        options = [
+            t for i, t in enumerate(vocab.BIO_TEMPLATES[attribute]) if i != p["reserved"][attribute]
+        ]
+        sentences.append(rng.choice(options).format(n=p["name"], v=p["facts"][attribute]))
     return " ".join(sentences)
 
 

@@ -190,6 +190,8 @@ def _pretrain_doc(
                 skill = "arithmetic" if rng.random() < 0.5 else "string"
                 items.append(_fresh_task(skill, cfg, rng, world["excluded"]))
         return documents.worksheet(items, rng)
+    if kind == "notes":
+        return documents.notes(rng.sample(world["known"], rng.randint(3, 5)), rng)
     if kind == "code":
         items = [
             _fresh_task(rng.choice(("arithmetic", "string")), cfg, rng, world["excluded"])
@@ -206,6 +208,7 @@ def _doc_counts(cfg: WorldConfig) -> dict[str, int]:
     counts = {
         "bio": cfg.n_known * cfg.bios_per_person,
         "worksheet": cfg.n_worksheets,
+        "notes": cfg.n_note_docs,
         "ignorance": cfg.n_ignorance_docs if cfg.n_obscure else 0,
         "noise": cfg.n_noise_docs,
     }

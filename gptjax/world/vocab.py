@@ -173,6 +173,14 @@ IGNORANCE_INTROS = (
     "a note on {n}.",
 )
 
+NOTES_TITLES = (
+    "town records:",
+    "notes:",
+    "from the news:",
+    "people we met:",
+    "a list of facts:",
+    "the register says:",
+)
 WORKSHEET_TITLES = tuple("worksheet quiz practice exercises homework questions".split())
 
 # Words for noise documents (they never include names).
