@@ -24,11 +24,19 @@ Sections:
   sft        the same for supervised fine-tuning on demonstrations (loss on replies only),
              starting from the pretrain stage's final params (or sft.init_from)
   eval       the evaluator's fixed protocol (gptjax/evaluate.py)
+  compare    comparison collection: K replies per prompt sampled from SFT, ranked by a
+             labeler, written to <workdir>/compare/ (experiments/compare.py)
+  ppo, ppo_ptx  RLHF with clipped PPO against the RM, without and with the pretraining
+             loss mixed in (configs/ppo.py documents the fields)
+  rm         the reward model: the K-way ranking loss from the SFT params with a scalar
+             head; batch_size counts prompts (each with its K replies); eval_batches =
+             batches of training comparisons scored for the train accuracy
 """
 
 import ml_collections
 
 from configs import model as model_presets
+from configs.ppo import ppo_section
 
 CPU_PRESETS = ("tiny", "small_cpu", "gpt2_4l")
 
@@ -88,6 +96,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             pretrain_heldout_fraction=0.02,  # of a user's corpus, held out for eval loss
             demos="world",  # "world" | demos:/path/demos.jsonl (formats: README)
             demos_heldout_fraction=0.05,  # of a user's demos, held out for eval loss
+            # The RM's comparisons: "compare" (this workdir's compare stage) or
+            # comparisons:/path/file.jsonl (HH chosen/rejected or ranked lists: README).
+            comparisons="compare",
+            comparisons_heldout_fraction=0.1,  # of a user's comparisons, for RM metrics
         )
     )
     c.tokenizer = ml_collections.ConfigDict(
@@ -112,15 +124,24 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             batch_size=64,
             bootstrap=1000,
             max_prompts=0,  # 0 = every eval prompt
+            best_of_n=4,  # the best-of-n variant's n (RM-picked SFT samples); <= 1: off
+            lm_batches=8,  # held-out pretraining batches for the alignment-tax loss
+            # Comma list of variants to evaluate (base zero-shot, base few-shot, SFT,
+            # best-of-n, PPO, PPO-ptx); empty = every variant trained in the workdir.
+            variants="",
         )
     )
 
     if name == "tiny":
-        # Measured (calibration): base fact completion 0.40 after 600 steps (~1 epoch of
-        # the ~1.3M-token world), 0.98 after 1000: memorising the facts is a late phase
-        # transition, so 1000 steps (~2M tokens) it is.
-        c.pretrain = _stage(1000, 32, 64, 3e-3, 50, 250, 0)
-        c.sft = _stage(300, 32, 64, 1e-3, 20, 100, 0)
+        # Measured (calibration, world v2 with 12000 notes docs, RoPE): base fact
+        # completion 0.40 after 600 steps, 0.98+ after 1000 (memorising is a late phase
+        # transition); QA-format accuracy on people never asked about in pretraining
+        # 0.59 at 1000 steps (5000 notes), 0.63-0.76 at 1300 (12000 notes).
+        c.pretrain = _stage(1300, 32, 64, 3e-3, 50, 325, 0)
+        # SFT overfits fast (3k demos, ~170 distinct demo facts): 300 steps at 1e-3 gave
+        # 0.25 accuracy on people absent from the demos, 150 at 5e-4 0.48, 150 at 2e-4
+        # 0.41, 60 at 1e-3 0.38 (128-prompt subsets, same base).
+        c.sft = _stage(150, 32, 64, 5e-4, 10, 75, 0)
     elif name in CPU_PRESETS:
         c.tokenizer.vocab_size = 4096 if name == "small_cpu" else 512
         seq_len = 256 if name == "small_cpu" else 128
@@ -133,4 +154,32 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # Demos are short: pack several per row (segment ids keep them apart).
     c.sft.packed = True
     c.sft.init_from = ""  # a base checkpoint dir; empty = <workdir>/pretrain/checkpoints
+
+    c.compare = ml_collections.ConfigDict(
+        dict(
+            k=4,  # replies sampled per prompt, 2..9 (InstructGPT ranked 4 to 9)
+            n_prompts=1536 if cpu else 0,  # first n of the world's ppo_prompts; 0 = all
+            heldout_fraction=0.15,  # of the prompts: the RM's held-out comparisons
+            temperature=1.0,
+            max_new_tokens=16,
+            batch_size=256 if cpu else 512,  # sampled replies per generate call
+            # Who ranks the replies: "" = the world's noisy gold labeler (label_noise), or
+            # "module:function" taking (prompt_record, replies) -> ranks (0 best, ties ok).
+            labeler="",
+            init_from="",  # an SFT checkpoint dir to sample; empty = <workdir>/sft/checkpoints
+        )
+    )
+    if cpu:
+        # batch_size in prompts (x K replies); measured at tiny: experiments/rm.py docstring.
+        c.rm = _stage(160, 16, 40, 3e-4, 10, 80, 0)
+    else:
+        c.rm = _stage(2000, 64, seq_len, 9e-6, 50, 500, 500)
+    c.rm.k_max = 0  # responses per batch element; 0 = the most any comparison has
+    # After training, the bias is set so these demonstrations average reward 0.
+    c.rm.demo_samples = 512
+    c.rm.init_from = ""  # an SFT checkpoint dir; empty = <workdir>/sft/checkpoints
+
+    # RLHF: clipped PPO against the RM, and PPO-ptx (field docs: configs/ppo.py).
+    c.ppo = ppo_section(name, ptx=False)
+    c.ppo_ptx = ppo_section(name, ptx=True)
     return c

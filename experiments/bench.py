@@ -2,6 +2,7 @@
 
     python -m experiments.bench train [--configs=tiny,small_cpu,gpt2_4l] [--steps=20]
     python -m experiments.bench sample [--configs=tiny,small_cpu]
+    python -m experiments.bench ppo [--configs=tiny,small_cpu] [--iterations=5] [--ptx]
 
 train: training tokens/s and model-FLOPs utilisation (MFU) of lm_train_step.
   Definitions, fixed so the number cannot drift:
@@ -11,11 +12,16 @@ train: training tokens/s and model-FLOPs utilisation (MFU) of lm_train_step.
   - MFU = tokens/s * FLOPs per token / peak.
   Also reports the first step's compile time, and fails loudly if the step recompiles
   after step 1 or XLA reports that donated buffers were not usable.
+ppo: seconds per PPO iteration (configs/ppo.py settings, random-init policy and RM),
+  split into rollout (KV-cache sampling), scoring (RM + reference log-probs) and update
+  (ppo_train_step: old log-probs, GAE, epochs x minibatches); medians after one compiling
+  iteration, whose time is reported as "first".
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -33,7 +39,7 @@ from configs import model as model_configs
 from gptjax import sharding, train_steps
 from gptjax.config import parse_lm
 from gptjax.model import Model
-from gptjax.optim import make_optimizer
+from gptjax.optim import OptimConfig, make_optimizer
 
 TRAIN_CONFIGS = ("tiny", "small_cpu", "gpt2_4l")
 
@@ -178,6 +184,94 @@ def run_sample(args) -> dict:
     return {"env": environment(), "rows": rows}
 
 
+PPO_CONFIGS = ("tiny", "small_cpu")
+
+
+def bench_ppo(name: str, iterations: int, ptx: bool = False) -> dict:
+    """Seconds per PPO iteration and its split (rollout / scoring / update), with the
+    stage's own settings (configs/ppo.py) and random-init policy and RM. Replies never
+    end (no EOS), so every iteration decodes max_new_tokens for every prompt."""
+    from configs.ppo import ppo_section
+    from experiments import ppo as ppo_stage
+
+    setup = parse_lm(model_configs.get_config(name), n_devices=1)
+    stage = "ppo_ptx" if ptx else "ppo"
+    section = ppo_section(name, ptx=ptx)
+    cfg = ppo_stage.algo_config(section, stage)
+    optim = OptimConfig(**section.optim)
+    policy = Model(setup.model)
+    rm = Model(dataclasses.replace(setup.model, head="scalar"))
+    params = jax.jit(policy.init)(jax.random.key(0))
+    rm_params = jax.jit(rm.init)(jax.random.key(1))
+    mesh = sharding.make_mesh(setup.mesh, devices=jax.devices()[:1])
+    trainer = ppo_stage.PPOTrainer.build(
+        policy,
+        params,
+        rm,
+        rm_params,
+        cfg,
+        optim,
+        mesh,
+        iterations=iterations + 1,
+        max_new_tokens=section.max_new_tokens,
+        eos_id=-1,
+        sampling_seed=0,
+    )
+    rng = np.random.default_rng(0)
+    b, p = section.prompts_per_iteration, section.max_prompt_len
+    vocab = setup.model.vocab_size
+    inputs = {"prompts": {"tokens": rng.integers(3, vocab, (b, p), dtype=np.int32)}}
+    inputs["prompts"]["mask"] = np.ones((b, p), np.int32)
+    if ptx:
+        rows, t = section.ptx_batch_size, section.ptx_seq_len
+        inputs["ptx"] = {
+            "tokens": rng.integers(3, vocab, (rows, t), dtype=np.int32),
+            "segment_ids": np.ones((rows, t), np.int32),
+            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy(),
+            "loss_mask": np.ones((rows, t), np.float32),
+        }
+    state, key = trainer.init_state(), jax.random.key(0)
+    state, first = trainer.iteration(state, inputs, key)  # compiles all three phases
+    phases = ("time_rollout_s", "time_score_s", "time_update_s", "time_iteration_s")
+    times = {k: [] for k in phases}
+    for _ in range(iterations):
+        state, metrics = trainer.iteration(state, inputs, key)
+        for k in phases:
+            times[k].append(metrics[k])
+    row = {
+        "config": name + ("+ptx" if ptx else ""),
+        "params": policy.param_count(),
+        "prompts": b,
+        "prompt_len": p,
+        "new_tokens": section.max_new_tokens,
+        "epochs": cfg.epochs,
+        "minibatches": cfg.minibatches,
+        "first_iteration_s": first["time_iteration_s"],
+    }
+    row.update({k[len("time_") :]: statistics.median(v) for k, v in times.items()})
+    return row
+
+
+def run_ppo(args) -> dict:
+    rows = [
+        bench_ppo(name, args.iterations, ptx)
+        for name in args.configs.split(",")
+        for ptx in ((False, True) if args.ptx else (False,))
+    ]
+    print(
+        f"{'config':<14} {'B x (P+N)':>11} {'ExK':>5} {'first s':>8} {'s/iter':>7} "
+        f"{'rollout':>8} {'score':>7} {'update':>7}"
+    )
+    for r in rows:
+        shape = f"{r['prompts']}x({r['prompt_len']}+{r['new_tokens']})"
+        print(
+            f"{r['config']:<14} {shape:>11} {r['epochs']}x{r['minibatches']:<3} "
+            f"{r['first_iteration_s']:>8.1f} {r['iteration_s']:>7.2f} {r['rollout_s']:>8.2f} "
+            f"{r['score_s']:>7.2f} {r['update_s']:>7.2f}"
+        )
+    return {"env": environment(), "rows": rows}
+
+
 def environment() -> dict:
     return {
         "jax": jax.__version__,
@@ -221,9 +315,14 @@ def main(argv=None) -> int:
     p = sub.add_parser("sample", help="decode tokens/s, cached vs uncached")
     p.add_argument("--configs", default=",".join(SAMPLE_CONFIGS))
     p.add_argument("--out", default="runs/bench/sample.json")
+    p = sub.add_parser("ppo", help="seconds per PPO iteration: rollout / scoring / update")
+    p.add_argument("--configs", default=",".join(PPO_CONFIGS))
+    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--ptx", action="store_true", help="also time PPO-ptx")
+    p.add_argument("--out", default="runs/bench/ppo.json")
     args = parser.parse_args(argv)
     try:
-        result = {"train": run_train, "sample": run_sample}[args.bench](args)
+        result = {"train": run_train, "sample": run_sample, "ppo": run_ppo}[args.bench](args)
     except BenchError as e:
         print(f"bench failed: {e}", file=sys.stderr)
         return 1

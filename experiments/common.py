@@ -148,14 +148,20 @@ def stage_train_config(section, prefix: str) -> tuple[TrainConfig, OptimConfig, 
         prefix,
     )
     optim = config_lib.from_dict(OptimConfig, s.optim, f"{prefix}.optim")
+    return train, optim, loop_config(s, prefix, s.steps, s.batch_size * s.seq_len)
+
+
+def loop_config(section, prefix: str, steps: int, tokens_per_step: int = 0) -> LoopConfig:
+    """The shared loop's settings (checkpoints, eval, logging, non-finite policy) of a
+    stage section, validated; `steps` is what the stage counts (PPO: iterations)."""
     loop = LoopConfig(
-        steps=s.steps,
-        checkpoint_every=s.checkpoint_every,
-        keep_checkpoints=s.keep_checkpoints,
-        eval_every=s.eval_every,
-        log_every=s.log_every,
-        nonfinite=s.nonfinite,
-        tokens_per_step=s.batch_size * s.seq_len,
+        steps=steps,
+        checkpoint_every=section.checkpoint_every,
+        keep_checkpoints=section.keep_checkpoints,
+        eval_every=section.eval_every,
+        log_every=section.log_every,
+        nonfinite=section.nonfinite,
+        tokens_per_step=tokens_per_step,
     )
     if loop.nonfinite not in ("skip", "stop"):
         raise ConfigError(f"{prefix}.nonfinite", f"{loop.nonfinite!r} not in skip|stop")
@@ -163,7 +169,7 @@ def stage_train_config(section, prefix: str) -> tuple[TrainConfig, OptimConfig, 
         raise ConfigError(
             f"{prefix}.checkpoint_every", f"must be >= 1, got {loop.checkpoint_every}"
         )
-    return train, optim, loop
+    return loop
 
 
 def check_fits(train: TrainConfig, optim: OptimConfig, model: ModelConfig, mesh, prefix: str):
@@ -202,9 +208,12 @@ class LMTrainer:
         mesh,
         seed: int,
         init_params=None,
+        make_steps: Callable | None = None,
     ) -> LMTrainer:
         """init_params: start from these (sharded) params, e.g. the base model for SFT;
-        None initialises from `seed`."""
+        None initialises from `seed`. make_steps: `(model, tx, schedule) -> (train_step,
+        eval_step)`, unjitted, for other objectives on the same machinery (the RM);
+        default the next-token steps."""
         model = Model(model_cfg)
         tx, schedule = make_optimizer(optim, train.steps)
         shardings = train_steps.state_shardings(model, tx, mesh)
@@ -222,15 +231,18 @@ class LMTrainer:
         else:
             init = jax.jit(from_params, out_shardings=shardings)
             init_state = functools.partial(init, init_params)
-        step = functools.partial(
-            train_steps.lm_train_step,
-            model=model,
-            tx=tx,
-            schedule=schedule,
-            z_loss=train.z_loss,
-            grad_accum_steps=optim.grad_accum_steps,
-        )
-        eval_step = functools.partial(train_steps.lm_eval_step, model=model)
+        if make_steps is None:
+            step = functools.partial(
+                train_steps.lm_train_step,
+                model=model,
+                tx=tx,
+                schedule=schedule,
+                z_loss=train.z_loss,
+                grad_accum_steps=optim.grad_accum_steps,
+            )
+            eval_step = functools.partial(train_steps.lm_eval_step, model=model)
+        else:
+            step, eval_step = make_steps(model, tx, schedule)
         return cls(
             model,
             mesh,
@@ -304,20 +316,22 @@ def load_stage_params(
 
 
 def run_lm_stage(stage: str, config, workdir: str, parts: dict):
-    """Runs an LMTrainer stage (pretrain, SFT) on the shared loop; returns (result, summary)."""
+    """Runs an LMTrainer stage (pretrain, SFT, RM) on the shared loop; returns (result,
+    summary). Optional parts: "stage_dir" (default <workdir>/<stage>), "eval_fn" (default
+    the held-out LM loss on parts["eval_batches"])."""
     from experiments.loop import run_stage
 
     trainer, tokenizer = parts["trainer"], parts["tokenizer"]
     result = run_stage(
         stage,
-        stage_dir(workdir, stage),
+        parts.get("stage_dir") or stage_dir(workdir, stage),
         parts["loop"],
         init_state=trainer.init_state,
         state_shardings=trainer.shardings,
         train_step=trainer.step_fn(),
         batches=parts["batches"],
         rng=jax.random.key(config.seeds.init),
-        eval_fn=trainer.eval_fn(parts["eval_batches"]),
+        eval_fn=parts.get("eval_fn") or trainer.eval_fn(parts["eval_batches"]),
         meta={
             "config": resolved_config_json(config),
             "tokenizer_hash": tokenizer.hash,
@@ -344,7 +358,9 @@ def greedy_completions(
 
     from gptjax import sampling
 
-    prompts = [tokenizer.encode(p) for p in prefixes]
+    # A prompt that leaves no room for max_new_tokens keeps its end (what is completed).
+    room = max(model.cfg.max_len - max_new_tokens, 1)
+    prompts = [tokenizer.encode(p)[-room:] for p in prefixes]
     width = max(len(p) for p in prompts)
     max_new_tokens = min(max_new_tokens, model.cfg.max_len - width)
     out = []

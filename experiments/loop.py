@@ -151,7 +151,7 @@ def run_stage(
         file=sys.stderr,
         mininterval=0.5,
     )
-    last, eval_metrics, nonfinite = {}, {}, 0
+    last, eval_metrics, nonfinite, evaluated_at = {}, {}, 0, None
     t_start = t_last = time.perf_counter()
     pending = None
 
@@ -203,11 +203,12 @@ def run_stage(
                 if eval_fn is not None and loop.eval_every and step % loop.eval_every == 0:
                     eval_metrics = eval_fn(state["params"])
                     writer.write(step, eval_metrics, prefix="eval/")
+                    evaluated_at = step
             if pending is not None:
                 consume(*pending)
             if start < loop.steps or resumed_from is None:
                 save(loop.steps)
-            if eval_fn is not None:
+            if eval_fn is not None and evaluated_at != loop.steps:  # not twice for the last step
                 eval_metrics = eval_fn(state["params"])
                 writer.write(loop.steps, eval_metrics, prefix="eval/")
     finally:

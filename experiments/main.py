@@ -1,10 +1,13 @@
 """Entry point: runs the pipeline's stages on one workdir.
 
-    python -m experiments.main                                    # tiny pipeline on the world
+    python -m experiments.main                                    # the whole tiny pipeline
     python -m experiments.main --config=configs/pipeline.py:tiny --workdir=runs/tiny \
         --stages=pretrain --config.pretrain.steps=200
 
-Rerunning with the same --workdir resumes each stage from its last checkpoint.
+With no flags: pretrain -> sft -> compare -> rm -> ppo -> ppo_ptx -> eval -> report on
+the built-in world, checking each stage's gates as it finishes (experiments/gates.py)
+and ending with the comparison table and <workdir>/report/{report.md, results.csv,
+*.png}. Rerunning with the same --workdir resumes each stage from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -16,20 +19,11 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import calibrate, evaluate, pretrain, sft, show_data
 from experiments.loop import StageStopped
+from experiments.stages import DEFAULT_STAGES, STAGES, run_stages
 from gptjax.errors import ConfigError
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline.py")
-STAGES = {
-    "pretrain": pretrain.run,
-    "show_data": show_data.run,
-    "calibrate": calibrate.run,
-    "sft": sft.run,
-    "eval": evaluate.run,
-}
-DEFAULT_STAGES = "pretrain"
-
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     os.path.normpath(_DEFAULT_CONFIG) + ":tiny",
@@ -42,29 +36,6 @@ _WORKDIR = flags.DEFINE_string(
 _STAGES = flags.DEFINE_string(
     "stages", DEFAULT_STAGES, f"Comma list of stages from {list(STAGES)}."
 )
-
-
-def print_summary(summary: dict) -> None:
-    if "text" in summary:
-        print(summary["text"])
-        return
-    print(
-        f"\n== {summary['stage']}: {summary['steps_run']} steps in {summary['wall_s']:.0f} s"
-        + (f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else "")
-    )
-    parts = [
-        f"{label} {summary[key]:.4f}"
-        for key, label in (
-            ("heldout_loss", "held-out loss"),
-            ("heldout_accuracy", "token accuracy"),
-            ("train_loss", "train loss"),
-        )
-        if summary.get(key) is not None
-    ]
-    if parts:
-        print("  ".join(parts))
-    for prompt, completion in summary.get("samples", []):
-        print(f"  {prompt!r} -> {completion!r}")
 
 
 def main(argv) -> int:
@@ -84,8 +55,7 @@ def main(argv) -> int:
     os.makedirs(workdir, exist_ok=True)
     print(f"workdir: {workdir}")
     try:
-        for stage in stages:
-            print_summary(STAGES[stage](config, workdir))
+        run_stages(config, workdir, stages)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,13 +11,26 @@ as an assistant; its answer is the text up to the newline).
 
 Every metric comes with a 95% percentile-bootstrap interval over prompts (samples of one
 prompt are averaged first, so the interval reflects prompt-to-prompt variation).
+
+Beyond the gold labeler's verdicts, replies can be scored by models (`score_replies`,
+teacher-forced, one compiled program per shape): the RM's reward at the reply's last
+token, the policy's and the reference (SFT) model's log-probabilities of the reply (their
+difference on temperature-1 samples is a one-sample estimate of KL(pi || pi_sft) per
+sequence, the quantity PPO's penalty controls), and the policy's per-token entropy.
+`compare_to` adds win rates against a reference model's replies to the same prompts and
+seeds (gold- and RM-judged; a tie counts one half). Diversity is measured within a
+prompt's temperature-1 samples: distinct-n (unique n-grams / n-grams, Li et al. 2016)
+and the share of unique replies.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from gptjax import sampling
@@ -45,6 +58,11 @@ class Reply:
     text: str
     ended: bool
     n_tokens: int
+    # The reply as chat-template ids (ending with EOS if it ended), for model scoring.
+    ids: tuple[int, ...] = ()
+    # Model-based scores of this reply, filled by score_replies / compare_to:
+    # rm_reward, logp, logp_ref, entropy, win_gold, win_rm.
+    extra: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 def prompt_ids(record: dict, tokenizer, mode: str) -> list[int]:
@@ -55,16 +73,18 @@ def prompt_ids(record: dict, tokenizer, mode: str) -> list[int]:
     raise ValueError(f"unknown prompt mode {mode!r}; expected one of {MODES}")
 
 
-def _decode(ids: list[int], tokenizer, mode: str) -> tuple[str, bool, int]:
-    """(reply text, ended, reply length in tokens) of generated ids."""
+def _decode(ids: list[int], tokenizer, mode: str) -> tuple[str, bool, int, tuple[int, ...]]:
+    """(reply text, ended, reply length in tokens, chat-format reply ids) of generated ids."""
     if mode == "chat":
         text, ended = chat.decode_reply(ids, tokenizer)
-        return text, ended, len(ids)
+        return text, ended, len(ids), tuple(ids)
     eos = tokenizer.eos_id in ids
     text = tokenizer.decode(ids[: ids.index(tokenizer.eos_id)] if eos else ids)
     answer, ended = parse_fewshot_completion(text, eos=eos)
-    # The worksheet answer ends at its newline: count its tokens, not what followed.
-    return answer, ended, len(tokenizer.encode(" " + answer)) + int(ended)
+    # The worksheet answer ends at its newline: count its tokens, not what followed; as a
+    # chat reply (for the RM) it is the answer, ended by EOS if the newline ended it.
+    reply = tokenizer.encode(chat.SEP + answer) + [tokenizer.eos_id] * int(ended)
+    return answer, ended, len(reply), tuple(reply)
 
 
 def generate_replies(
@@ -77,8 +97,13 @@ def generate_replies(
     temperature: float,
     samples: int,
     protocol: Protocol,
+    seed_offset: int = 0,
 ) -> list[Reply]:
-    """Replies for every (record, sample); one compiled program for all batches."""
+    """Replies for every (record, sample); one compiled program for all batches.
+
+    seed_offset shifts every sampling seed (best-of-n draws its n candidates with
+    offsets 0..n-1; offset 0 is the protocol's own draws).
+    """
     prompts = [prompt_ids(r, tokenizer, mode) for r in records]
     p = max(len(x) for x in prompts)
     n = min(protocol.max_new_tokens, model.cfg.max_len - p)
@@ -96,7 +121,9 @@ def generate_replies(
         tokens = np.pad(tokens, ((0, 0), (p - tokens.shape[1], 0)))
         mask = np.pad(mask, ((0, 0), (p - mask.shape[1], 0)))
         seeds = np.array(
-            [protocol.seed + 7919 * i + j for i, j in chunk] + [0] * (bs - len(chunk)), np.int32
+            [protocol.seed + 7919 * i + j + 104729 * seed_offset for i, j in chunk]
+            + [0] * (bs - len(chunk)),
+            np.int32,
         )
         out, _, out_mask = sampling.generate(
             model,
@@ -115,6 +142,109 @@ def generate_replies(
     return replies
 
 
+@functools.partial(jax.jit, static_argnames=("model",))
+def _teacher_forced(model, params, tokens_BxT, lengths_B, reply_start_B):
+    """Per row: (log p of the reply, summed entropy over its tokens, reply tokens) for an
+    LM head, or the value at the last token for a scalar head."""
+    t = tokens_BxT.shape[1]
+    col = jnp.arange(t)[None, :]
+    seg_BxT = (col < lengths_B[:, None]).astype(jnp.int32)
+    out = model.apply(params, tokens_BxT, seg_BxT, col * seg_BxT)
+    if model.cfg.head == "scalar":
+        last = jnp.maximum(lengths_B - 1, 0)
+        return jnp.take_along_axis(out, last[:, None], axis=1)[:, 0]
+    # Target t is predicted from logits t-1 (losses.token_logprobs' convention).
+    logp_BxTxV = jax.nn.log_softmax(out[:, :-1].astype(jnp.float32), axis=-1)
+    target = ((col >= reply_start_B[:, None]) & (col < lengths_B[:, None]))[:, 1:]
+    logp = jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_BxTxV) * logp_BxTxV, axis=-1)
+    return (
+        jnp.sum(logp * target, axis=1),
+        jnp.sum(entropy * target, axis=1),
+        jnp.sum(target, axis=1),
+    )
+
+
+def score_replies(
+    model, params, tokenizer, records: Sequence[dict], replies: Sequence[Reply], protocol
+):
+    """Teacher-forced scores of chat replies: [N] rewards for a scalar-head model, or
+    ([N] reply log-prob, [N] mean per-token entropy) for an LM."""
+    rows = [
+        (prompt_ids(records[r.index], tokenizer, "chat"), list(r.ids) or [tokenizer.eos_id])
+        for r in replies
+    ]
+    width = max((len(p) + len(y) for p, y in rows), default=1)
+    bs = protocol.batch_size
+    outs = []
+    for start in range(0, len(rows), bs):
+        chunk = rows[start : start + bs]
+        chunk = chunk + [([tokenizer.eos_id], [tokenizer.eos_id])] * (bs - len(chunk))
+        tokens = np.zeros((bs, width), np.int32)
+        for k, (p, y) in enumerate(chunk):
+            tokens[k, : len(p) + len(y)] = p + y
+        lengths = np.array([len(p) + len(y) for p, y in chunk], np.int32)
+        starts = np.array([len(p) for p, _ in chunk], np.int32)
+        outs.append(jax.device_get(_teacher_forced(model, params, tokens, lengths, starts)))
+    n = len(rows)
+    if model.cfg.head == "scalar":
+        return np.concatenate(outs)[:n] if outs else np.zeros(0)
+    logp, ent, count = (np.concatenate(x)[:n] for x in zip(*outs))
+    return logp, ent / np.maximum(count, 1)
+
+
+def with_extra(replies: Sequence[Reply], name: str, values) -> list[Reply]:
+    return [
+        dataclasses.replace(r, extra={**r.extra, name: float(v)})
+        for r, v in zip(replies, values, strict=True)
+    ]
+
+
+def _win(a: float, b: float) -> float:
+    return 1.0 if a > b else 0.5 if a == b else 0.0
+
+
+def compare_to(
+    records: Sequence[dict], replies: Sequence[Reply], reference: Sequence[Reply]
+) -> list[Reply]:
+    """Adds win_gold (and win_rm where both have RM rewards) against the reference's reply
+    to the same prompt and sample seed."""
+    ref = {(r.index, r.sample): r for r in reference}
+    out = []
+    for r in replies:
+        other = ref.get((r.index, r.sample))
+        if other is None:
+            out.append(r)
+            continue
+        rec = records[r.index]
+        extra = {
+            **r.extra,
+            "win_gold": _win(
+                gold_score(rec, r.text, r.ended), gold_score(rec, other.text, other.ended)
+            ),
+        }
+        if "rm_reward" in r.extra and "rm_reward" in other.extra:
+            extra["win_rm"] = _win(r.extra["rm_reward"], other.extra["rm_reward"])
+        out.append(dataclasses.replace(r, extra=extra))
+    return out
+
+
+def best_of_n(candidates: Sequence[Sequence[Reply]]) -> list[Reply]:
+    """For each (prompt, sample), the candidate with the highest RM reward (Stiennon et al.
+    2020; Nakano et al. 2021). candidates[m] are the m-th draws, aligned, with rm_reward."""
+    out = []
+    for draws in zip(*candidates, strict=True):
+        best = max(draws, key=lambda r: r.extra["rm_reward"])
+        out.append(dataclasses.replace(best, sample=draws[0].sample))
+    return out
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) = log n - (n - 1) / n, the analytic value used for best-of-n
+    in Stiennon et al. 2020 and Gao et al. 2022 (exact for distinct samples)."""
+    return float(np.log(n) - (n - 1) / n)
+
+
 def bootstrap_ci(
     values: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float, float]:
@@ -129,13 +259,33 @@ def bootstrap_ci(
 
 
 def _per_prompt(records, replies, value_fn, select_fn) -> list[float]:
-    """Mean of value_fn over each selected prompt's replies."""
+    """Mean of value_fn over each selected prompt's replies (None values are skipped)."""
     by_prompt: dict[int, list[float]] = {}
     for r in replies:
         rec = records[r.index]
         if select_fn(rec):
-            by_prompt.setdefault(r.index, []).append(value_fn(rec, r))
+            value = value_fn(rec, r)
+            if value is not None:
+                by_prompt.setdefault(r.index, []).append(value)
     return [float(np.mean(v)) for _, v in sorted(by_prompt.items())]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Unique word n-grams / all word n-grams over the texts (None if there are none)."""
+    grams = [
+        tuple(words[i : i + n])
+        for words in (t.split() for t in texts)
+        for i in range(len(words) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+# Diversity among one prompt's samples (needs >= 2 samples of the prompt).
+PROMPT_METRICS = {
+    "distinct_1": lambda texts: distinct_n(texts, 1),
+    "distinct_2": lambda texts: distinct_n(texts, 2),
+    "unique_rate": lambda texts: len(set(texts)) / len(texts),
+}
 
 
 def _answerable(rec):
@@ -171,17 +321,29 @@ METRICS = {
     "hallucination_unknown": (lambda rec: not rec["known"], _category_is("hallucinated")),
     "length_tokens": (lambda rec: True, lambda rec, r: float(r.n_tokens)),
     "eos_rate": (lambda rec: True, lambda rec, r: float(r.ended)),
+    # Model-scored (present when the caller scored the replies).
+    "rm_reward": (lambda rec: True, lambda rec, r: r.extra.get("rm_reward")),
+    "kl_to_sft": (lambda rec: True, lambda rec, r: r.extra.get("kl")),
+    "entropy": (lambda rec: True, lambda rec, r: r.extra.get("entropy")),
+    "win_rate_gold_vs_sft": (lambda rec: True, lambda rec, r: r.extra.get("win_gold")),
+    "win_rate_rm_vs_sft": (lambda rec: True, lambda rec, r: r.extra.get("win_rm")),
 }
 
 
 def summarize(
     records: Sequence[dict], replies: Sequence[Reply], n_boot: int = 1000, seed: int = 0
 ) -> dict[str, dict[str, float]]:
-    out = {}
-    for name, (select, value) in METRICS.items():
-        per_prompt = _per_prompt(records, replies, value, select)
+    def stat(per_prompt):
         mean, lo, hi = bootstrap_ci(per_prompt, n_boot, seed)
-        out[name] = {"mean": mean, "lo": lo, "hi": hi, "n": len(per_prompt)}
+        return {"mean": mean, "lo": lo, "hi": hi, "n": len(per_prompt)}
+
+    out = {name: stat(_per_prompt(records, replies, v, s)) for name, (s, v) in METRICS.items()}
+    texts: dict[int, list[str]] = {}
+    for r in replies:
+        texts.setdefault(r.index, []).append(r.text)
+    groups = [t for _, t in sorted(texts.items()) if len(t) > 1]
+    for name, fn in PROMPT_METRICS.items():
+        out[name] = stat([v for v in map(fn, groups) if v is not None])
     return out
 
 
@@ -223,6 +385,6 @@ def format_table(results: dict[str, dict], protocol_name: str, metrics: Sequence
         cells = []
         for m in metrics:
             s = res[protocol_name][m]
-            cells.append(f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]")
+            cells.append("—" if not s["n"] else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]")
         lines.append(f"| {model_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

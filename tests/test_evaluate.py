@@ -54,3 +54,93 @@ def test_samples_of_a_prompt_are_averaged_before_bootstrapping():
     replies = [Reply(i, j, records[i]["answer"] if j < 3 else "0", True, 1) for j in range(4)]
     m = evaluate.summarize(records, replies, n_boot=50)
     assert m["accuracy"]["n"] == 1 and m["accuracy"]["mean"] == pytest.approx(0.75)
+
+
+def test_distinct_n_and_unique_rate_on_known_texts():
+    assert evaluate.distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert evaluate.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # ab, ba, ab
+    assert evaluate.distinct_n(["a b", "a b"], 2) == pytest.approx(1 / 2)
+    assert evaluate.distinct_n(["a"], 2) is None
+    records = eval_records()
+    i = next(i for i, r in enumerate(records) if r["skill"] == "arithmetic")
+    same = [Reply(i, j, "it is 5.", True, 4) for j in range(4)]
+    varied = [Reply(i, j, t, True, 2) for j, t in enumerate(["1", "2", "3", "4"])]
+    assert evaluate.summarize(records, same, n_boot=10)["unique_rate"]["mean"] == 0.25
+    assert evaluate.summarize(records, same, n_boot=10)["distinct_1"]["mean"] == 0.25
+    assert evaluate.summarize(records, varied, n_boot=10)["unique_rate"]["mean"] == 1.0
+    # One reply per prompt (greedy): no diversity to measure.
+    assert evaluate.summarize(records, same[:1], n_boot=10)["unique_rate"]["n"] == 0
+
+
+def test_win_rate_against_a_reference_counts_ties_as_half():
+    records = eval_records()
+    idx = [i for i, r in enumerate(records) if r["skill"] == "arithmetic"][:4]
+    right = lambda i: records[i]["answer"]  # noqa: E731
+    ours = [Reply(i, 0, right(i) if k < 3 else "0", True, 1) for k, i in enumerate(idx)]
+    theirs = [Reply(i, 0, right(i) if k < 1 else "0", True, 1) for k, i in enumerate(idx)]
+    ours = evaluate.with_extra(ours, "rm_reward", [1.0, 2.0, 0.0, 0.0])
+    theirs = evaluate.with_extra(theirs, "rm_reward", [0.0, 0.0, 1.0, 0.0])
+    m = evaluate.summarize(records, evaluate.compare_to(records, ours, theirs), n_boot=10)
+    # gold: tie (both right), win, win, tie (both wrong) -> (0.5 + 1 + 1 + 0.5) / 4
+    assert m["win_rate_gold_vs_sft"]["mean"] == pytest.approx(0.75)
+    # rm: win, win, loss, tie -> 2.5 / 4
+    assert m["win_rate_rm_vs_sft"]["mean"] == pytest.approx(0.625)
+
+
+def test_best_of_n_picks_the_highest_rm_reward_per_prompt_and_sample():
+    draws = [
+        evaluate.with_extra([Reply(0, s, f"d{m}s{s}", True, 1) for s in range(2)], "rm_reward", r)
+        for m, r in enumerate([[0.1, 0.9], [0.5, 0.2], [0.3, 0.4]])
+    ]
+    picked = evaluate.best_of_n(draws)
+    assert [r.text for r in picked] == ["d1s0", "d0s1"]
+    assert evaluate.best_of_n_kl(1) == 0.0
+    assert evaluate.best_of_n_kl(16) == pytest.approx(np.log(16) - 15 / 16)
+
+
+class _ByteTokenizer:
+    """Enough of gptjax.data.tokenizer.Tokenizer for chat rendering: one id per byte."""
+
+    eos_id, vocab_size = 1, 64
+
+    def encode(self, text):
+        return [3 + b % 58 for b in text.encode()]
+
+    def special_id(self, name):
+        return {"<|user|>": 61, "<|assistant|>": 62}[name]
+
+
+def test_teacher_forced_scores_match_sequence_logprobs_and_rm_rewards():
+    import jax
+
+    from gptjax import reward_model, train_steps
+    from gptjax.model import Model
+    from tests.helpers import tiny_model_config
+
+    tok = _ByteTokenizer()
+    records = [{"prompt": "what is 2 + 3?"}, {"prompt": "sort c a b"}]
+    replies = [Reply(0, 0, "", True, 3, ids=(9, 10, 1)), Reply(1, 0, "", False, 2, ids=(11, 12))]
+    proto = evaluate.Protocol(batch_size=4)
+    lm = Model(tiny_model_config())
+    params = lm.init(jax.random.key(0))
+    logp, entropy = evaluate.score_replies(lm, params, tok, records, replies, proto)
+    rm = Model(tiny_model_config(head="scalar"))
+    rm_params = rm.init(jax.random.key(1))
+    values = evaluate.score_replies(rm, rm_params, tok, records, replies, proto)
+    for k, r in enumerate(replies):
+        prompt = evaluate.prompt_ids(records[r.index], tok, "chat")
+        row = np.array([prompt + list(r.ids)], np.int32)
+        mask = np.zeros_like(row, np.float32)
+        mask[0, len(prompt) :] = 1
+        want = train_steps.sequence_logprobs(lm, params, row, mask).sum()
+        assert logp[k] == pytest.approx(float(want), abs=1e-4)
+        assert 0 < entropy[k] <= np.log(64) + 1e-4
+        batch = {
+            "tokens": row[:, None],
+            "segment_ids": np.ones_like(row)[:, None],
+            "positions": np.arange(row.shape[1], dtype=np.int32)[None, None],
+            "reward_index": np.array([[row.shape[1] - 1]], np.int32),
+        }
+        assert values[k] == pytest.approx(
+            float(reward_model.rewards(rm, rm_params, batch)[0, 0]), abs=1e-5
+        )

@@ -50,7 +50,7 @@ class WorldConfig:
     # Pretraining documents ("the internet").
     bios_per_person: int = 90  # facts need many exposures in varied wordings
     n_worksheets: int = 4000
-    n_note_docs: int = 5000  # several people's facts in one text (documents.notes)
+    n_note_docs: int = 12000  # several people's facts in one text (documents.notes)
     n_ignorance_docs: int = 600
     n_noise_docs: int = 1500
     code_doc_frac: float = 0.15  # fraction of all pretraining documents that are code

@@ -1,0 +1,235 @@
+"""Comparison collection: K replies per prompt sampled from the SFT model, then ranked.
+
+    python -m experiments.main --stages=compare                  # after sft, same workdir
+    python -m experiments.main --stages=compare --config.compare.k=6 \\
+        --config.compare.labeler=mypackage.labels:rank
+
+For each of the first `compare.n_prompts` of the world's PPO prompts, K replies are
+sampled at `compare.temperature` with the KV-cache sampler (fixed per-reply seeds from
+seeds.sampling, so a rerun draws the same replies) and ranked by a labeler (InstructGPT,
+sec. 3.4: labelers rank K = 4..9 outputs per prompt). The default labeler is the world's
+noisy gold labeler (Bradley-Terry noise at world.label_noise); `compare.labeler` may name
+any callable "module:function" `(prompt_record, replies) -> ranks`, rank 0 best, equal
+ranks tied. The prompt record it gets is the world's task plus `ended` (whether each
+reply reached EOS).
+
+Writes `<workdir>/compare/{train,heldout}.jsonl` in the ranked-list comparison format
+(`gptjax/data/formats.py`), each record with `ended` and `meta` (the task, the gold
+scores and the noiseless gold ranking, ties equal) so that the RM can be scored against
+the truth, and `done.json`, whose fingerprint makes a rerun with the same settings a
+no-op. Prompts whose replies the labeler ties all together give no pair and are dropped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from experiments import common
+from gptjax import evaluate
+from gptjax.errors import ConfigError
+from gptjax.world import gold_score, noisy_ranking
+
+STAGE = "compare"
+K_RANGE = (2, 9)
+SPLITS = ("train", "heldout")
+
+
+def paths(workdir: str) -> dict[str, str]:
+    d = common.stage_dir(workdir, STAGE)
+    return {split: os.path.join(d, f"{split}.jsonl") for split in SPLITS}
+
+
+def load_labeler(spec: str) -> Callable:
+    """The callable named by "module:function" (errors name config.compare.labeler)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError("compare.labeler", f"expected 'module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError("compare.labeler", f"cannot load {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ConfigError("compare.labeler", f"{spec!r} is not callable")
+    return fn
+
+
+def check_ranks(ranks, k: int, where: str) -> list[int]:
+    if (
+        not isinstance(ranks, list | tuple | np.ndarray)
+        or len(ranks) != k
+        or not all(isinstance(r, int | np.integer) and r >= 0 for r in ranks)
+    ):
+        raise ConfigError(
+            "compare.labeler",
+            f"{where}: expected a list of {k} non-negative integer ranks, got {ranks!r}",
+        )
+    return [int(r) for r in ranks]
+
+
+def gold_ranks(scores: list[float]) -> list[int]:
+    """Dense ranks by gold score, 0 = best; equal scores tie (unlike noiseless_ranking,
+    which breaks ties by index), so tied pairs are left out of gold accuracy."""
+    distinct = sorted(set(scores), reverse=True)
+    return [distinct.index(s) for s in scores]
+
+
+def check_config(config) -> None:
+    c = config.compare
+    lo, hi = K_RANGE
+    if not lo <= c.k <= hi:
+        raise ConfigError("compare.k", f"must be in {lo}..{hi}, got {c.k}")
+    if not 0 < c.heldout_fraction < 1:
+        raise ConfigError(
+            "compare.heldout_fraction", f"must be in (0, 1), got {c.heldout_fraction}"
+        )
+    for field in ("n_prompts", "max_new_tokens", "batch_size"):
+        if c[field] < (0 if field == "n_prompts" else 1):
+            raise ConfigError(f"compare.{field}", f"out of range: {c[field]}")
+    if c.temperature <= 0:
+        raise ConfigError("compare.temperature", f"must be > 0 to sample, got {c.temperature}")
+
+
+def fingerprint(config, workdir: str, tokenizer) -> dict:
+    """Everything the comparisons depend on: equal fingerprints, equal files."""
+    sft_dir = config.compare.init_from or os.path.join(
+        common.stage_dir(workdir, "sft"), "checkpoints"
+    )
+    steps = [int(d) for d in os.listdir(sft_dir) if d.isdigit()] if os.path.isdir(sft_dir) else []
+    return {
+        "compare": config.compare.to_dict(),
+        "world_hash": common.world_config(config).content_hash(),
+        "seed": config.seeds.sampling,
+        "tokenizer_hash": tokenizer.hash,
+        "sft": [os.path.abspath(sft_dir), max(steps, default=None)],
+    }
+
+
+def label(records, replies, k: int, labeler: Callable | None, config) -> list[dict]:
+    """Ranked comparisons (with gold meta) from K replies per record."""
+    world = common.world_config(config)
+    out = []
+    for i, task in enumerate(records):
+        texts = [r.text for r in replies[i * k : (i + 1) * k]]
+        ended = [r.ended for r in replies[i * k : (i + 1) * k]]
+        scores = [gold_score(task, t, e, world.length_weight) for t, e in zip(texts, ended)]
+        if labeler is None:
+            rng = np.random.default_rng([config.seeds.sampling, i])
+            ranks = noisy_ranking(
+                task, texts, ended, rng, world.label_temperature, world.length_weight
+            )
+        else:
+            ranks = check_ranks(labeler({**task, "ended": ended}, list(texts)), k, f"prompt {i}")
+        if len(set(ranks)) < 2:
+            continue  # all tied: no comparison to learn from
+        out.append(
+            {
+                "prompt": task["prompt"],
+                "responses": texts,
+                "ranks": ranks,
+                "ended": ended,
+                "meta": {"task": task, "gold_scores": scores, "gold_ranks": gold_ranks(scores)},
+            }
+        )
+    return out
+
+
+def _write_jsonl(path: str, records: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def run(config, workdir: str) -> dict:
+    check_config(config)
+    c = config.compare
+    labeler = load_labeler(c.labeler) if c.labeler else None
+    tokenizer = common.get_tokenizer(config, workdir)
+    out_dir = common.stage_dir(workdir, STAGE)
+    done_path = os.path.join(out_dir, "done.json")
+    fp = fingerprint(config, workdir, tokenizer)
+    if os.path.exists(done_path):
+        with open(done_path) as f:
+            done = json.load(f)
+        if done["fingerprint"] == fp:
+            return {"stage": STAGE, "text": _text(done, out_dir, reused=True), **done}
+
+    source = common.world_data(config, workdir)["ppo_prompts"]
+    n = len(source) if not c.n_prompts else min(c.n_prompts, len(source))
+    records = [source[i] for i in range(n)]
+    model, params = common.load_stage_params(
+        config, workdir, "sft", tokenizer, directory=c.init_from or None
+    )
+    protocol = evaluate.Protocol(
+        max_new_tokens=c.max_new_tokens, seed=config.seeds.sampling, batch_size=c.batch_size
+    )
+    replies = evaluate.generate_replies(
+        model,
+        params,
+        tokenizer,
+        records,
+        mode="chat",
+        temperature=c.temperature,
+        samples=c.k,
+        protocol=protocol,
+    )
+    # Held-out prompts are the last ones, so a larger n_prompts keeps the same held-out set
+    # only if heldout_fraction shrinks accordingly; the split is by prompt, never by reply.
+    n_heldout = max(1, round(n * c.heldout_fraction))
+    comparisons = {
+        "train": label(
+            records[: n - n_heldout], replies[: (n - n_heldout) * c.k], c.k, labeler, config
+        ),
+        "heldout": label(
+            records[n - n_heldout :], replies[(n - n_heldout) * c.k :], c.k, labeler, config
+        ),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    for split, path in paths(workdir).items():
+        _write_jsonl(path, comparisons[split])
+    all_replies = [r for split in SPLITS for rec in comparisons[split] for r in rec["responses"]]
+    done = {
+        "fingerprint": fp,
+        "prompts": n,
+        "comparisons": {s: len(comparisons[s]) for s in SPLITS},
+        "dropped_all_tied": n - sum(len(comparisons[s]) for s in SPLITS),
+        "k": c.k,
+        "labeler": c.labeler or "world noisy gold labeler",
+        "distinct_reply_frac": _distinct_frac(comparisons),
+        "eos_rate": float(np.mean([r.ended for r in replies])),
+        "mean_reply_words": float(np.mean([len(t.split()) for t in all_replies])),
+    }
+    _write_json(done_path, done)
+    return {"stage": STAGE, "text": _text(done, out_dir, reused=False), **done}
+
+
+def _distinct_frac(comparisons) -> float:
+    """Mean over prompts of distinct replies / K: whether sampling gives the labeler a choice."""
+    fracs = [len(set(r["responses"])) / len(r["responses"]) for s in SPLITS for r in comparisons[s]]
+    return float(np.mean(fracs)) if fracs else float("nan")
+
+
+def _write_json(path: str, done: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(done, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _text(done: dict, out_dir: str, reused: bool) -> str:
+    n = done["comparisons"]
+    head = "== compare: reused" if reused else "== compare:"
+    return (
+        f"{head} {n['train']} train + {n['heldout']} held-out comparisons of K={done['k']} "
+        f"replies ({done['prompts']} prompts, {done['dropped_all_tied']} dropped as all tied) "
+        f"in {out_dir}\n"
+        f"  labeler: {done['labeler']}; distinct replies per prompt "
+        f"{done['distinct_reply_frac']:.2f} of K, EOS rate {done['eos_rate']:.2f}, "
+        f"{done['mean_reply_words']:.1f} words per reply"
+    )

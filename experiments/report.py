@@ -1,0 +1,404 @@
+"""Reports of a run and of a sweep: report.md, results.csv and PNG plots, with provenance.
+
+Every results row and every report starts from `provenance()`: the git commit (and
+whether the tree was dirty), package versions, world and tokenizer hashes and the
+resolved config, so a number can always be traced to what produced it.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import importlib.metadata
+import json
+import os
+import subprocess
+
+import numpy as np
+
+PACKAGES = (
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "tensorflow-datasets",
+    "sentencepiece",
+    "ml_collections",
+    "numpy",
+)
+CSV_FIELDS = (
+    "variant",
+    "protocol",
+    "metric",
+    "mean",
+    "lo",
+    "hi",
+    "n",
+    "seed",
+    "commit",
+    "world_hash",
+    "tokenizer_hash",
+)
+
+
+@functools.cache
+def git_commit() -> str:
+    """HEAD of the repo this code runs from, "+dirty" if it has uncommitted changes."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def provenance(config, world_hash: str, tokenizer_hash: str) -> dict:
+    return {
+        "commit": git_commit(),
+        "packages": package_versions(),
+        "world_hash": world_hash,
+        "tokenizer_hash": tokenizer_hash,
+        "seeds": config.seeds.to_dict(),
+        "config": json.loads(json.dumps(config.to_dict(), default=str)),
+    }
+
+
+def provenance_md(prov: dict) -> list[str]:
+    packages = ", ".join(f"{k} {v}" for k, v in prov["packages"].items())
+    return [
+        f"- commit: `{prov['commit']}`",
+        f"- world hash: `{prov['world_hash']}`; tokenizer hash: `{prov['tokenizer_hash'][:16]}`",
+        f"- seeds: {prov['seeds']}",
+        f"- packages: {packages}",
+        "- resolved config: `provenance.json`",
+    ]
+
+
+def result_rows(variants: dict, prov: dict, seed: int | None = None) -> list[dict]:
+    """One CSV row per (variant, protocol or "model", metric)."""
+    rows = []
+    for name, res in variants.items():
+        for protocol in ("greedy", "sample", "model"):
+            for metric, s in res.get(protocol, {}).items():
+                rows.append(
+                    {
+                        "variant": name,
+                        "protocol": protocol,
+                        "metric": metric,
+                        "mean": s["mean"],
+                        "lo": s["lo"],
+                        "hi": s["hi"],
+                        "n": s["n"],
+                        "seed": prov["seeds"]["init"] if seed is None else seed,
+                        "commit": prov["commit"],
+                        "world_hash": prov["world_hash"],
+                        "tokenizer_hash": prov["tokenizer_hash"],
+                    }
+                )
+    return rows
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, CSV_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("mean", "lo", "hi"):
+            r[k] = float(r[k])
+        r["n"] = int(r["n"])
+    return rows
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a TPU VM or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bars(path: str, variants: dict, metric: str, title: str) -> None:
+    """One bar per variant and protocol, with the bootstrap interval."""
+    plt = _pyplot()
+    names = list(variants)
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.2))
+    width = 0.38
+    for k, protocol in enumerate(("greedy", "sample")):
+        stats = [variants[n][protocol][metric] for n in names]
+        mean = np.array([s["mean"] for s in stats])
+        err = np.array([[s["mean"] - s["lo"] for s in stats], [s["hi"] - s["mean"] for s in stats]])
+        x = np.arange(len(names)) + (k - 0.5) * width
+        ax.bar(x, mean, width, yerr=np.nan_to_num(err), capsize=3, label=protocol)
+    ax.set_xticks(np.arange(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_metric_bars(path: str, agg: dict, protocol: str, metrics, title: str) -> None:
+    """Sweep bars: one group per variant/model, one bar per metric, t-interval over seeds.
+    agg: {(variant, model, protocol, metric): (mean, lo, hi, n)}."""
+    plt = _pyplot()
+    groups = sorted({(k[0], k[1]) for k in agg if k[2] == protocol and k[3] in metrics})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        stats = [agg.get((v, m, protocol, metric), (np.nan,) * 4) for v, m in groups]
+        mean = np.array([s[0] for s in stats])
+        err = np.nan_to_num(np.array([[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]]))
+        ax.bar(np.arange(len(groups)), mean, yerr=err, capsize=3)
+        ax.set_xticks(
+            np.arange(len(groups)),
+            [f"{v}/{m}" for v, m in groups],
+            rotation=30,
+            ha="right",
+            fontsize=7,
+        )
+        ax.set_title(metric)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reward_vs_kl(path: str, points: list[dict], title: str) -> None:
+    """Gold and RM reward against sqrt(KL to SFT): the over-optimisation picture of Gao
+    et al. 2022 (fig. 1). points: {"label", "kl", "gold", "gold_err", "rm", "rm_err"}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    pts = sorted(points, key=lambda p: p["kl"])
+    x = np.sqrt(np.maximum([p["kl"] for p in pts], 0.0))
+    for key, style in (("gold", "o-"), ("rm", "s--")):
+        y = [p[key] for p in pts]
+        ax.errorbar(x, y, yerr=[p.get(key + "_err", 0.0) for p in pts], fmt=style, label=key)
+    for xi, p in zip(x, pts):
+        ax.annotate(
+            p["label"], (xi, p["gold"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
+    ax.set_xlabel("sqrt(KL to SFT) (nats^0.5, temperature-1 samples)")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def kl_points(variants: dict) -> list[dict]:
+    """Reward-vs-KL points of the variants that have a KL to SFT (sample protocol)."""
+    points = []
+    for name, res in variants.items():
+        s = res.get("sample", {})
+        if not s.get("kl_to_sft", {}).get("n"):
+            continue
+        gold, rm = s["gold_reward"], s["rm_reward"]
+        points.append(
+            {
+                "label": name,
+                "kl": s["kl_to_sft"]["mean"],
+                "gold": gold["mean"],
+                "gold_err": (gold["hi"] - gold["lo"]) / 2,
+                "rm": rm["mean"] if rm["n"] else float("nan"),
+                "rm_err": (rm["hi"] - rm["lo"]) / 2 if rm["n"] else 0.0,
+            }
+        )
+    return points
+
+
+def write_run_report(
+    directory: str,
+    eval_text: str,
+    variants: dict,
+    gates: list[dict],
+    stage_times: dict[str, float],
+    prov: dict,
+) -> dict[str, str]:
+    """report.md, results.csv, provenance.json and plots for one pipeline run."""
+    os.makedirs(directory, exist_ok=True)
+    paths = {
+        "report": os.path.join(directory, "report.md"),
+        "csv": os.path.join(directory, "results.csv"),
+        "provenance": os.path.join(directory, "provenance.json"),
+        "gold_plot": os.path.join(directory, "gold_reward.png"),
+        "kl_plot": os.path.join(directory, "reward_vs_kl.png"),
+    }
+    with open(paths["provenance"], "w") as f:
+        json.dump(prov, f, indent=2, sort_keys=True)
+    write_csv(paths["csv"], result_rows(variants, prov))
+    plot_bars(paths["gold_plot"], variants, "gold_reward", "gold reward per model (95% CI)")
+    points = kl_points(variants)
+    if points:
+        plot_reward_vs_kl(paths["kl_plot"], points, "reward vs KL to SFT")
+    else:
+        del paths["kl_plot"]
+    lines = ["# gptjax run report", "", "## Provenance", "", *provenance_md(prov), ""]
+    lines += ["## Gates", "", gates_md(gates), ""]
+    if stage_times:
+        lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in stage_times.items()]
+        lines += [f"| total | {sum(stage_times.values()):.0f} |", ""]
+    lines += ["## Evaluation", "", eval_text, ""]
+    lines += [f"![gold reward]({os.path.basename(paths['gold_plot'])})", ""]
+    if "kl_plot" in paths:
+        lines += [f"![reward vs KL]({os.path.basename(paths['kl_plot'])})", ""]
+    with open(paths["report"], "w") as f:
+        f.write("\n".join(lines))
+    return paths
+
+
+def gate_line(row: dict) -> str:
+    status = {True: "PASS", False: "FAIL", None: "not measured"}[row["passed"]]
+    value = "—" if row["value"] is None else f"{row['value']:.3f}"
+    return f"  [gate {status}] {row['description']}: {value} ({row['op']} {row['threshold']})"
+
+
+def record_stage_time(workdir: str, stage: str, seconds: float) -> None:
+    """<workdir>/stage_times.json: the wall time of each stage's latest run."""
+    path = os.path.join(workdir, "stage_times.json")
+    times = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            times = json.load(f)
+    times[stage] = seconds
+    with open(path, "w") as f:
+        json.dump(times, f, indent=2)
+
+
+def run(config, workdir: str) -> dict:
+    """The report stage: the eval stage's results, the gates and stage times of the
+    workdir, with provenance, as report.md / results.csv / plots in <workdir>/report/."""
+    from experiments import common, gates
+    from experiments import evaluate as eval_stage
+
+    path = os.path.join(common.stage_dir(workdir, "eval"), "results.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no eval results at {path}: run --stages=eval first")
+    with open(path) as f:
+        results = json.load(f)
+    times_path = os.path.join(workdir, "stage_times.json")
+    times = {}
+    if os.path.exists(times_path):
+        with open(times_path) as f:
+            times = json.load(f)
+    rows = list(gates.load(workdir).values())
+    tokenizer = common.get_tokenizer(config, workdir)
+    world_hash = (
+        common.world_config(config).content_hash() if config.data.pretrain == common.WORLD else ""
+    )
+    prov = provenance(config, world_hash, tokenizer.hash)
+    text = eval_stage.format_results(results)
+    paths = write_run_report(
+        os.path.join(workdir, "report"), text, results["variants"], rows, times, prov
+    )
+    failed = [r for r in rows if r["passed"] is False]
+    lines = [text, "", "gates:"] + [gate_line(r) for r in rows]
+    lines += [
+        "",
+        f"{len(rows) - len(failed)}/{len(rows)} gates passed"
+        + (f"; FAILED: {', '.join(r['name'] for r in failed)}" if failed else ""),
+        f"report: {paths['report']}",
+    ]
+    return {"stage": "report", "text": "\n".join(lines), "paths": paths}
+
+
+def gates_md(gates: list[dict]) -> str:
+    lines = ["| gate | value | threshold | result |", "|---|---|---|---|"]
+    for g in gates:
+        value = "—" if g["value"] is None else f"{g['value']:.3f}"
+        result = {True: "PASS", False: "FAIL", None: "not measured"}[g["passed"]]
+        lines.append(f"| {g['description']} | {value} | {g['op']} {g['threshold']} | {result} |")
+    return "\n".join(lines)
+
+
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def update_readme(workdir: str, readme: str = "README.md", assets: str = "docs") -> str:
+    """Rewrites README's Results section (between the markers) from a finished run's
+    report: the command that produced it, the gates, the stage times, the table and the
+    main plot (copied to docs/). Returns the new section."""
+    import shutil
+
+    rdir = os.path.join(workdir, "report")
+    with open(os.path.join(rdir, "report.md")) as f:
+        text = f.read()
+    sections = {}
+    for part in text.split("\n## ")[1:]:
+        title, _, body = part.partition("\n")
+        sections[title.strip()] = body.strip()
+    os.makedirs(assets, exist_ok=True)
+    plot = os.path.join(assets, "results_gold_reward.png")
+    shutil.copy(os.path.join(rdir, "gold_reward.png"), plot)
+    evaluation = sections["Evaluation"].split("\n![")[0].strip()
+    body = [
+        README_BEGIN,
+        "",
+        "Generated from the default run (`python -m experiments.main`, tiny, 2 CPU cores) by",
+        f"`python -m experiments.report --workdir={workdir}`; provenance in",
+        "`<workdir>/report/provenance.json`.",
+        "",
+        "Gates:",
+        "",
+        sections["Gates"],
+        "",
+        "Wall time per stage:",
+        "",
+        sections.get("Wall time per stage", "(not recorded)"),
+        "",
+        evaluation,
+        "",
+        f"![gold reward per model]({plot})",
+        "",
+        README_END,
+    ]
+    with open(readme) as f:
+        old = f.read()
+    if README_BEGIN not in old or README_END not in old:
+        raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} markers")
+    head, _, rest = old.partition(README_BEGIN)
+    _, _, tail = rest.partition(README_END)
+    new = head + "\n".join(body) + tail
+    with open(readme, "w") as f:
+        f.write(new)
+    return "\n".join(body)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="README's Results section from a run.")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--readme", default="README.md")
+    args = parser.parse_args()
+    update_readme(args.workdir, args.readme)
+    print(f"updated {args.readme} from {args.workdir}/report")

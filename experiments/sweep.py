@@ -1,0 +1,314 @@
+"""Ablation sweeps: variants x seeds, reusing shared stages, resumable, with a report.
+
+    python -m experiments.sweep --config=configs/sweep.py:kl
+    python -m experiments.sweep --config=configs/sweep.py:ptx --workdir=runs/sweep-ptx
+    python -m experiments.sweep --config=configs/sweep.py:kl --shared_from=runs/tiny-20261122
+
+Layout of a sweep workdir:
+  shared/                     the shared stages (or --shared_from, used read-only)
+  cells/<variant>/seed<k>/    a pipeline workdir linking the shared stages' outputs;
+                              DONE.json marks a finished cell (never rerun)
+  report/                     report.md, results.csv, provenance.json, PNG plots
+
+Verdicts (one per finding of the preset): the effect a − b is computed per seed (paired:
+same seed, same shared stages) and a t-interval (95%) is taken across seeds; the
+finding is "supported" when the interval excludes 0 in the predicted direction,
+"contradicted" when it excludes 0 in the other, "inconclusive" otherwise (always with
+fewer than 2 seeds).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from configs import pipeline
+from experiments import common, report
+from experiments import stages as pipeline_stages
+from gptjax.errors import ConfigError
+
+_DEFAULT = os.path.join(os.path.dirname(__file__), "..", "configs", "sweep.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.normpath(_DEFAULT) + ":kl", "Sweep config file:preset.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (default runs/sweep-<preset>).")
+_SHARED_FROM = flags.DEFINE_string(
+    "shared_from", None, "A finished pipeline workdir whose shared stages the cells reuse."
+)
+# Outputs of a stage a later stage reads, besides <workdir>/<stage>.
+_SHARED_FILES = ("tokenizer", "data")
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+
+
+def set_dotted(config, key: str, value) -> None:
+    """config.a.b = value, naming the key if it does not exist."""
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+        if part not in node:
+            raise ConfigError(key, f"no section {part!r} in the pipeline config")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(key, f"no field {leaf!r} in config.{'.'.join(path)}")
+    old = node[leaf]
+    # ConfigDict fields are typed: 1 for a float field becomes 1.0, as on the command line.
+    node[leaf] = type(old)(value) if isinstance(old, (int, float, str, bool)) else value
+
+
+def cell_config(sweep, variant: list | None, seed: int):
+    config = pipeline.get_config(sweep.pipeline)
+    for key, value in [*sweep.overrides, *(variant or [])]:
+        set_dotted(config, key, value)
+    config.seeds.init = config.seeds.data = config.seeds.sampling = seed
+    if "eval" in sweep.cell_stages:
+        config.eval.variants = ",".join(sweep.eval_variants)
+    return config
+
+
+def link_shared(shared: str, cell: str, stages) -> None:
+    """Symlinks the shared stages' outputs (and tokenizer, data) into the cell."""
+    os.makedirs(cell, exist_ok=True)
+    for name in (*stages, *_SHARED_FILES):
+        src, dst = os.path.join(os.path.abspath(shared), name), os.path.join(cell, name)
+        if os.path.exists(src) and not os.path.lexists(dst):
+            os.symlink(src, dst)
+
+
+def cell_dir(workdir: str, variant: str, seed: int) -> str:
+    return os.path.join(workdir, "cells", variant, f"seed{seed}")
+
+
+def run_cell(sweep, workdir: str, shared: str, variant: str, seed: int) -> dict:
+    """Runs one (variant, seed) cell unless its DONE.json exists; returns its results."""
+    directory = cell_dir(workdir, variant, seed)
+    done = os.path.join(directory, "DONE.json")
+    if os.path.exists(done):
+        print(f"== cell {variant}/seed{seed}: finished earlier, skipped")
+        with open(done) as f:
+            return json.load(f)
+    print(f"== cell {variant}/seed{seed}")
+    config = cell_config(sweep, sweep.variants[variant], seed)
+    link_shared(shared, directory, [s for s in sweep.shared_stages if s not in sweep.cell_stages])
+    summaries = pipeline_stages.run_stages(config, directory, list(sweep.cell_stages))
+    out = {"variant": variant, "seed": seed, "variants": summaries["eval"]["variants"]}
+    with open(done + ".tmp", "w") as f:
+        json.dump(out, f, default=float)
+    os.replace(done + ".tmp", done)  # atomic: a half-written marker never exists
+    return out
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    x = np.asarray(values, np.float64)
+    mean = float(x.mean()) if len(x) else float("nan")
+    if len(x) < 2:
+        return mean, float("nan"), float("nan")
+    half = T_975.get(len(x) - 1, 1.96) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return mean, mean - half, mean + half
+
+
+def verdict(effects, sign: int) -> dict:
+    """The verdict rule on per-seed effects (a − b) for a predicted sign (+1 / −1)."""
+    mean, lo, hi = t_interval(effects)
+    if math.isnan(lo):
+        word = "inconclusive"
+    elif (sign > 0 and lo > 0) or (sign < 0 and hi < 0):
+        word = "supported"
+    elif (sign > 0 and hi < 0) or (sign < 0 and lo > 0):
+        word = "contradicted"
+    else:
+        word = "inconclusive"
+    return {"verdict": word, "effect": mean, "lo": lo, "hi": hi, "seeds": len(effects)}
+
+
+def metric_value(cell: dict, model: str, protocol: str, metric: str) -> float | None:
+    res = cell["variants"].get(model)
+    if res is None:
+        return None
+    stat = res.get(protocol, {}).get(metric)
+    return None if stat is None or not stat.get("n") else stat["mean"]
+
+
+def _model_name(cell: dict, model: str) -> str:
+    if model.startswith("best-of-"):  # the preset names best-of-N by its variant's n
+        names = [n for n in cell["variants"] if n.startswith("best-of-")]
+        return names[0] if names else model
+    return model
+
+
+def judge(findings, cells: list[dict]) -> list[dict]:
+    """Each finding's verdict from the cells (paired by seed)."""
+    by = {(c["variant"], c["seed"]): c for c in cells}
+    seeds = sorted({c["seed"] for c in cells})
+    out = []
+    for f in findings:
+        (va, ma), (vb, mb) = f["a"], f["b"]
+        effects = []
+        for s in seeds:
+            ca, cb = by.get((va, s)), by.get((vb, s))
+            if ca is None or cb is None:
+                continue
+            a = metric_value(ca, _model_name(ca, ma), f["protocol"], f["metric"])
+            b = metric_value(cb, _model_name(cb, mb), f["protocol"], f["metric"])
+            if a is not None and b is not None:
+                effects.append(a - b)
+        out.append({**f, **verdict(effects, f["sign"])})
+    return out
+
+
+def aggregate(cells: list[dict]) -> dict:
+    """{(variant, model, protocol, metric): (mean, lo, hi, n)} across seeds."""
+    values: dict[tuple, list[float]] = {}
+    for c in cells:
+        for model, res in c["variants"].items():
+            for protocol in ("greedy", "sample", "model"):
+                for metric, stat in res.get(protocol, {}).items():
+                    if stat.get("n"):
+                        key = (c["variant"], model, protocol, metric)
+                        values.setdefault(key, []).append(stat["mean"])
+    return {k: (*t_interval(v), len(v)) for k, v in values.items()}
+
+
+def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> dict:
+    """report.md (verdicts, per-variant table, plots), results.csv (a row per cell,
+    model, protocol, metric, with provenance), provenance.json, PNG plots."""
+    os.makedirs(directory, exist_ok=True)
+    rows = []
+    for c in cells:
+        named = {f"{c['variant']}/{m}": r for m, r in c["variants"].items()}
+        rows += report.result_rows(named, prov, seed=c["seed"])
+    report.write_csv(os.path.join(directory, "results.csv"), rows)
+    with open(os.path.join(directory, "provenance.json"), "w") as f:
+        json.dump(prov, f, indent=2, sort_keys=True)
+    verdicts = judge([dict(f) for f in sweep.findings], cells)
+    agg = aggregate(cells)
+    plots = sweep_plots(directory, agg)
+    lines = [f"# Sweep `{sweep_name}`", "", "## Provenance", "", *report.provenance_md(prov)]
+    lines += [f"- cells: {len(cells)} ({len(sweep.variants)} variants x seeds {list(sweep.seeds)})"]
+    lines += ["", "## Findings", "", "Rule: " + RULE, ""]
+    lines += [
+        "| finding | effect (a − b) | 95% CI over seeds | seeds | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for v in verdicts:
+        what = f"{v['metric']} ({v['protocol']}): {'/'.join(v['a'])} − {'/'.join(v['b'])}"
+        lines.append(
+            f"| {v['name']}: {what}, predicted {'>' if v['sign'] > 0 else '<'} 0 | "
+            f"{v['effect']:.3f} | [{v['lo']:.3f}, {v['hi']:.3f}] | {v['seeds']} | "
+            f"**{v['verdict']}** |"
+        )
+    lines += ["", "## Per variant (mean over seeds, 95% t-interval)", ""]
+    metrics = ("gold_reward", "rm_reward", "kl_to_sft", "accuracy", "entropy", "distinct_2")
+    lines += [
+        "| variant / model | " + " | ".join(metrics) + " |",
+        "|---" * (len(metrics) + 1) + "|",
+    ]
+    for variant, model in sorted({(k[0], k[1]) for k in agg}):
+        cells_md = []
+        for m in metrics:
+            stat = agg.get((variant, model, "sample", m))
+            cells_md.append("—" if stat is None else _fmt(stat))
+        lines.append(f"| {variant} / {model} | " + " | ".join(cells_md) + " |")
+    lines += [""] + [f"![{name}]({os.path.basename(p)})" for name, p in plots.items()]
+    path = os.path.join(directory, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return {"report": path, "verdicts": verdicts, "plots": plots}
+
+
+RULE = (
+    '"supported" when the 95% interval across seeds of the effect excludes 0 in the '
+    'predicted direction, "contradicted" when it excludes 0 in the other, '
+    '"inconclusive" otherwise.'
+)
+
+
+def _fmt(stat) -> str:
+    mean, lo, hi, _ = stat
+    return f"{mean:.3f}" if math.isnan(lo) else f"{mean:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def sweep_plots(directory: str, agg: dict) -> dict[str, str]:
+    """Gold and RM reward against sqrt(KL); entropy and diversity; alignment tax."""
+    plots = {}
+    points = []
+    for (variant, model, protocol, metric), (mean, *_) in agg.items():
+        if protocol != "sample" or metric != "kl_to_sft" or model == "SFT":
+            continue
+        gold = agg.get((variant, model, "sample", "gold_reward"))
+        rm = agg.get((variant, model, "sample", "rm_reward"))
+        if gold is None:
+            continue
+        err = lambda s: 0.0 if s is None or math.isnan(s[1]) else (s[2] - s[1]) / 2  # noqa: E731
+        points.append(
+            {
+                "label": f"{variant}/{model}",
+                "kl": mean,
+                "gold": gold[0],
+                "gold_err": err(gold),
+                "rm": rm[0] if rm else float("nan"),
+                "rm_err": err(rm),
+            }
+        )
+    if points:
+        plots["reward vs KL"] = os.path.join(directory, "reward_vs_kl.png")
+        report.plot_reward_vs_kl(plots["reward vs KL"], points, "gold and RM reward vs KL to SFT")
+    for name, protocol, metrics in (
+        ("diversity", "sample", ("entropy", "distinct_2", "unique_rate")),
+        ("alignment tax", "model", ("heldout_lm_loss",)),
+    ):
+        if any(k[2] == protocol and k[3] in metrics for k in agg):
+            plots[name] = os.path.join(directory, name.replace(" ", "_") + ".png")
+            report.plot_metric_bars(plots[name], agg, protocol, metrics, name)
+    return plots
+
+
+def run_sweep(sweep, sweep_name: str, workdir: str, shared_from: str | None = None) -> dict:
+    shared = shared_from or os.path.join(workdir, "shared")
+    if shared_from is None and sweep.shared_stages:
+        print(f"== shared stages {list(sweep.shared_stages)} in {shared}")
+        pipeline_stages.run_stages(cell_config(sweep, None, 0), shared, list(sweep.shared_stages))
+    elif shared_from is not None:
+        for stage in sweep.shared_stages:
+            if not os.path.isdir(os.path.join(shared, stage)):
+                raise FileNotFoundError(f"--shared_from={shared} has no {stage} stage")
+    cells = [
+        run_cell(sweep, workdir, shared, variant, seed)
+        for variant in sweep.variants
+        for seed in sweep.seeds
+    ]
+    config = cell_config(sweep, None, 0)
+    tokenizer = common.get_tokenizer(config, shared)
+    world_hash = common.world_config(config).content_hash()
+    prov = report.provenance(config, world_hash, tokenizer.hash)
+    prov["sweep"] = {"name": sweep_name, **sweep.to_dict()}
+    out = write_report(os.path.join(workdir, "report"), sweep_name, sweep, cells, prov)
+    print(f"\n== sweep {sweep_name}: {len(cells)} cells; report: {out['report']}")
+    for v in out["verdicts"]:
+        interval = f"[{v['lo']:.3f}, {v['hi']:.3f}]"
+        print(f"  [{v['verdict']}] {v['name']}: effect {v['effect']:.3f} {interval}")
+    return out
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.set_verbosity(logging.ERROR)
+    sweep = _CONFIG.value
+    name = sweep.name
+    workdir = _WORKDIR.value or os.path.join("runs", f"sweep-{name}")
+    try:
+        run_sweep(sweep, name, workdir, _SHARED_FROM.value)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,291 @@
+"""The compare and rm stages end to end, their metrics, and their errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import pipeline
+from experiments import common, compare, rm
+from gptjax.data import chat, formats
+from gptjax.errors import ConfigError
+from gptjax.world import generate
+from tests.helpers import SFT_CLI, TINY_CLI, subprocess_env, write_demos, write_text_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A world small enough to generate in a second; only its PPO prompts are used here.
+SMALL_WORLD_CLI = [
+    "--config.world.bios_per_person=2",
+    "--config.world.n_worksheets=10",
+    "--config.world.n_ignorance_docs=5",
+    "--config.world.n_noise_docs=5",
+    "--config.world.n_pretrain_heldout=5",
+    "--config.world.n_demos=40",
+    "--config.world.n_demos_heldout=8",
+    "--config.world.n_ppo_prompts=16",
+    "--config.world.n_eval_prompts=8",
+]
+# The tiny test model; its position table has room for the world's prompts (up to 33
+# tokens with a 320-piece tokenizer) plus generated replies. Trained rows stay at T = 32.
+MODEL_CLI = [*TINY_CLI, "--config.model.max_len=64"]
+RM_CLI = [
+    "--config.rm.steps=6",
+    "--config.rm.batch_size=4",
+    "--config.rm.seq_len=32",
+    "--config.rm.eval_batches=2",
+    "--config.rm.log_every=1",
+    "--config.rm.optim.warmup_steps=2",
+    "--config.rm.demo_samples=50",
+]
+
+
+def length_labeler(prompt_record, responses):
+    """A plugged-in labeler: shorter replies are better, equal lengths tie."""
+    assert "prompt" in prompt_record and len(prompt_record["ended"]) == len(responses)
+    lengths = sorted(set(len(r) for r in responses))
+    return [lengths.index(len(r)) for r in responses]
+
+
+def _main(workdir, *flags, timeout=600):
+    cmd = [sys.executable, "-m", "experiments.main", f"--workdir={workdir}", *flags]
+    return subprocess.run(
+        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+
+
+def _hh(prompt, reply):
+    return f"\n\nHuman: {prompt}\n\nAssistant: {reply}"
+
+
+def write_hh_comparisons(path, n: int = 40, seed: int = 0) -> str:
+    """HH chosen/rejected transcripts (the right sum vs a wrong one), and a few ranked
+    lists of 3 (so K differs between records and padding responses occur)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            a, b = (int(x) for x in rng.integers(0, 10, size=2))
+            prompt = f"what is {a} plus {b}?"
+            if i % 5 == 4:
+                record = {
+                    "prompt": prompt,
+                    "responses": [f"{a + b}", "i like cats", f"{a + b + 1}"],
+                    "ranks": [0, 2, 1],
+                }
+            else:
+                record = {"chosen": _hh(prompt, f"{a + b}"), "rejected": _hh(prompt, "cats")}
+            f.write(json.dumps(record) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def sft_workdir(tmp_path_factory):
+    """pretrain + SFT on the user's own small files (cheap, like test_sft). The corpus is
+    a small world's text, so that its tokenizer fits the world's prompts (which compare
+    samples replies to) in T = 32; as user data, it skips the world's gates."""
+    tmp = tmp_path_factory.mktemp("rm")
+    world = generate(common.world_config(_config(SMALL_WORLD_CLI)))
+    corpus = tmp / "corpus.txt"
+    write_text_corpus(corpus, n_paragraphs=60)
+    # World text first; the short bigram paragraphs last, where the held-out split (and
+    # the pretrain stage's sample prompts) come from.
+    corpus.write_text(
+        "\n\n".join(d["text"] for d in world["pretrain"]) + "\n\n" + corpus.read_text()
+    )
+    demos = write_demos(tmp / "demos.jsonl")
+    data_flags = [
+        *SMALL_WORLD_CLI,
+        f"--config.data.pretrain=text:{corpus}",
+        f"--config.data.demos=demos:{demos}",
+    ]
+    out = _main(
+        tmp / "run",
+        "--stages=pretrain,sft",
+        "--config.pretrain.steps=10",
+        "--config.sft.steps=10",
+        *data_flags,
+        *MODEL_CLI,
+        *SFT_CLI,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp, tmp / "run", data_flags, demos
+
+
+def _config(flags) -> "pipeline.ml_collections.ConfigDict":
+    """The config the subprocess saw for these --config.* flags."""
+    config = pipeline.get_config("tiny")
+    for flag in flags:
+        key, value = flag[len("--config.") :].split("=", 1)
+        *path, last = key.split(".")
+        target = config
+        for part in path:
+            target = target[part]
+        target[last] = type(target[last])(value)
+    return config
+
+
+@pytest.mark.slow
+def test_rm_from_a_user_hh_file_end_to_end(sft_workdir):
+    tmp, workdir, data_flags, demos = sft_workdir
+    fixture = write_hh_comparisons(tmp / "hh.jsonl")
+    flags = [f"--config.data.comparisons=comparisons:{fixture}", *data_flags, *MODEL_CLI, *RM_CLI]
+    out = _main(workdir, "--stages=rm", *flags)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "== rm: 6 steps" in out.stdout and "pairwise accuracy vs labels" in out.stdout
+    assert "baselines vs labels: shorter" in out.stdout and "calibration" in out.stdout
+
+    summary = json.load(open(workdir / "rm" / "metrics.json"))
+    held = summary["heldout"]
+    assert summary["comparisons"]["k"] == 3  # the ranked lists of 3 set K; HH pairs are padded
+    assert held["pairs"] > 0 and 0 <= held["accuracy"] <= 1 and held["calibration"]
+    assert set(held["baselines"]) == {"shorter", "not_idk"}
+    assert "gold_accuracy" not in held  # a user's file has no gold ranking
+    assert "50 the user's demos" == summary["bias_demos"]
+
+    # The stage's output contract: the normalised RM, loadable by later stages, gives the
+    # demonstrations (the first 50 of the user's demos) a mean reward of 0.
+    config = _config(flags)
+    tok = common.get_tokenizer(config, str(workdir))
+    model, params = common.load_stage_params(config, str(workdir), "rm", tok, head="scalar")
+    rewards = []
+    for line in open(demos).read().splitlines()[:50]:
+        ids, _ = chat.render(formats.normalize_demo(json.loads(line))["messages"], tok)
+        rewards.append(float(model.apply(params, np.asarray([ids]))[0, -1]))
+    assert abs(summary["bias_subtracted"]) > 1e-4  # the shift did something...
+    assert abs(np.mean(rewards)) < 1e-4  # ...and it made the demo mean 0
+
+    # Rerunning the finished stage retrains nothing and keeps the same checkpoint.
+    again = _main(workdir, "--stages=rm", *flags)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "== rm: 0 steps" in again.stdout
+    assert os.listdir(workdir / "rm" / "checkpoints") == ["6"]
+
+
+@pytest.mark.slow
+def test_compare_with_a_plugged_in_labeler(sft_workdir):
+    _, workdir, data_flags, _ = sft_workdir
+    flags = [
+        *data_flags,
+        *MODEL_CLI,
+        "--config.compare.k=3",
+        "--config.compare.n_prompts=12",
+        "--config.compare.heldout_fraction=0.25",
+        "--config.compare.max_new_tokens=6",
+        "--config.compare.batch_size=16",
+        "--config.compare.labeler=tests.test_rm_stage:length_labeler",
+    ]
+    out = _main(workdir, "--stages=compare", *flags)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "labeler: tests.test_rm_stage:length_labeler" in out.stdout
+    done = json.load(open(workdir / "compare" / "done.json"))
+    records = {s: list(formats.read_comparisons(p)) for s, p in compare.paths(workdir).items()}
+    assert len(records["heldout"]) <= 3 and len(records["train"]) <= 9
+    assert done["comparisons"] == {s: len(r) for s, r in records.items()}
+    assert sum(done["comparisons"].values()) + done["dropped_all_tied"] == 12
+    assert records["train"]  # a test that checks no record would pass vacuously
+    for rec in records["train"] + records["heldout"]:
+        assert len(rec["responses"]) == 3 and len(rec["ended"]) == 3
+        assert rec["ranks"] == length_labeler({**rec, "ended": rec["ended"]}, rec["responses"])
+        assert len(set(rec["ranks"])) >= 2
+        meta = rec["meta"]
+        assert meta["task"]["prompt"] == rec["prompt"]
+        assert meta["gold_ranks"] == compare.gold_ranks(meta["gold_scores"])
+
+    # Same settings: the finished files are reused, not sampled again.
+    mtime = os.path.getmtime(compare.paths(workdir)["train"])
+    again = _main(workdir, "--stages=compare", *flags)
+    assert again.returncode == 0 and "== compare: reused" in again.stdout
+    assert os.path.getmtime(compare.paths(workdir)["train"]) == mtime
+
+
+def test_gold_ranks_tie_equal_scores():
+    assert compare.gold_ranks([0.2, 1.0, 0.2, -0.5]) == [1, 0, 1, 2]
+
+
+def test_metrics_noise_ceiling_max_accuracy_and_baselines():
+    # One prompt, 3 replies. Gold: a > b = c (b, c tied). Labels: b > a > c.
+    records = [
+        {
+            "responses": ["i don't know", "oslo", "it is rome."],
+            "ranks": [1, 0, 2],
+            "meta": {"gold_ranks": [0, 1, 1]},
+        }
+    ]
+    rewards = np.array([[2.0, 1.0, 0.0]])
+    m = rm.rm_metrics(records, rewards, k_max=3)
+    # Label pairs: b>a (RM wrong), b>c (right), a>c (right).
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["pairs"] == 3
+    # Gold pairs a>b, a>c: the RM gets both; the labels agree on a>c only.
+    assert m["gold_accuracy"] == 1.0 and m["noise_ceiling"] == 0.5
+    # A perfect gold ranker vs the labels: b>a wrong, b>c tie (half), a>c right.
+    assert m["max_accuracy"] == pytest.approx(0.5)
+    # Shorter: b>a right (4 < 12 chars), b>c right, a>c wrong (12 > 11). Not-idk: b>a
+    # right, b>c tie, a>c wrong.
+    assert m["baselines"]["shorter"] == pytest.approx(2 / 3)
+    assert m["baselines"]["not_idk"] == pytest.approx(0.5)
+
+
+def test_scalar_head_from_lm_params_keeps_the_trunk():
+    from gptjax.model import Model
+    from tests.helpers import tiny_model_config
+
+    lm = Model(tiny_model_config())
+    lm_params = lm.init(jax.random.key(0))
+    scalar = Model(tiny_model_config(head="scalar"))
+    params = rm.with_scalar_head(scalar, lm_params)
+    assert jax.tree.structure(params) == jax.tree.structure(scalar.abstract_params)
+    np.testing.assert_array_equal(params["embed"], lm_params["embed"])
+    assert float(np.abs(params["score_w"]).sum()) == 0.0
+    values = scalar.apply(params, np.arange(3, 11)[None])
+    assert values.shape == (1, 8)
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_k_outside_2_to_9_names_the_field(k, tmp_path):
+    config = pipeline.get_config("tiny")
+    config.compare.k = k
+    with pytest.raises(ConfigError, match=rf"config\.compare\.k: must be in 2\.\.9, got {k}"):
+        compare.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "spec,match",
+    [
+        ("nocolon", r"config\.compare\.labeler: expected 'module:function'"),
+        ("no_such_module_xyz:f", r"config\.compare\.labeler: cannot load"),
+        ("tests.test_rm_stage:no_such_function", r"config\.compare\.labeler: cannot load"),
+    ],
+)
+def test_bad_labeler_names_the_field(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        compare.load_labeler(spec)
+
+
+def test_labeler_output_is_checked():
+    with pytest.raises(ConfigError, match=r"compare\.labeler: prompt 3: expected a list of 4"):
+        compare.check_ranks([0, 1, 2], 4, "prompt 3")
+    with pytest.raises(ConfigError, match=r"non-negative integer"):
+        compare.check_ranks([0, 1, -1, 2], 4, "prompt 0")
+    assert compare.check_ranks(np.array([1, 0, 1, 2]), 4, "p") == [1, 0, 1, 2]
+
+
+def test_malformed_comparisons_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = {"prompt": "hi", "chosen": "hello", "rejected": "go away"}
+    path.write_text(json.dumps(good) + "\n" + json.dumps(good) + "\n" + '{"prompt": "hi"}\n')
+    config = pipeline.get_config("tiny")
+    config.data.comparisons = f"comparisons:{path}"
+    with pytest.raises(ConfigError, match=rf"config\.data\.comparisons: {path}:3: missing field"):
+        rm.comparison_sources(config, str(tmp_path))
+
+
+def test_rm_without_compare_output_says_what_to_run(tmp_path):
+    config = pipeline.get_config("tiny")
+    with pytest.raises(FileNotFoundError, match=r"run --stages=compare first"):
+        rm.comparison_sources(config, str(tmp_path))
+    config.data.comparisons = "/path/without/kind.jsonl"
+    with pytest.raises(ConfigError, match=r"config\.data\.comparisons: expected 'compare'"):
+        rm.comparison_sources(config, str(tmp_path))

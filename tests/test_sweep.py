@@ -1,0 +1,169 @@
+"""The sweep runner and the reports: verdict rule, skipping finished cells, report files."""
+
+import json
+import os
+
+import pytest
+
+from configs import sweep as sweep_configs
+from experiments import report
+from experiments import sweep as sweep_lib
+
+
+def _stat(mean):
+    return {"mean": mean, "lo": mean - 0.05, "hi": mean + 0.05, "n": 64}
+
+
+def _cell(variant, seed, ppo_gold, sft_gold=0.2, kl=1.0, tax=2.0):
+    metrics = lambda gold, rm, k: {  # noqa: E731
+        "gold_reward": _stat(gold),
+        "rm_reward": _stat(rm),
+        "kl_to_sft": _stat(k),
+        "entropy": _stat(1.0),
+        "distinct_2": _stat(0.5),
+        "unique_rate": _stat(0.6),
+        "accuracy": _stat(0.5),
+    }
+    return {
+        "variant": variant,
+        "seed": seed,
+        "variants": {
+            "SFT": {
+                "greedy": metrics(sft_gold, 0.0, 0.0),
+                "sample": {**metrics(sft_gold, 0.0, 0.0), "kl_to_sft": _stat(0.0)},
+                "model": {"heldout_lm_loss": _stat(tax - 0.1)},
+            },
+            "PPO": {
+                "greedy": metrics(ppo_gold, 1.0, kl),
+                "sample": metrics(ppo_gold, 1.0, kl),
+                "model": {"heldout_lm_loss": _stat(tax)},
+            },
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "effects, sign, want",
+    [
+        ([0.10, 0.12, 0.09], +1, "supported"),
+        ([0.10, 0.12, 0.09], -1, "contradicted"),
+        ([-0.10, -0.12, -0.09], -1, "supported"),
+        ([0.10, -0.10, 0.05], +1, "inconclusive"),
+        ([0.30], +1, "inconclusive"),  # one seed: no interval
+    ],
+)
+def test_verdict_rule(effects, sign, want):
+    assert sweep_lib.verdict(effects, sign)["verdict"] == want
+
+
+def test_findings_are_judged_on_paired_seeds():
+    cells = [_cell("a", s, ppo_gold=0.5 + 0.01 * s) for s in range(3)]
+    cells += [_cell("b", s, ppo_gold=0.3 + 0.01 * s) for s in range(3)]
+    finding = dict(
+        name="a beats b",
+        metric="gold_reward",
+        protocol="sample",
+        a=("a", "PPO"),
+        b=("b", "PPO"),
+        sign=+1,
+        why="",
+    )
+    (v,) = sweep_lib.judge([finding], cells)
+    assert v["verdict"] == "supported" and v["effect"] == pytest.approx(0.2)
+    assert v["seeds"] == 3 and v["lo"] == pytest.approx(0.2)  # paired: no variance
+
+
+def test_sweep_runner_skips_finished_cells(tmp_path, monkeypatch):
+    sweep = sweep_configs.get_config("ptx")
+    with sweep.unlocked():
+        sweep.seeds = [0, 1]
+    shared = tmp_path / "shared"
+    for stage in sweep.shared_stages:
+        (shared / stage).mkdir(parents=True)
+    workdir = tmp_path / "sweep"
+    done = sweep_lib.cell_dir(str(workdir), "ppo", 0)
+    os.makedirs(done)
+    with open(os.path.join(done, "DONE.json"), "w") as f:
+        json.dump(_cell("ppo", 0, 0.5), f)
+
+    ran = []
+
+    def fake_run_stages(config, directory, stages):
+        ran.append((os.path.relpath(directory, workdir), tuple(stages), config.seeds.init))
+        variant = os.path.basename(os.path.dirname(directory))
+        return {"eval": _cell(variant, config.seeds.init, 0.4)}
+
+    class FakeTokenizer:
+        hash = "f" * 64
+
+    monkeypatch.setattr(sweep_lib.pipeline_stages, "run_stages", fake_run_stages)
+    monkeypatch.setattr(sweep_lib.common, "get_tokenizer", lambda config, wd: FakeTokenizer())
+    out = sweep_lib.run_sweep(sweep, "ptx", str(workdir), shared_from=str(shared))
+    assert sorted(ran) == [
+        ("cells/ppo/seed1", ("ppo", "eval"), 1),
+        ("cells/ppo_ptx/seed0", ("ppo", "eval"), 0),
+        ("cells/ppo_ptx/seed1", ("ppo", "eval"), 1),
+    ]
+    # The cells link the shared stages they do not rerun.
+    assert os.path.islink(workdir / "cells/ppo/seed1/sft")
+    assert not os.path.lexists(workdir / "cells/ppo/seed1/ppo")
+    assert os.path.exists(out["report"])
+    ran.clear()
+    sweep_lib.run_sweep(sweep, "ptx", str(workdir), shared_from=str(shared))
+    assert ran == []  # every cell finished: nothing reruns
+
+
+def test_sweep_report_from_fake_results(tmp_path):
+    sweep = sweep_configs.get_config("kl")
+    cells = [
+        _cell(v, s, ppo_gold=g + 0.01 * s, kl=k)
+        for v, g, k in (("beta_5e-2", 0.5, 1.0), ("beta_1e-3", 0.3, 6.0))
+        for s in range(3)
+    ]
+    prov = {
+        "commit": "abc",
+        "packages": {"jax": "x"},
+        "world_hash": "w",
+        "tokenizer_hash": "t" * 16,
+        "seeds": {"init": 0},
+    }
+    out = sweep_lib.write_report(str(tmp_path), "kl", sweep, cells, prov)
+    text = open(out["report"]).read()
+    verdicts = {v["name"]: v["verdict"] for v in out["verdicts"]}
+    assert verdicts["RLHF beats SFT on gold reward"] == "supported"
+    assert verdicts["over-optimisation lowers gold reward"] == "supported"
+    assert verdicts["the proxy RM keeps rising"] == "inconclusive"  # equal RM: effect 0
+    assert "**supported**" in text and "commit: `abc`" in text
+    rows = report.read_csv(os.path.join(tmp_path, "results.csv"))
+    assert {r["commit"] for r in rows} == {"abc"} and {r["seed"] for r in rows} == {"0", "1", "2"}
+    for path in out["plots"].values():
+        assert os.path.getsize(path) > 1000  # a real PNG
+
+
+def test_run_report_from_fake_eval_results(tmp_path):
+    variants = _cell("x", 0, 0.5)["variants"]
+    gates = [
+        {
+            "name": "g",
+            "description": "a gate",
+            "op": ">=",
+            "threshold": 0.5,
+            "value": 0.7,
+            "passed": True,
+            "stage": "eval",
+        }
+    ]
+    prov = {
+        "commit": "abc",
+        "packages": {},
+        "world_hash": "w",
+        "tokenizer_hash": "t" * 16,
+        "seeds": {"init": 0},
+    }
+    paths = report.write_run_report(str(tmp_path), "TABLE", variants, gates, {"sft": 61.0}, prov)
+    text = open(paths["report"]).read()
+    assert "TABLE" in text and "PASS" in text and "| sft | 61 |" in text
+    assert os.path.getsize(paths["gold_plot"]) > 1000 and os.path.exists(paths["kl_plot"])
+    assert len(report.read_csv(paths["csv"])) == sum(
+        len(v[p]) for v in variants.values() for p in ("greedy", "sample", "model")
+    )
