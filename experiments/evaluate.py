@@ -142,8 +142,6 @@ def _replies(v: Variant, models: Models, records, proto, temperature: float, sam
 
     if not v.best_of:
         return rm_scored(evaluate.generate_replies(model, params, tok, records, **kw))
-    # Best-of-n draws at the sampling temperature even in the greedy protocol (one pick).
-    kw["temperature"] = proto.temperature
     draws = [
         rm_scored(evaluate.generate_replies(model, params, tok, records, seed_offset=m, **kw))
         for m in range(v.best_of)
@@ -180,6 +178,10 @@ def evaluate_all(config, workdir: str) -> dict:
     replies = {}
     for v in todo:
         for name, temperature, samples in protocols:
+            if v.best_of and name == "greedy":
+                # Best-of-n picks among temperature-1 samples: it has no greedy reply.
+                replies[v.name, name] = []
+                continue
             r = _replies(v, models, records, proto, temperature, samples)
             replies[v.name, name] = _model_scores(v, models, records, proto, r, name == "sample")
     per_model = {}
