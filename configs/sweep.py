@@ -51,6 +51,18 @@ def _sweep(variants, cell_stages, eval_variants, findings, shared=SHARED, overri
     )
 
 
+def _from_compare(variants, findings):
+    """A sweep of a knob that acts from comparison collection on: pretrain and SFT are
+    shared; compare, RM, PPO and eval run per cell."""
+    return _sweep(
+        variants,
+        ["compare", "rm", "ppo", "eval"],
+        ["SFT", "PPO"],
+        findings,
+        shared=("pretrain", "sft"),
+    )
+
+
 def get_config(name: str = "kl") -> ml_collections.ConfigDict:
     sweep = _preset(name)
     sweep.name = name
@@ -172,13 +184,7 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 "a larger RM dataset gives a better proxy and a better policy",
             )
         ]
-        return _sweep(
-            variants,
-            ["compare", "rm", "ppo", "eval"],
-            ["SFT", "PPO"],
-            findings,
-            shared=("pretrain", "sft"),
-        )
+        return _from_compare(variants, findings)
     if name == "label_noise":
         variants = {
             f"noise_{round(100 * n)}pct": {"world.label_noise": n} for n in (0.05, 0.25, 0.4)
@@ -194,13 +200,7 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 "label noise degrades the RM and what PPO learns from it",
             )
         ]
-        return _sweep(
-            variants,
-            ["compare", "rm", "ppo", "eval"],
-            ["SFT", "PPO"],
-            findings,
-            shared=("pretrain", "sft"),
-        )
+        return _from_compare(variants, findings)
     if name == "code_frac":
         variants = {
             f"code_{round(100 * f)}pct": {"world.code_doc_frac": f} for f in (0.0, 0.15, 0.4)
@@ -230,13 +230,7 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 "the RM learns the length preference and PPO follows it",
             )
         ]
-        return _sweep(
-            variants,
-            ["compare", "rm", "ppo", "eval"],
-            ["SFT", "PPO"],
-            findings,
-            shared=("pretrain", "sft"),
-        )
+        return _from_compare(variants, findings)
     if name == "abstention":
         variants = {f"idk_{round(100 * r)}pct": {"world.demo_idk_rate": r} for r in (0.1, 0.5, 0.9)}
         findings = [

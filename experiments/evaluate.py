@@ -246,11 +246,3 @@ def format_model_table(results: dict) -> str:
             cells.append("—" if s is None else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def gold_gap(results: dict, a: str, b: str, protocol_name: str) -> float | None:
-    """Gold reward of variant a minus b (None if either is missing)."""
-    v = results.get("variants", results)
-    if a not in v or b not in v:
-        return None
-    return v[a][protocol_name]["gold_reward"]["mean"] - v[b][protocol_name]["gold_reward"]["mean"]
