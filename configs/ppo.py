@@ -27,6 +27,10 @@ Fields:
   kl_target             0: fixed β; > 0: lm-human-preferences' proportional controller moves β
                         toward this KL per reply (nats), at rate batch / kl_horizon
   kl_horizon            the controller's horizon in rollouts
+  kl_max                KL blow-up guard: an update after which the policy's KL to the SFT
+                        model on the rollout exceeds this (nats per reply) is discarded; 0 = off
+  kl_guard              what a discarded blow-up does: "rollback" (go on from the state before
+                        it, counted as kl_blowup in metrics) | "stop" (end the stage there)
   whiten_rewards        whiten per-token rewards (without shifting their mean) before GAE
   no_eos_penalty        subtracted from the RM score of replies cut at max_new_tokens
   ptx_coef              γ_ptx: weight of the pretraining LM loss mixed into every update
@@ -39,7 +43,9 @@ Fields:
   eval_every            gold evaluation every this many iterations (0 = only at the end)
   eval_prompts          how many of the world's eval prompts the in-stage evaluation uses
                         (0 = none); the eval stage evaluates on all of them
-  checkpoint_every, keep_checkpoints, log_every, nonfinite   as in every stage
+  checkpoint_every, keep_checkpoints, log_every, nonfinite   as in every stage; nonfinite
+                        also covers non-finite rollout log-probs, values and scores (the
+                        whole iteration's update is discarded)
 """
 
 import ml_collections
@@ -86,6 +92,9 @@ def ppo_section(preset: str, ptx: bool) -> ml_collections.ConfigDict:
             kl_coef=0.2 if cpu else 0.02,
             kl_target=0.0,
             kl_horizon=10_000.0,
+            # Off by default: checking costs one more policy forward pass per iteration.
+            kl_max=0.0,
+            kl_guard="rollback",
             whiten_rewards=False,
             no_eos_penalty=1.0,
             ptx_coef=1.0 if ptx else 0.0,

@@ -5,6 +5,12 @@ checkpoint -> final eval and checkpoint. Also: SIGTERM/SIGINT save the current s
 stop with a one-line reason (orbax's own preemption check is always false without
 jax.distributed, so single-host runs need this handler), and the non-finite policy.
 
+Resuming uses the newest checkpoint that passes its manifest and shape checks; broken
+newer ones are moved aside and reported (gptjax/checkpoint.py). A resume that would
+change the tokenizer or what the data stream is (RESUME_KEYS) is refused. A state with
+a non-finite value is never saved, so it cannot push good checkpoints out of the
+keep-last-K window.
+
 Metrics of step n are read while step n+1 runs (nanodo): the host never waits on the
 device just to log.
 """
@@ -12,6 +18,7 @@ device just to log.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -21,12 +28,36 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from gptjax import checkpoint as ckpt_lib
+from gptjax.errors import CheckpointError
 from gptjax.metrics import MetricsWriter, to_python
 
 NONFINITE_POLICIES = ("skip", "stop")
+# Config fields (dotted prefixes of the saved config) a resume must not change: they
+# decide the tokens and the order the data iterator's saved position refers to. "STAGE"
+# is the stage's own section. Steps, learning rate and checkpoint/eval cadence may change.
+RESUME_KEYS = (
+    "world.",
+    "seeds.",
+    "tokenizer.vocab_size",
+    "tokenizer.model_type",
+    "tokenizer.pad_vocab_to",
+    "data.pretrain",
+    "data.demos",
+    "data.comparisons",
+    "STAGE.batch_size",
+    "STAGE.seq_len",
+    "STAGE.packed",
+    "STAGE.k_max",
+    "STAGE.prompts",
+    "STAGE.max_prompt_len",
+    "STAGE.ptx_batch_size",
+    "STAGE.ptx_fraction",
+    "STAGE.ptx_seq_len",
+)
 
 
 class StageStopped(RuntimeError):
@@ -47,6 +78,9 @@ class LoopConfig:
     nonfinite: str = "skip"  # skip: leave params unchanged and go on; stop: stop the stage
     tokens_per_step: int = 0  # for tokens/s on the progress bar
     progress: bool = True
+    # Metrics that, when > 0 in a step, stop the stage (the step's update was already
+    # discarded inside the jit), e.g. PPO's "kl_blowup" under kl_guard=stop.
+    stop_on: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -84,6 +118,39 @@ def _items(state: dict) -> dict:
     return {k: v for k, v in state.items() if k != "step"}
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """One flag for the whole state (integer leaves are trivially finite)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_conflict(saved: dict, current: dict) -> str | None:
+    """Why a checkpoint with meta `saved` must not be resumed under meta `current` (another
+    tokenizer, or a RESUME_KEYS config field changed), or None."""
+    a, b = saved.get("tokenizer_hash"), current.get("tokenizer_hash")
+    if a and b and a != b:
+        return f"it was trained with tokenizer {a[:12]}, this run has {b[:12]}"
+    if "config" not in saved or "config" not in current:
+        return None
+    stage = current.get("stage", "")
+    keys = tuple(k.replace("STAGE.", f"{stage}.") for k in RESUME_KEYS)
+    old, new = _flat(json.loads(saved["config"])), _flat(json.loads(current["config"]))
+    for key in sorted(set(old) | set(new)):
+        if key.startswith(keys) and old.get(key) != new.get(key):
+            return f"config.{key} was {old.get(key)!r}, now {new.get(key)!r}"
+    return None
+
+
 def run_stage(
     name: str,
     stage_dir: str,
@@ -114,12 +181,33 @@ def run_stage(
     ckpt = ckpt_lib.Checkpointer(
         os.path.join(stage_dir, "checkpoints"), item_names, keep=loop.keep_checkpoints
     )
-    resumed_from = ckpt.latest_step()
-    if resumed_from is None:
+    abstract_items = ckpt_lib.abstract_tree(_items(abstract), _items(state_shardings))
+
+    def check_meta(saved_meta, where):
+        conflict = resume_conflict(saved_meta, meta or {})
+        if conflict:
+            raise CheckpointError(
+                f"{name}: refusing to resume from {where}: {conflict}; use a new --workdir "
+                f"or restore the old setting"
+            )
+
+    try:
+        restored = ckpt.restore_latest_good(abstract_items, check_meta)
+    except BaseException:
+        ckpt.close()
+        raise
+    for bad in ckpt.rejected:
+        print(
+            f"{name}: checkpoint {bad.step} is unusable ({bad.reason}); moved to {bad.moved_to}",
+            file=sys.stderr,
+        )
+    if restored is None:
+        resumed_from = None
         state = init_state()
     else:
-        abstract_items = ckpt_lib.abstract_tree(_items(abstract), _items(state_shardings))
-        _, items, saved_meta = ckpt.restore(abstract_items, resumed_from)
+        resumed_from, items, saved_meta = restored
+        if ckpt.rejected:
+            print(f"{name}: resuming from checkpoint {resumed_from}", file=sys.stderr)
         state = {
             **items,
             "step": jax.device_put(
@@ -133,6 +221,11 @@ def run_stage(
     start = int(state["step"])
 
     def save(step: int):
+        if not bool(_all_finite(_items(state))):
+            raise StageStopped(
+                f"{name}: the state at step {step} has non-finite values; not checkpointed "
+                f"(last good checkpoint: {ckpt.latest_step()})"
+            )
         data = {
             "data": batches.get_state(),
             "rng": ckpt_lib.key_to_json(rng),
@@ -162,9 +255,17 @@ def run_stage(
             nonfinite += 1
             writer.write(step, {"nonfinite_step": 1.0})
             if loop.nonfinite == "stop":
+                writer.write(step, last)
                 raise StageStopped(
-                    f"{name}: non-finite loss or gradient at step {step}; "
-                    f"stopped with the last good state (policy nonfinite=stop)"
+                    f"{name}: non-finite loss or gradient at step {step}; stopped, the last "
+                    f"good checkpoint is {ckpt.latest_step()} (policy nonfinite=stop)"
+                )
+        for key in loop.stop_on:
+            if last.get(key, 0.0) > 0:
+                writer.write(step, last)
+                raise StageStopped(
+                    f"{name}: {key} at step {step} (update discarded); stopped, the last "
+                    f"good checkpoint is {ckpt.latest_step()}"
                 )
         now = time.perf_counter()
         if loop.tokens_per_step:
@@ -182,6 +283,7 @@ def run_stage(
         with _Signals() as signals:
             for step in range(start + 1, loop.steps + 1):
                 state, metrics = train_step(state, next(batches), rng)
+                ckpt.poll()  # raises a failed async save early (manifests need no poll)
                 if pending is not None:
                     consume(*pending)
                 pending = (step, metrics)

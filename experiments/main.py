@@ -19,17 +19,24 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.loop import StageStopped
-from experiments.stages import DEFAULT_STAGES, STAGES, run_stages
-from gptjax.errors import ConfigError
+from experiments.stages import DEFAULT_STAGES, STAGES, run_guarded
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    os.path.normpath(_DEFAULT_CONFIG) + ":tiny",
-    "Pipeline config file:preset.",
-    lock_config=True,
-)
+try:
+    # Defining the flag applies the --config.* overrides in sys.argv already.
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config",
+        os.path.normpath(_DEFAULT_CONFIG) + ":tiny",
+        "Pipeline config file:preset.",
+        lock_config=True,
+    )
+except (KeyError, AttributeError) as e:  # an override of a field that does not exist
+    if __name__ != "__main__":
+        raise
+    _key = str(e).strip("'\"")
+    _bad = [a.split("=")[0] for a in sys.argv if a.startswith("--config.") and f".{_key}" in a]
+    print(f"error: {(_bad or ['--config'])[0]}: no such config field {_key!r}", file=sys.stderr)
+    sys.exit(2)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: a new runs/<preset>-<time>)."
 )
@@ -43,7 +50,13 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     # tfds logs a warning for every custom (content-hashed) dataset config it loads.
     logging.set_verbosity(logging.ERROR)
-    config = _CONFIG.value
+    try:
+        config = _CONFIG.value
+        _ = config.preset  # a config file that failed to load raises on first use
+    except OSError as e:  # the message ends with the underlying reason, e.g. no such file
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"error: --config: {lines[-1]}", file=sys.stderr)
+        return 2
     stages = [s.strip() for s in _STAGES.value.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -54,15 +67,7 @@ def main(argv) -> int:
     )
     os.makedirs(workdir, exist_ok=True)
     print(f"workdir: {workdir}")
-    try:
-        run_stages(config, workdir, stages)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except StageStopped as e:
-        print(f"stopped: {e}", file=sys.stderr)
-        return e.exit_code
-    return 0
+    return run_guarded(config, workdir, stages)
 
 
 def run():

@@ -46,6 +46,7 @@ from gptjax.optim import OptimConfig, make_optimizer
 
 STAGES = ("ppo", "ppo_ptx")
 VALUE_FROM = ("rm", "head")
+KL_GUARDS = ("rollback", "stop")
 # Fields of a config section that are PPOConfig's (the rest configure the stage).
 _ALGO = tuple(f.name for f in dataclasses.fields(ppo.PPOConfig) if f.name != "value_head")
 
@@ -285,6 +286,10 @@ def build(config, workdir: str, stage: str) -> dict:
     if section.iterations < 1:
         raise ConfigError(f"{stage}.iterations", f"must be >= 1, got {section.iterations}")
     loop = common.loop_config(section, stage, section.iterations)
+    if section.kl_guard not in KL_GUARDS:
+        raise ConfigError(f"{stage}.kl_guard", f"{section.kl_guard!r} not in rollback|stop")
+    if section.kl_guard == "stop":
+        loop = dataclasses.replace(loop, stop_on=("kl_blowup",))
     optim = config_lib.from_dict(OptimConfig, section.optim, f"{stage}.optim")
     optim.validate(f"{stage}.optim")
     mesh = common.make_mesh(config)

@@ -70,6 +70,7 @@ def comparison_sources(config, workdir: str):
         spec,
         config.data.comparisons_heldout_fraction,
         common.data_dir(config, workdir),
+        common.max_bad_fraction(config),
     )
 
 

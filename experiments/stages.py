@@ -6,6 +6,7 @@ sweep runner can run stages too.
 
 from __future__ import annotations
 
+import sys
 import time
 
 from experiments import (
@@ -20,6 +21,9 @@ from experiments import (
     sft,
     show_data,
 )
+from experiments.loop import StageStopped
+from gptjax import config as config_lib
+from gptjax.errors import CheckpointError, ConfigError
 
 STAGES = {
     "pretrain": pretrain.run,
@@ -72,3 +76,18 @@ def run_stages(config, workdir: str, stages: list[str]) -> dict[str, dict]:
             print(report.gate_line(row))
         summaries[stage] = summary
     return summaries
+
+
+def run_guarded(config, workdir: str, stages: list[str]) -> int:
+    """Runs the stages; a bad config, data file or checkpoint, or a stop (signal,
+    non-finite values) is one line on stderr and a non-zero exit code."""
+    try:
+        config_lib.check_paths(config)
+        run_stages(config, workdir, stages)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StageStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0

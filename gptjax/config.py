@@ -96,3 +96,30 @@ def parse_lm(config, n_devices: int | None = None) -> LMSetup:
                 "model.d_model", f"{model.d_model} is not divisible by mesh.fsdp={fsdp}"
             )
     return LMSetup(model, mesh, optim, train)
+
+
+# Config fields that name files or directories; data specs are KIND:PATH.
+_PATH_FIELDS = ("path", "data_dir", "init_from", "policy_from", "rm_from")
+_SPEC_FIELDS = ("pretrain", "demos", "comparisons", "prompts")
+
+
+def check_paths(config, prefix: str = "") -> None:
+    """No path in the config may contain a `..` component: a config (possibly someone
+    else's) cannot reach outside the workdir or the directories it names explicitly."""
+    for key, value in config.items():
+        field = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            check_paths(value, f"{field}.")
+            continue
+        if not isinstance(value, str) or not value:
+            continue
+        if key in _SPEC_FIELDS and ":" in value:
+            path = value.split(":", 1)[1]
+        elif key in _PATH_FIELDS:
+            path = value
+        else:
+            continue
+        if ".." in path.replace("\\", "/").split("/"):
+            raise ConfigError(
+                field, f"{value!r}: '..' is not allowed in paths; give an absolute path"
+            )

@@ -7,3 +7,8 @@ class ConfigError(ValueError):
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"config.{field}: {message}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used here: corrupt, or saved with other shapes, dtypes, a
+    different tokenizer or incompatible data settings; the message says which and why."""

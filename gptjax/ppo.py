@@ -59,6 +59,9 @@ class PPOConfig:
     whiten_rewards: bool = False
     no_eos_penalty: float = 0.0
     temperature: float = 1.0
+    # 0: off; > 0: an update after which the policy's KL to the reference on this rollout
+    # exceeds kl_max (nats per reply) is discarded (the stage then stops or goes on).
+    kl_max: float = 0.0
     value_head: bool = False
 
     @classmethod
@@ -77,7 +80,15 @@ class PPOConfig:
         need(self.clip_value > 0, "clip_value", f"must be > 0, got {self.clip_value}")
         need(0 <= self.gamma <= 1, "gamma", f"must be in [0, 1], got {self.gamma}")
         need(0 <= self.lam <= 1, "lam", f"must be in [0, 1], got {self.lam}")
-        for name in ("vf_coef", "ent_coef", "ptx_coef", "kl_coef", "kl_target", "no_eos_penalty"):
+        for name in (
+            "vf_coef",
+            "ent_coef",
+            "ptx_coef",
+            "kl_coef",
+            "kl_target",
+            "no_eos_penalty",
+            "kl_max",
+        ):
             need(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         need(self.kl_horizon > 0, "kl_horizon", f"must be > 0, got {self.kl_horizon}")
         need(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -416,6 +427,18 @@ def ppo_train_step(
         x.reshape(b, n) for x in jax.lax.map(lambda c: old_pass(_constrain(c, mesh)), chunks)
     )
     beta = state["kl"]["beta"]
+
+    def finite_on_mask(x_BxN):
+        return jnp.all(jnp.isfinite(jnp.where(mask > 0, x_BxN, 0.0)))
+
+    # A non-finite log-prob, value or score would poison every minibatch and β: the whole
+    # iteration is discarded instead, selected inside the jit (no host sync).
+    inputs_finite = (
+        finite_on_mask(old_logp)
+        & finite_on_mask(batch["ref_logprobs"])
+        & finite_on_mask(old_values)
+        & jnp.all(jnp.isfinite(batch["scores"]))
+    )
     rewards, kl = kl_penalized_rewards(
         old_logp,
         batch["ref_logprobs"],
@@ -506,14 +529,33 @@ def ppo_train_step(
         updates = state["step"] * (e * k) + epoch_index * k + jnp.arange(k)
         return jax.lax.scan(minibatch, carry, (perm_KxM, ptx, updates))
 
-    trainable = {key: state[key] for key in ("params", "value", "opt_state")}
-    trainable, stats_ExK = jax.lax.scan(epoch, trainable, (jax.random.split(rng, e), jnp.arange(e)))
+    before = {key: state[key] for key in ("params", "value", "opt_state")}
+    trainable, stats_ExK = jax.lax.scan(epoch, before, (jax.random.split(rng, e), jnp.arange(e)))
     kl_per_reply = jnp.mean(jnp.sum(kl, axis=1))
     new_beta = kl_controller_update(beta, kl_per_reply, b, cfg.kl_target, cfg.kl_horizon)
+    keep, guard = inputs_finite, {}
+    if cfg.kl_max > 0:
+        # The updated policy's KL to the reference on this rollout's replies (one more
+        # forward pass): a blow-up is rolled back here, before it can be sampled from.
+        new_logp = jax.lax.map(
+            lambda c: response_logprobs(
+                policy, trainable["params"], _constrain(c, mesh), cfg.temperature
+            )[0],
+            chunks,
+        ).reshape(b, n)
+        kl_after = jnp.mean(jnp.sum((new_logp - batch["ref_logprobs"]) * mask, axis=1))
+        blown = ~(kl_after <= cfg.kl_max)  # NaN counts as a blow-up
+        guard = {"kl_after": kl_after, "kl_blowup": (inputs_finite & blown).astype(jnp.float32)}
+        keep = keep & ~blown
+    trainable = jax.tree.map(lambda new, old: jnp.where(keep, new, old), trainable, before)
+    new_beta = jnp.where(keep, new_beta, beta)
     new_state = {**trainable, "kl": {"beta": new_beta}, "step": state["step"] + 1}
 
     metrics = {key: jnp.mean(v) for key, v in stats_ExK.items()}
-    metrics["nonfinite"] = jnp.max(stats_ExK["nonfinite"])
+    metrics.update(guard)
+    metrics["nonfinite"] = jnp.maximum(
+        jnp.max(stats_ExK["nonfinite"]), 1.0 - inputs_finite.astype(jnp.float32)
+    )
     metrics["first_ratio_dev_max"] = stats_ExK["ratio_dev_max"][0, 0]
     metrics["first_clipfrac"] = stats_ExK["clipfrac"][0, 0]
     del metrics["ratio_dev_max"]

@@ -11,11 +11,15 @@
   turn HH context survives; `prompt` is its last user turn.
 
 JSON records come one per line (`.jsonl`) or as one JSON array (`.json`, as Alpaca ships).
-A malformed record is an error, never skipped: the message starts with `path:line:`.
+A malformed record is an error (the message starts with `path:line:`), unless the
+reader runs inside `drop_bad_records(max_fraction)`: then bad records are skipped and
+collected, and only more than max_fraction of a file's records being bad is an error.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -34,6 +38,25 @@ _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
 class FormatError(ValueError):
     """A record that cannot be parsed; the message starts with `path:line:`."""
+
+
+# (max_fraction, list collecting "path:line: reason" of dropped records), or None: strict.
+_DROP: contextvars.ContextVar[tuple[float, list[str]] | None] = contextvars.ContextVar(
+    "drop_bad_records", default=None
+)
+
+
+@contextlib.contextmanager
+def drop_bad_records(max_fraction: float):
+    """Readers called in this block skip malformed JSON records while at most
+    `max_fraction` of a file's records are bad, and fail (naming the count and the first
+    bad `path:line`) above it. Yields the list of dropped records' `path:line: reason`."""
+    dropped: list[str] = []
+    token = _DROP.set((max_fraction, dropped) if max_fraction > 0 else None)
+    try:
+        yield dropped
+    finally:
+        _DROP.reset(token)
 
 
 def _read_text_file(path: str) -> str:
@@ -103,12 +126,48 @@ def _jsonl(path: str, text: str) -> Iterator[tuple[int, object]]:
             raise FormatError(f"{path}:{line}: bad JSON: {e.msg}") from None
 
 
-def _normalised(path: str, normalise: Callable[[Mapping], dict]) -> Iterator[dict]:
-    for line, obj in json_records(path):
+def _parsed(path: str) -> Iterator[tuple[int, object, str | None]]:
+    """(line, object, None) per record, or (line, None, reason) for a JSONL line that is
+    not JSON or not an object (a broken `.json` array cannot be resynchronised: raises)."""
+    if path.endswith(".json"):
+        for line, item in _json_array(path, _read_text_file(path)):
+            yield line, item, None
+        return
+    for line, raw in enumerate(_read_text_file(path).split("\n"), start=1):
+        if not raw.strip():
+            continue
         try:
-            yield normalise(obj)
-        except ValueError as e:
-            raise FormatError(f"{path}:{line}: {e}") from None
+            yield line, json.loads(raw), None
+        except json.JSONDecodeError as e:
+            yield line, None, f"bad JSON: {e.msg}"
+
+
+def _normalised(path: str, normalise: Callable[[Mapping], dict]) -> Iterator[dict]:
+    drop = _DROP.get()
+    bad, total = [], 0
+    for line, obj, error in _parsed(path):
+        total += 1
+        if error is None and not isinstance(obj, dict):
+            error = f"expected a JSON object, got {type(obj).__name__}"
+        if error is None:
+            try:
+                record = normalise(obj)
+            except ValueError as e:
+                error = str(e)
+        if error is not None:
+            if drop is None:
+                raise FormatError(f"{path}:{line}: {error}")
+            bad.append(f"{path}:{line}: {error}")
+            continue
+        yield record
+    if bad:
+        max_fraction, dropped = drop
+        if len(bad) > max_fraction * total:
+            raise FormatError(
+                f"{bad[0]} (and {len(bad) - 1} more: {len(bad)} of {total} records are "
+                f"malformed, above the allowed fraction {max_fraction})"
+            )
+        dropped.extend(bad)
 
 
 def _string(obj: Mapping, key: str, what: str | None = None) -> str:
