@@ -10,23 +10,27 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import jax
 import ml_collections
+import numpy as np
 
 from experiments.loop import LoopConfig
 from gptjax import config as config_lib
 from gptjax import sharding, train_steps
 from gptjax.config import TrainConfig
-from gptjax.data import builders
+from gptjax.data import builders, formats
 from gptjax.data import tokenizer as tok_lib
-from gptjax.errors import ConfigError
+from gptjax.errors import CheckpointError, ConfigError
 from gptjax.model import Model, ModelConfig
 from gptjax.optim import OptimConfig, make_optimizer
 from gptjax.world import WorldConfig, generate
 
 WORLD = "world"
+T = TypeVar("T")
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -50,11 +54,15 @@ def world_config(config) -> WorldConfig:
 def world_data(config, workdir: str) -> dict[str, Sequence[dict]]:
     """The generated world as TFDS array_record splits (prepared once per content hash)."""
     cfg = world_config(config)
-    return builders.build_records(
-        "world",
-        lambda: generate(cfg),
-        {"world": cfg.to_dict(), "hash": cfg.content_hash()},
-        data_dir(config, workdir),
+    initialize_distributed(config)
+    return process_0_first(
+        "world data",
+        lambda: builders.build_records(
+            "world",
+            lambda: generate(cfg),
+            {"world": cfg.to_dict(), "hash": cfg.content_hash()},
+            data_dir(config, workdir),
+        ),
     )
 
 
@@ -65,20 +73,46 @@ def pretrain_sources(config, workdir: str) -> tuple[Sequence, Sequence]:
         world = world_data(config, workdir)
         return world["pretrain"], world["pretrain_heldout"]
     return split_user_file(
-        "data.pretrain", spec, config.data.pretrain_heldout_fraction, data_dir(config, workdir)
+        "data.pretrain",
+        spec,
+        config.data.pretrain_heldout_fraction,
+        data_dir(config, workdir),
+        max_bad_fraction(config),
     )
 
 
-def split_user_file(field: str, spec: str, heldout_fraction: float, ddir: str):
+def max_bad_fraction(config) -> float:
+    """data.max_bad_fraction: the share of malformed records of a user's file that are
+    dropped (each reported) rather than failing; 0 (the default) = none."""
+    value = config.data.get("max_bad_fraction", 0.0)
+    if not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError("data.max_bad_fraction", f"must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def split_user_file(
+    field: str, spec: str, heldout_fraction: float, ddir: str, max_bad_fraction: float = 0.0
+):
     """(train, held-out) slices of a user's dataset; errors name the config field."""
     if not 0 < heldout_fraction < 1:
         raise ConfigError(f"{field}_heldout_fraction", f"must be in (0, 1), got {heldout_fraction}")
     pct = max(1, round(100 * heldout_fraction))
-    try:
+
+    def load():
         train = builders.load_split(spec, f"train[:{100 - pct}%]", ddir)
-        heldout = builders.load_split(spec, f"train[{100 - pct}%:]", ddir)
+        return train, builders.load_split(spec, f"train[{100 - pct}%:]", ddir)
+
+    try:
+        with formats.drop_bad_records(max_bad_fraction) as dropped:
+            train, heldout = process_0_first(field, load)
     except ValueError as e:
         raise ConfigError(field, str(e)) from None
+    if dropped:
+        print(
+            f"{field}: dropped {len(dropped)} malformed records (data.max_bad_fraction="
+            f"{max_bad_fraction}), the first: {dropped[0]}",
+            file=sys.stderr,
+        )
     if len(train) == 0 or len(heldout) == 0:
         raise ConfigError(
             field,
@@ -99,7 +133,23 @@ def _texts(source: Sequence, limit_chars: int = 20_000_000):
 
 
 def get_tokenizer(config, workdir: str, corpus: Sequence | None = None) -> tok_lib.Tokenizer:
-    """Loads config.tokenizer.path, or the workdir's, or trains one on the corpus."""
+    """Loads config.tokenizer.path, or the workdir's, or trains one on the corpus (process 0
+    first); every process of a multi-host run must end up with the same one."""
+    initialize_distributed(config)
+    tokenizer = process_0_first(
+        "tokenizer", lambda: _load_or_train_tokenizer(config, workdir, corpus)
+    )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.assert_equal(
+            np.frombuffer(bytes.fromhex(tokenizer.hash), np.uint8),
+            f"processes loaded different tokenizers (this one: {tokenizer.hash[:12]})",
+        )
+    return tokenizer
+
+
+def _load_or_train_tokenizer(config, workdir: str, corpus: Sequence | None):
     if config.tokenizer.path:
         if not os.path.exists(config.tokenizer.path):
             raise ConfigError("tokenizer.path", f"no such file: {config.tokenizer.path}")
@@ -118,25 +168,57 @@ def get_tokenizer(config, workdir: str, corpus: Sequence | None = None) -> tok_l
     )
 
 
-def model_config(config, tokenizer: tok_lib.Tokenizer, head: str = "lm") -> ModelConfig:
-    """The model section with the vocab resolved from the tokenizer (padded)."""
+def model_config(config, tokenizer: tok_lib.Tokenizer | None, head: str = "lm") -> ModelConfig:
+    """The model section with the vocab resolved from the tokenizer (padded). tokenizer
+    None (ahead-of-time compiles, experiments/aot.py): the size it will be trained to,
+    config.tokenizer.vocab_size."""
     fields = config.model.to_dict()
+    vocab = tokenizer.vocab_size if tokenizer is not None else config.tokenizer.vocab_size
     if fields["vocab_size"] == 0:
-        fields["vocab_size"] = tok_lib.padded_vocab_size(
-            tokenizer.vocab_size, config.tokenizer.pad_vocab_to
-        )
+        fields["vocab_size"] = tok_lib.padded_vocab_size(vocab, config.tokenizer.pad_vocab_to)
     else:
         try:
-            tok_lib.check_vocab(tokenizer.vocab_size, fields["vocab_size"])
+            tok_lib.check_vocab(vocab, fields["vocab_size"])
         except ValueError as e:
             raise ConfigError("model.vocab_size", str(e)) from None
     fields["head"] = head
     return config_lib.from_dict(ModelConfig, fields, "model")
 
 
-def make_mesh(config):
+def initialize_distributed(config) -> None:
+    """Joins the other processes of a multi-host run (see sharding.MeshConfig); a no-op
+    otherwise. Must run before anything touches a device, hence in every helper here
+    that a stage may call first."""
     mesh_cfg = config_lib.from_dict(sharding.MeshConfig, config.mesh, "mesh")
     sharding.maybe_initialize_distributed(mesh_cfg)
+
+
+def process_0_first(what: str, prepare: Callable[[], T]) -> T:
+    """prepare() on process 0, then on the other processes once it has finished (after
+    `initialize_distributed`: without it every process thinks it is alone).
+
+    Preparing data or training the tokenizer writes into the workdir, and two processes
+    writing one path race (tfds renames its temporary directory onto one that is already
+    there). On a shared workdir the others then only load what process 0 wrote; on a
+    host-local one each prepares its own copy, identical because preparation is
+    deterministic (get_tokenizer checks).
+    """
+    if jax.process_count() == 1:
+        return prepare()
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() != 0:
+        multihost_utils.sync_global_devices(f"gptjax: {what} prepared")
+        return prepare()
+    try:
+        return prepare()
+    finally:  # also on an error, which the others then meet themselves, not a hang
+        multihost_utils.sync_global_devices(f"gptjax: {what} prepared")
+
+
+def make_mesh(config):
+    initialize_distributed(config)
+    mesh_cfg = config_lib.from_dict(sharding.MeshConfig, config.mesh, "mesh")
     return sharding.make_mesh(mesh_cfg)
 
 
@@ -173,14 +255,14 @@ def loop_config(section, prefix: str, steps: int, tokens_per_step: int = 0) -> L
 
 
 def check_fits(train: TrainConfig, optim: OptimConfig, model: ModelConfig, mesh, prefix: str):
-    dp = sharding.data_parallel_size(mesh)
-    per = dp * optim.grad_accum_steps * jax.process_count()
+    # The mesh spans every process's devices, so this also splits the batch over processes.
+    per = sharding.data_parallel_size(mesh) * optim.grad_accum_steps
     if train.batch_size % per:
         raise ConfigError(
             f"{prefix}.batch_size",
-            f"{train.batch_size} is not divisible by data-parallel size x "
-            f"grad_accum_steps x processes = {per}",
+            f"{train.batch_size} is not divisible by data-parallel size x grad_accum_steps = {per}",
         )
+    sharding.host_batch_slice(train.batch_size, mesh)  # each process holds its own rows
     if train.seq_len > model.max_len:
         raise ConfigError(
             f"{prefix}.seq_len", f"{train.seq_len} exceeds model.max_len={model.max_len}"
@@ -306,9 +388,9 @@ def load_stage_params(
             f"no {stage} checkpoints at {directory}: run --stages={stage} first (same --workdir)"
         )
     abstract = ckpt_lib.abstract_tree(model.abstract_params, shardings)
-    params, step, meta = ckpt_lib.load_params(directory, abstract)
+    params, step, meta = ckpt_lib.load_params(directory, abstract, tokenizer_hash=tokenizer.hash)
     if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
-        raise ValueError(
+        raise CheckpointError(
             f"{directory} step {step} was trained with tokenizer "
             f"{meta['tokenizer_hash'][:12]}, not {tokenizer.hash[:12]}"
         )

@@ -2,6 +2,11 @@
 
 python -m experiments.main --stages=pretrain
 python -m experiments.main --stages=pretrain --config.data.pretrain=text:/path/corpus.txt
+
+Multi-host: every process runs the same command on a shared workdir (gptjax/sharding.py
+MeshConfig), e.g. process 1 of 2:
+GPTJAX_COORDINATOR_ADDRESS=host0:8476 GPTJAX_NUM_PROCESSES=2 GPTJAX_PROCESS_ID=1 \
+    python -m experiments.main --stages=pretrain --workdir=/shared/run
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ sharded is the bug that only shows as out-of-memory on a pod.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -41,14 +43,30 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
+    """Mesh axis sizes (one may be -1: the rest of the devices) and multi-host set-up.
+
+    Multi-host (several processes, one per host, each seeing its own devices): every
+    process runs the same command and `jax.distributed.initialize` joins them before
+    anything touches a device. Each argument comes from the config field if set, else
+    from the environment, else from JAX's own cluster detection (Cloud TPU, SLURM,
+    Open MPI, Kubernetes), which needs none of them:
+
+        GPTJAX_COORDINATOR_ADDRESS  host:port that process 0 listens on
+        GPTJAX_NUM_PROCESSES        number of processes
+        GPTJAX_PROCESS_ID           this process's id, 0 .. num_processes - 1
+
+    Setting any of them turns `multihost` on, so one config serves both a laptop and a
+    pod. On CPU the cross-process collectives run over gloo (JAX's default CPU
+    implementation), so 2 processes on localhost are a real multi-host run.
+    """
+
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
-    # Multi-host pods: call jax.distributed.initialize() before anything touches devices.
     multihost: bool = False
-    coordinator_address: str = ""  # empty: auto-detected on Cloud TPU
-    num_processes: int = 0  # 0: auto-detected
-    process_id: int = -1  # -1: auto-detected
+    coordinator_address: str = ""  # empty: $GPTJAX_COORDINATOR_ADDRESS or auto-detected
+    num_processes: int = 0  # 0: $GPTJAX_NUM_PROCESSES or auto-detected
+    process_id: int = -1  # -1: $GPTJAX_PROCESS_ID or auto-detected
 
     @classmethod
     def from_dict(cls, d, prefix: str = "mesh") -> MeshConfig:
@@ -83,17 +101,52 @@ class MeshConfig:
         return tuple(sizes)
 
 
+ENV_COORDINATOR = "GPTJAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "GPTJAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "GPTJAX_PROCESS_ID"
+
+
+def _env_int(environ, name: str) -> int | None:
+    value = environ.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(name, f"must be an integer, got {value!r}") from None
+
+
+def distributed_kwargs(cfg: MeshConfig, environ=None) -> dict | None:
+    """`jax.distributed.initialize` arguments (config field, else environment; absent
+    ones are auto-detected by JAX), or None for a single-process run."""
+    environ = os.environ if environ is None else environ
+    coordinator = cfg.coordinator_address or environ.get(ENV_COORDINATOR, "").strip()
+    num_processes = cfg.num_processes or _env_int(environ, ENV_NUM_PROCESSES)
+    process_id = cfg.process_id if cfg.process_id >= 0 else _env_int(environ, ENV_PROCESS_ID)
+    from_env = any(
+        environ.get(k, "").strip() for k in (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID)
+    )
+    if not (cfg.multihost or from_env):
+        return None
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError("mesh.num_processes", f"must be >= 1, got {num_processes}")
+    if process_id is not None and num_processes and not 0 <= process_id < num_processes:
+        raise ConfigError(
+            "mesh.process_id", f"{process_id} is not in 0 .. {num_processes - 1} (num_processes)"
+        )
+    kwargs = dict(
+        coordinator_address=coordinator or None, num_processes=num_processes, process_id=process_id
+    )
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
 def maybe_initialize_distributed(cfg: MeshConfig) -> None:
-    """Multi-host: every process must call this before touching jax.devices()."""
-    if not cfg.multihost or jax.distributed.is_initialized():
+    """Multi-host: joins this process to the others (see MeshConfig). Every process must
+    call it before anything touches a device; a no-op for single-process runs and when
+    already initialised."""
+    kwargs = distributed_kwargs(cfg)
+    if kwargs is None or jax.distributed.is_initialized():
         return
-    kwargs = {}
-    if cfg.coordinator_address:
-        kwargs["coordinator_address"] = cfg.coordinator_address
-    if cfg.num_processes:
-        kwargs["num_processes"] = cfg.num_processes
-    if cfg.process_id >= 0:
-        kwargs["process_id"] = cfg.process_id
     jax.distributed.initialize(**kwargs)
 
 
@@ -102,10 +155,17 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     shape = cfg.shape(len(devices))
     # Auto axis types: jax.make_mesh defaults to Explicit, under which gathering from a
     # sharded array (the embedding lookup, a batch permutation) is a sharding type error.
-    device_grid = np.asarray(devices).reshape(shape) if len(devices) == 1 else None
-    if device_grid is not None:
-        return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    axis_types = (AxisType.Auto,) * 3
+    if len(devices) == 1:
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=axis_types)
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    if len({d.process_index for d in devices}) == 1:
+        return mesh
+    # Process i feeds block i of the batch rows (host_batch_slice), so each process's
+    # devices must be consecutive along the batch axes; make_mesh may interleave hosts
+    # for the physical torus. A stable sort keeps its order within each host.
+    by_process = sorted(mesh.devices.flat, key=lambda d: d.process_index)
+    return Mesh(np.asarray(by_process).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
 def logical_to_spec(axes: Sequence[str | None], rules=None) -> PartitionSpec:
@@ -197,23 +257,57 @@ def replicated_params(params, min_bytes: int = 1 << 20) -> list[tuple[str, int]]
     return found
 
 
-def host_batch_slice(global_batch_size: int) -> slice:
-    """This process's rows of the global batch (each host feeds its own slice)."""
+def host_batch_slice(global_batch_size: int, mesh: Mesh | None = None) -> slice:
+    """This process's rows of the global batch: block i of P for process i of P, the rows
+    the batch iterators yield (gptjax/data/iterators.py).
+
+    With `mesh`, also checks that the mesh puts exactly those rows on this process's
+    devices (make_mesh orders devices by process so that it does). Otherwise the global
+    batch would silently differ from the single-process one: permuted rows, or, where
+    processes are replicas (tensor parallelism across hosts), different data in what must
+    be one copy.
+    """
     n, i = jax.process_count(), jax.process_index()
     if global_batch_size % n:
         raise ConfigError(
             "batch_size", f"global batch {global_batch_size} not divisible by {n} processes"
         )
     per = global_batch_size // n
-    return slice(i * per, (i + 1) * per)
+    rows = slice(i * per, (i + 1) * per)
+    if mesh is not None:
+        _check_host_rows(batch_sharding(mesh), global_batch_size, rows.start, rows.stop)
+    return rows
+
+
+@functools.lru_cache(maxsize=64)
+def _check_host_rows(sharding: NamedSharding, global_rows: int, lo: int, hi: int) -> None:
+    placed = set()
+    for index in sharding.addressable_devices_indices_map((global_rows,)).values():
+        placed.update(range(global_rows)[index[0]])
+    if placed != set(range(lo, hi)):
+        shown = ", ".join(map(str, sorted(placed)[:16])) + (", ..." if len(placed) > 16 else "")
+        raise ConfigError(
+            "mesh",
+            f"process {jax.process_index()} feeds rows [{lo}, {hi}) of the global batch, but "
+            f"mesh {dict(sharding.mesh.shape)} puts rows [{shown}] "
+            f"on its devices: the data-parallel axes (data x fsdp) must split the devices "
+            f"process by process (keep tensor parallelism within a host)",
+        )
 
 
 def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Assembles each host's slice into global arrays sharded over the batch axes."""
+    """Assembles each process's rows (`host_batch_slice`) into global arrays sharded over
+    the batch axes; no process ever holds another's rows."""
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(host_batch, sharding)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), host_batch)
+
+    def put(x):
+        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+        host_batch_slice(global_shape[0], mesh)
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    return jax.tree.map(put, host_batch)
 
 
 def log_replicated(params, min_bytes: int = 1 << 20) -> None:

@@ -126,25 +126,52 @@ def test_sft_accepts_prompt_response_records(tok):
     assert batch["loss_mask"][0, : len(ids)].tolist() == mask
 
 
-def test_hosts_get_disjoint_slices_of_the_same_global_batch(tok):
-    def make(index, count):
-        return iterators.lm_batches(
-            documents(),
-            tok,
-            batch_size=B,
-            seq_len=T,
-            seed=5,
-            process_index=index,
-            process_count=count,
-        )
+def comparisons(n=11):
+    return [
+        {"prompt": f"what is {i} + {i}?", "responses": [f"{2 * i}.", f"{i}."], "ranks": [0, 1]}
+        for i in range(n)
+    ]
 
-    whole = take(make(0, 1), 3)
-    halves = [take(make(i, 2), 3) for i in range(2)]
-    for step in range(3):
+
+def make_batches(kind, tok, **kw):
+    if kind == "lm":
+        return iterators.lm_batches(documents(), tok, batch_size=B, seq_len=T, seed=5, **kw)
+    if kind == "comparisons":
+        return iterators.ComparisonBatches(
+            comparisons(), tok, batch_size=B, seq_len=T, k_max=3, seed=5, **kw
+        )
+    return iterators.sft_batches(
+        demos(), tok, batch_size=B, seq_len=T, seed=5, packed=kind == "sft-packed", **kw
+    )
+
+
+@pytest.mark.parametrize("kind", ["lm", "sft-padded", "sft-packed", "comparisons"])
+def test_hosts_get_disjoint_slices_of_the_same_global_batch(tok, kind):
+    # Multi-host: each process yields its block of rows, and the position every process
+    # would checkpoint is the same (and the single-process one), so any of them restores.
+    n = 9  # Past an epoch boundary of every source.
+    whole_it = make_batches(kind, tok)
+    whole = take(whole_it, n)
+    host_its = [make_batches(kind, tok, process_index=i, process_count=2) for i in range(2)]
+    halves = [take(it, n) for it in host_its]
+    for step in range(n):
         for key in whole[step]:
+            assert halves[0][step][key].shape[0] == B // 2
             np.testing.assert_array_equal(
                 np.concatenate([halves[0][step][key], halves[1][step][key]]), whole[step][key]
             )
+    assert host_its[0].get_state() == host_its[1].get_state() == whole_it.get_state()
+    resumed = make_batches(kind, tok, process_index=1, process_count=2)
+    resumed.set_state(host_its[0].get_state())
+    assert_same_batches(
+        take(resumed, 2), [{k: v[B // 2 :] for k, v in b.items()} for b in take(whole_it, 2)]
+    )
+
+
+def test_a_batch_that_does_not_split_over_the_hosts_is_rejected(tok):
+    for kind in ("lm", "comparisons"):
+        with pytest.raises(ValueError, match="3 hosts"):
+            make_batches(kind, tok, process_index=0, process_count=3)
 
 
 def test_state_from_another_setup_is_rejected(tok):

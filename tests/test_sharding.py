@@ -101,3 +101,34 @@ def test_lm_step_on_8_devices_equals_single_device(overrides):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g8)
     assert s8["params"]["blocks"]["w_up"].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
     assert int(s8["step"]) == 1
+
+
+def test_distributed_settings_come_from_config_then_environment():
+    env = {
+        "GPTJAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+        "GPTJAX_NUM_PROCESSES": "4",
+        "GPTJAX_PROCESS_ID": "3",
+    }
+    assert sharding.distributed_kwargs(MeshConfig(), {}) is None  # single process
+    # On a TPU pod JAX detects everything itself: initialize() with no arguments.
+    assert sharding.distributed_kwargs(MeshConfig(multihost=True), {}) == {}
+    # The environment alone turns multi-host on (a launcher sets one id per process).
+    assert sharding.distributed_kwargs(MeshConfig(), env) == dict(
+        coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3
+    )
+    cfg = MeshConfig(multihost=True, coordinator_address="h:1", num_processes=2, process_id=0)
+    assert sharding.distributed_kwargs(cfg, env) == dict(
+        coordinator_address="h:1", num_processes=2, process_id=0
+    )
+    with pytest.raises(ConfigError, match="GPTJAX_PROCESS_ID"):
+        sharding.distributed_kwargs(MeshConfig(), {**env, "GPTJAX_PROCESS_ID": "one"})
+    with pytest.raises(ConfigError, match="mesh.process_id"):
+        sharding.distributed_kwargs(MeshConfig(), {**env, "GPTJAX_PROCESS_ID": "4"})
+
+
+def test_host_rows_must_be_the_rows_the_mesh_puts_on_the_host():
+    mesh = sharding.make_mesh(CPU8)
+    assert sharding.host_batch_slice(16, mesh) == slice(0, 16)  # one process: every row
+    # As if this were process 1 of 2 feeding rows [8, 16): the mesh puts all 16 rows here.
+    with pytest.raises(ConfigError, match=r"feeds rows \[8, 16\)"):
+        sharding._check_host_rows(sharding.batch_sharding(mesh), 16, 8, 16)

@@ -11,8 +11,14 @@ not fit is the first one of the next batch, so restoring the cursor replays exac
 batches an uninterrupted run would have produced. Batches run across epoch boundaries
 without a partial batch, unless `num_epochs` ends the data.
 
-Every host builds the same global batch and keeps its own rows (`host_slice`): simple and
-deterministic, at the cost of tokenizing what other hosts train on.
+Multi-host: process i of P yields only rows [i * B / P, (i + 1) * B / P) of the global
+batch (`sharding.host_batch_slice`), and the position is the same on every process, so any
+process's checkpointed state restores all of them. The comparison batches build only
+those rows (a row is a function of its record's index). The packed iterators still
+tokenize every record of the global batch on every process: which row a chunk lands in
+depends on the lengths of all chunks before it, so a process cannot place its own chunks
+without the others' lengths. Per-process streams would avoid that, but then the global
+batch and the state would depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -234,7 +240,8 @@ class ComparisonBatches:
     """[B, K, T] reward-model batches, deterministic from (seed, step), resumable.
 
     Epoch e visits the records in `permutation(seed, e)`, B at a time (batches run across
-    epoch boundaries). Position = number of records consumed, so the state is tiny.
+    epoch boundaries). Position = number of records consumed, so the state is tiny. Row r
+    of a batch is record `consumed + r`, so each process reads and renders only its rows.
     """
 
     def __init__(
@@ -252,6 +259,11 @@ class ComparisonBatches:
     ):
         if len(source) == 0:
             raise ValueError("cannot iterate over an empty set of comparisons")
+        if batch_size % process_count or not 0 <= process_index < process_count:
+            raise ValueError(
+                f"batch_size {batch_size} cannot be split over {process_count} hosts "
+                f"(this is host {process_index})"
+            )
         self._source, self._tok = source, tokenizer
         self.batch_size, self.seq_len, self.k_max = batch_size, seq_len, k_max
         self.seed, self.shuffle = int(seed), shuffle
@@ -272,15 +284,14 @@ class ComparisonBatches:
         return self._source[index]
 
     def __next__(self) -> dict[str, np.ndarray]:
+        per_host = self.batch_size // self.process_count
+        first = self._consumed + self.process_index * per_host
         rows = [
-            comparison_example(
-                self._record(self._consumed + i), self._tok, self.seq_len, self.k_max
-            )
-            for i in range(self.batch_size)
+            comparison_example(self._record(first + i), self._tok, self.seq_len, self.k_max)
+            for i in range(per_host)
         ]
         self._consumed += self.batch_size
-        batch = {key: np.stack([r[key] for r in rows]) for key in rows[0]}
-        return host_slice(batch, self.process_index, self.process_count)
+        return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
 
     def get_state(self) -> dict[str, int]:
         return {
