@@ -97,7 +97,9 @@ MODELS = {
         mlp="swiglu",
         tie_embeddings=False,
         dtype="bfloat16",
-        remat="dots",
+        # "dots" keeps T x T attention intermediates of every layer for the backward
+        # pass: 39 GiB per v5e chip at one 2048-token row (experiments/aot.py).
+        remat="full",
     ),
     "llama_7b": dict(
         vocab_size=32768,
@@ -114,6 +116,18 @@ MODELS = {
         dtype="bfloat16",
         remat="full",
     ),
+    # GPT-3 175B (Brown et al. 2020, table 2.1): 96 layers, width 12288, 96 heads.
+    "gpt3_175b": dict(
+        vocab_size=50304,
+        d_model=12288,
+        n_layers=96,
+        n_heads=96,
+        n_kv_heads=96,
+        d_ff=49152,
+        max_len=2048,
+        dtype="bfloat16",
+        remat="full",
+    ),
 }
 
 # name -> mesh fields. One axis may be -1 (= whatever the device count leaves).
@@ -125,6 +139,8 @@ MESHES = {
     "tpu_vm": dict(data=1, fsdp=-1, tensor=1),
     # Multi-host pod slice: FSDP within, tensor parallel 4 for the biggest models.
     "pod": dict(data=1, fsdp=-1, tensor=4, multihost=True),
+    # Multi-host pod slice, FSDP over every chip (models up to ~10B).
+    "pod_fsdp": dict(data=1, fsdp=-1, tensor=1, multihost=True),
 }
 
 # Default train settings per model preset: (batch_size, seq_len, steps, lr).
@@ -137,7 +153,99 @@ TRAIN = {
     "gpt2_1.5b": (512, 1024, 100_000, 2e-4),
     "llama_1b": (512, 2048, 100_000, 3e-4),
     "llama_7b": (1024, 2048, 100_000, 3e-4),
+    # 1536 x 2048 = 3.1M tokens per step, GPT-3's batch for 175B.
+    "gpt3_175b": (1536, 2048, 100_000, 6e-5),
 }
+
+
+# TPU presets: the slice each is sized for (topology, Cloud TPU accelerator type, mesh
+# preset or fields: the pipeline config's default mesh for it).
+# A v5e chip has one TensorCore and v5e-N counts chips; v4 / v5p have two per chip and
+# their -N counts TensorCores: v5p-64 = 32 chips (2x4x4), v5p-1024 = 512 (8x8x8).
+# Check that every stage fits before booking the slice, from any CPU host with libtpu:
+#   python -m experiments.aot --config=configs/pipeline.py:NAME
+# then launch on the slice (on every host of a multi-host one, e.g. with `gcloud compute
+# tpus tpu-vm ssh SLICE --worker=all --command=...`):
+#   python -m experiments.main --config=configs/pipeline.py:NAME \
+#       --workdir=gs://BUCKET/runs/NAME --config.data.pretrain=tfds:lm1b
+TARGETS = {
+    "gpt2_124m": ("v5e:2x4", "v5litepod-8", "tpu_vm"),
+    "gpt2_350m": ("v5e:2x4", "v5litepod-8", "tpu_vm"),
+    # Pretraining at one 2048-token row per chip and microbatch needs 18 GiB per chip
+    # with FSDP 16, 23 with FSDP 4 x data 4, 3.5 with FSDP 4 x tensor 4 (tensor groups
+    # inside hosts).
+    "llama_1b": ("v5e:4x4", "v5litepod-16", "pod"),
+    "llama_7b": ("v5p:2x4x4", "v5p-64", "pod_fsdp"),
+    # FSDP over all 512 chips needs 1.3 TiB per chip (as above, whole microbatches'
+    # activations on every chip); tensor parallel 8 x FSDP 64 fits. Tensor 4 does not lay
+    # out on an 8x8x8 torus (each mesh axis must be a product of physical axes), and 8
+    # spans hosts, which the input pipeline does not support yet (BUILD.md table: †).
+    "gpt3_175b": ("v5p:8x8x8", "v5p-1024", dict(data=1, fsdp=-1, tensor=8, multihost=True)),
+}
+
+# What makes each TPU preset fit its slice, every stage (checked by experiments/aot.py;
+# table in BUILD.md): gradient-accumulation microbatches, shorter RM sequences, fewer PPO
+# rollouts or ptx rows (PPO has no accumulation inside a minibatch). Activations
+# dominate, more than they should: under FSDP XLA keeps whole microbatches' logits on
+# every chip (the model has no activation sharding constraints), so ~4k tokens per chip
+# per microbatch is what fits a v5e.
+FITS = {
+    "gpt2_124m": {
+        "pretrain.optim.grad_accum_steps": 8,
+        "sft.optim.grad_accum_steps": 4,
+        "rm.optim.grad_accum_steps": 8,
+        "ppo_ptx.ptx_batch_size": 64,
+    },
+    "gpt2_350m": {
+        "pretrain.optim.grad_accum_steps": 16,
+        "sft.optim.grad_accum_steps": 8,
+        "rm.seq_len": 512,
+        "rm.optim.grad_accum_steps": 8,
+        # 512 rollouts: the update needs 25 GiB per chip (minibatches of 128 x 192 tokens).
+        "ppo.prompts_per_iteration": 256,
+        "ppo_ptx.prompts_per_iteration": 256,
+        # 4 minibatches of 64 rollouts + 8 ptx rows x 1024: 18.25 GiB per chip. 8 minibatches
+        # of 32 rollouts + 8 ptx rows (ptx_batch_size must divide by minibatches x 8 chips).
+        "ppo_ptx.minibatches": 8,
+        "ppo_ptx.ptx_batch_size": 64,
+    },
+    "llama_1b": {  # 2 rows of 2048 tokens per tensor group and microbatch
+        "pretrain.optim.grad_accum_steps": 64,
+        "sft.optim.grad_accum_steps": 16,
+        # A comparison is a prompt and a reply, far below 2048 tokens.
+        "rm.seq_len": 1024,
+        "rm.optim.grad_accum_steps": 16,
+        "ppo_ptx.ptx_batch_size": 64,
+    },
+    "llama_7b": {
+        "pretrain.optim.grad_accum_steps": 8,
+        "rm.optim.grad_accum_steps": 2,
+    },
+    "gpt3_175b": {
+        "pretrain.optim.grad_accum_steps": 24,
+        "sft.optim.grad_accum_steps": 2,
+        "rm.seq_len": 512,
+    },
+}
+
+
+def target_mesh(name: str) -> ml_collections.ConfigDict:
+    mesh = TARGETS[name][2]
+    if isinstance(mesh, str):
+        return mesh_config(mesh)
+    from gptjax.sharding import MeshConfig
+
+    return ml_collections.ConfigDict({**MeshConfig().__dict__, **mesh})
+
+
+def apply_fit(config: ml_collections.ConfigDict, name: str) -> None:
+    """Sets FITS[name]'s fields (dotted paths) on a pipeline config."""
+    for path, value in FITS.get(name, {}).items():
+        *parents, leaf = path.split(".")
+        section = config
+        for p in parents:
+            section = section[p]
+        section[leaf] = value
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:

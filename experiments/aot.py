@@ -1,0 +1,630 @@
+"""Ahead-of-time compile of every stage's jitted step for a TPU slice, on a CPU host.
+
+    pip install -e ".[tpu]"     # libtpu: it compiles for TPUs without one attached
+    python -m experiments.aot --config=configs/pipeline.py:llama_1b --topology=v5e:4x4
+    python -m experiments.aot --config=configs/pipeline.py:gpt2_124m --stage=ppo
+    python -m experiments.aot --table --write=BUILD.md   # every TPU preset x stage
+
+MaxText's train_compile.py idea: `get_topology_desc` gives the TPU devices of a slice
+(no TPU needed), the preset's mesh is built over them, the train state and batches are
+`jax.ShapeDtypeStruct`s carrying their shardings (shapes from `jax.eval_shape`: no param
+is ever materialised), and each stage's real jitted step (the objects the stages build:
+`LMTrainer`, `PPOTrainer`) is lowered and compiled. XLA:TPU reports memory per chip and
+refuses to compile a program whose temporaries exceed HBM, so an out-of-memory shows here,
+not an hour into a pod reservation. `--topology` defaults to the preset's target slice
+(configs/model.py TARGETS).
+
+Programs per stage: pretrain, sft, rm: the train step; ppo: the rollout sampler, the
+scoring pass (RM + reference) and the update step; ppo_ptx: its update step (its rollout
+and scoring are ppo's).
+
+Memory per chip (GiB) = arguments + outputs − donated (aliased) + temporaries + code, from
+`compiled.memory_analysis()`, plus "resident": the arrays that live on the chips while the
+program runs but are not its arguments (during PPO's update: the frozen RM and reference
+params; during the rollout: the value model and optimizer states too). Fits: that total <=
+the chip's HBM (HBM_GIB).
+
+FLOPs per step, global (all chips):
+  analytic  6·N·tokens + 12·L·T·d·tokens for training (N = params that multiply
+            activations: embedding tables used only for lookup are left out; the second
+            term is attention scores and values, forward + backward, as in
+            experiments/bench.py), 2·N + 4·L·S·d per token for forward-only passes over S
+            keys (the sampler attends over its whole cache, prompt + reply, every token);
+            PPO's update: one forward of policy and value (old log-probs and values),
+            then epochs x (forward + backward) of both, plus the ptx LM loss.
+  program   the matmul FLOPs of the traced step (every dot_general, including what remat
+            recomputes; scan bodies x their length, the sampler's decode loop x
+            max_new_tokens). XLA's own `cost_analysis()` is printed too, but XLA:TPU
+            counts each while-loop body once, so with scanned layers and microbatches it
+            is a fraction of a step (measured: 1.2 of 22 TFLOP per chip at gpt2_124m).
+Projected step time = program FLOPs / (chips x peak bf16 FLOP/s x MFU), MFU 40%: a
+projection, not a measurement (the decode loop is bandwidth-bound and will run far below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+import re
+import sys
+import time
+
+# libtpu, once installed, probes for local TPUs in every process that initialises JAX;
+# compiling for a topology needs none of that.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu takes a lock file (/tmp/libtpu_lockfile) so that one process owns the local TPUs;
+# compiling touches no TPU, so compiles may run side by side (tests, the table, a user).
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from experiments import common  # noqa: E402
+from experiments import ppo as ppo_stage  # noqa: E402
+from experiments import rm as rm_stage  # noqa: E402
+from gptjax import config as config_lib  # noqa: E402
+from gptjax import sharding  # noqa: E402
+from gptjax.errors import ConfigError  # noqa: E402
+from gptjax.model import Model  # noqa: E402
+from gptjax.optim import OptimConfig  # noqa: E402
+
+STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+# Per chip, by the topology name's prefix: HBM (GiB) and peak bf16 TFLOP/s (Cloud TPU docs).
+HBM_GIB = {"v5e": 16, "v5p": 95, "v4": 32, "v6e": 32}
+PEAK_TFLOPS = {"v5e": 197, "v5p": 459, "v4": 275, "v6e": 918}
+MFU = 0.4
+INSTALL = 'compiling for TPU needs libtpu: pip install -e ".[tpu]"'
+GIB = 2**30
+
+
+class NoLibtpu(RuntimeError):
+    pass
+
+
+def topology_devices(topology: str) -> list:
+    """The TPU devices of a slice, e.g. "v5e:2x4" (8 chips), "v5p:2x4x4" (32 chips)."""
+    if importlib.util.find_spec("libtpu") is None:
+        raise NoLibtpu(INSTALL)
+    chip = topology.split(":")[0]
+    if chip not in HBM_GIB:
+        raise ConfigError("topology", f"{topology!r}: chip {chip!r} not in {sorted(HBM_GIB)}")
+    from jax.experimental import topologies
+
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    except Exception as e:  # libtpu names the bad part
+        raise ConfigError("topology", f"{topology!r}: {e}") from None
+    return list(desc.devices)
+
+
+# ----------------------------------------------------------------- abstract arrays
+
+
+def with_shardings(tree, shardings):
+    """ShapeDtypeStructs of `tree`'s shapes carrying `shardings` (a tree or one sharding)."""
+    if not isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+        )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+
+
+def abstract_params(model: Model, mesh):
+    return with_shardings(
+        model.abstract_params,
+        sharding.param_shardings(mesh, model.logical_axes, model.abstract_params),
+    )
+
+
+def abstract_rng(mesh):
+    return with_shardings(jax.eval_shape(lambda: jax.random.key(0)), sharding.replicated(mesh))
+
+
+def abstract_batch(mesh, shapes: dict[str, tuple[tuple[int, ...], object]]):
+    return {
+        k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
+        for k, (shape, dtype) in shapes.items()
+    }
+
+
+def bytes_per_chip(tree) -> int:
+    """Bytes one chip holds of `tree` (ShapeDtypeStructs with shardings)."""
+    return sum(
+        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
+    )
+
+
+# ----------------------------------------------------------------------- FLOPs
+
+
+def _subjaxprs(params):
+    for v in params.values():
+        for x in v if isinstance(v, (tuple, list)) else (v,):
+            if hasattr(x, "eqns"):
+                yield x
+            elif hasattr(getattr(x, "jaxpr", None), "eqns"):
+                yield x.jaxpr
+
+
+def matmul_flops(jaxpr, while_trips: int = 1) -> float:
+    """2·M·N·K of every dot_general in `jaxpr`: scan bodies x length, while-loop bodies x
+    while_trips (an upper bound: the sampler's loop may stop early), the costliest branch
+    of a cond."""
+    total = 0.0
+    for eqn in getattr(jaxpr, "eqns", None) or jaxpr.jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
+            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+            free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
+            total += 2.0 * math.prod(lhs) * math.prod(free)
+        elif name == "cond":
+            total += max(matmul_flops(b, while_trips) for b in eqn.params["branches"])
+        elif name == "scan":
+            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"], while_trips)
+        elif name == "while":
+            total += while_trips * matmul_flops(eqn.params["body_jaxpr"], while_trips)
+        else:
+            total += sum(matmul_flops(j, while_trips) for j in _subjaxprs(eqn.params))
+    return total
+
+
+def matmul_params(model: Model) -> int:
+    """Params that multiply activations: lookup-only tables (positions; the embedding
+    unless tied as the unembedding of an LM head) are left out."""
+    cfg, p = model.cfg, model.abstract_params
+    n = model.param_count()
+    if "pos_embed" in p:
+        n -= math.prod(p["pos_embed"].shape)
+    if not (cfg.head == "lm" and cfg.tie_embeddings):
+        n -= math.prod(p["embed"].shape)
+    return n
+
+
+def train_flops(model: Model, rows: int, seq: int) -> float:
+    c = model.cfg
+    return rows * seq * (6 * matmul_params(model) + 12 * c.n_layers * seq * c.d_model)
+
+
+def forward_flops(model: Model, rows: int, seq: int, keys: int | None = None) -> float:
+    c = model.cfg
+    return rows * seq * (2 * matmul_params(model) + 4 * c.n_layers * (keys or seq) * c.d_model)
+
+
+# -------------------------------------------------------------------- programs
+
+
+def check_batch(mesh, rows: int, parts: int, field: str) -> None:
+    """`rows` split into `parts` microbatches over the data-parallel axes (the stages'
+    own check, without its test against this process's devices: these are a slice's)."""
+    per = sharding.data_parallel_size(mesh) * parts
+    if rows % per:
+        raise ConfigError(field, f"{rows} is not divisible by data-parallel size x {parts} = {per}")
+
+
+def hosts_share_rows(mesh) -> bool:
+    """Whether two hosts of the slice hold the same batch rows (tensor parallelism across
+    hosts). The data pipeline feeds each process a distinct block of the global batch
+    (gptjax/sharding.py host_batch_slice), and a run on the slice refuses such a mesh."""
+    rows = sharding.data_parallel_size(mesh)
+    by_host: dict[int, set] = {}
+    for device, index in sharding.batch_sharding(mesh).devices_indices_map((rows,)).items():
+        by_host.setdefault(device.process_index, set()).update(range(rows)[index[0]])
+    return any(len(r) * len(by_host) != rows for r in by_host.values())
+
+
+@dataclasses.dataclass
+class Program:
+    """One jitted function of a stage, its abstract arguments, and what else is resident."""
+
+    stage: str
+    name: str
+    fn: object  # jitted
+    args: tuple
+    resident: object = None  # abstract arrays live on the chips meanwhile, not arguments
+    analytic_flops: float = 0.0
+    while_trips: int = 1
+
+
+def _lm_programs(config, stage: str, mesh) -> list[Program]:
+    """pretrain / sft / rm: the stage's LMTrainer, built as the stage builds it."""
+    section = config[stage]
+    train_cfg, optim_cfg, _ = common.stage_train_config(section, stage)
+    head = "scalar" if stage == "rm" else "lm"
+    model_cfg = common.model_config(config, None, head)
+    check_batch(mesh, train_cfg.batch_size, optim_cfg.grad_accum_steps, f"{stage}.batch_size")
+    if train_cfg.seq_len > model_cfg.max_len:
+        raise ConfigError(f"{stage}.seq_len", f"exceeds model.max_len={model_cfg.max_len}")
+    model = Model(model_cfg)
+    make_steps = None
+    if stage == "rm":
+        make_steps = functools.partial(rm_stage._steps, grad_accum_steps=optim_cfg.grad_accum_steps)
+    # Every stage may start from given params (SFT and the RM do); pretraining's random
+    # init differs only in init_state, which is not compiled here.
+    trainer = common.LMTrainer.build(
+        model_cfg,
+        optim_cfg,
+        train_cfg,
+        mesh,
+        config.seeds.init,
+        init_params=abstract_params(model, mesh),
+        make_steps=make_steps,
+    )
+    state = with_shardings(jax.eval_shape(trainer.init_state), trainer.shardings)
+    b, t = train_cfg.batch_size, train_cfg.seq_len
+    i32, f32 = jnp.int32, jnp.float32
+    if stage == "rm":
+        k = config.rm.k_max or config.compare.k
+        batch = abstract_batch(
+            mesh,
+            {
+                "tokens": ((b, k, t), i32),
+                "segment_ids": ((b, k, t), i32),
+                "positions": ((b, k, t), i32),
+                "reward_index": ((b, k), i32),
+                "ranks": ((b, k), i32),
+                "valid": ((b, k), f32),
+            },
+        )
+        flops = train_flops(model, b * k, t)
+    else:
+        names = ("tokens", "segment_ids", "positions")
+        batch = abstract_batch(
+            mesh, {**{n: ((b, t), i32) for n in names}, "loss_mask": ((b, t), f32)}
+        )
+        flops = train_flops(model, b, t)
+    step = Program(stage, "train_step", trainer.train_step, (state, batch, abstract_rng(mesh)))
+    step.analytic_flops = flops
+    return [step]
+
+
+def _ppo_programs(config, stage: str, mesh) -> list[Program]:
+    """ppo / ppo_ptx: the stage's PPOTrainer with abstract SFT and RM params."""
+    section = config[stage]
+    cfg = ppo_stage.algo_config(section, stage)
+    optim = config_lib.from_dict(OptimConfig, section.optim, f"{stage}.optim")
+    policy = Model(common.model_config(config, None))
+    rm = Model(common.model_config(config, None, "scalar"))
+    ppo_stage.check_shapes(section, cfg, policy, mesh, stage)
+    check_batch(
+        mesh, section.prompts_per_iteration, cfg.minibatches, f"{stage}.prompts_per_iteration"
+    )
+    if cfg.ptx_coef > 0:
+        check_batch(mesh, section.ptx_batch_size, cfg.minibatches, f"{stage}.ptx_batch_size")
+    sft_params, rm_params = abstract_params(policy, mesh), abstract_params(rm, mesh)
+    trainer = ppo_stage.PPOTrainer.build(
+        policy,
+        sft_params,
+        rm,
+        rm_params,
+        cfg,
+        optim,
+        mesh,
+        iterations=section.iterations,
+        max_new_tokens=section.max_new_tokens,
+        eos_id=1,  # any id: the sampler only compares tokens against it
+        sampling_seed=config.seeds.sampling,
+    )
+    state = with_shardings(jax.eval_shape(trainer.init_state), trainer.shardings)
+    b, p, n = section.prompts_per_iteration, section.max_prompt_len, section.max_new_tokens
+    prompts = abstract_batch(mesh, {"tokens": ((b, p), jnp.int32), "mask": ((b, p), jnp.int32)})
+    seeds = abstract_batch(mesh, {"s": ((b,), jnp.int32)})["s"]
+    rollout_args = (state["params"], prompts["tokens"], prompts["mask"], seeds)
+    rollout = jax.eval_shape(trainer.rollout, *rollout_args)
+    rollout = with_shardings(rollout, sharding.batch_sharding(mesh))
+    frozen = (rm_params, sft_params)
+    scores = with_shardings(
+        jax.eval_shape(trainer.score, *frozen, rollout), sharding.batch_sharding(mesh)
+    )
+    batch = {**rollout, **scores}
+    t = p + n
+    ptx_flops = 0.0
+    if cfg.ptx_coef > 0:
+        r, s = section.ptx_batch_size, section.ptx_seq_len
+        names = ("tokens", "segment_ids", "positions")
+        batch["ptx"] = abstract_batch(
+            mesh, {**{k: ((r, s), jnp.int32) for k in names}, "loss_mask": ((r, s), jnp.float32)}
+        )
+        ptx_flops = cfg.epochs * train_flops(policy, r, s)
+    value = rm if not cfg.value_head else None  # a value head rides on the policy's trunk
+    both = [policy] + ([value] if value is not None else [])
+    update_flops = (
+        sum(forward_flops(m, b, t) + cfg.epochs * train_flops(m, b, t) for m in both) + ptx_flops
+    )
+    not_params = {k: v for k, v in state.items() if k != "params"}
+    update = Program(stage, "update", trainer.update, (state, batch, abstract_rng(mesh)), frozen)
+    update.analytic_flops = update_flops
+    if stage == "ppo_ptx":  # rollout and scoring are ppo's
+        return [update]
+    return [
+        Program(
+            stage,
+            "rollout",
+            trainer.rollout,
+            rollout_args,
+            (not_params, frozen),
+            forward_flops(policy, b, t, keys=t),
+            while_trips=n,
+        ),
+        Program(
+            stage,
+            "score",
+            trainer.score,
+            (*frozen, rollout),
+            state,
+            forward_flops(rm, b, t) + forward_flops(policy, b, t),
+        ),
+        update,
+    ]
+
+
+def stage_programs(config, stage: str, mesh) -> list[Program]:
+    if stage not in STAGES:
+        raise ConfigError("stage", f"{stage!r} not in {'|'.join(STAGES)}")
+    if stage in ("ppo", "ppo_ptx"):
+        return _ppo_programs(config, stage, mesh)
+    return _lm_programs(config, stage, mesh)
+
+
+def topology_mesh(config, devices):
+    """The preset's mesh (config.mesh) over the slice's devices."""
+    mesh_cfg = config_lib.from_dict(sharding.MeshConfig, config.mesh, "mesh")
+    return sharding.make_mesh(mesh_cfg, devices)
+
+
+# --------------------------------------------------------------------- compile
+
+_OOM_BYTES = re.compile(r"([\d.]+)([KMGT])\b")
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def compile_program(prog: Program, chip: str, chips: int) -> dict:
+    """Lowers and compiles one program; returns its row (memory in GiB per chip)."""
+    out = {"stage": prog.stage, "program": prog.name, "chips": chips, "hbm_gib": HBM_GIB[chip]}
+    jaxpr = jax.make_jaxpr(prog.fn)(*prog.args)
+    out["program_tflop"] = matmul_flops(jaxpr, prog.while_trips) / 1e12
+    out["analytic_tflop"] = prog.analytic_flops / 1e12
+    resident = bytes_per_chip(prog.resident) / GIB if prog.resident is not None else 0.0
+    out["resident_gib"] = resident
+    t0 = time.perf_counter()
+    try:
+        compiled = prog.fn.lower(*prog.args).compile()
+    except Exception as e:  # XLA:TPU refuses programs that cannot fit in HBM
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg:
+            raise
+        out["compile_s"] = time.perf_counter() - t0
+        out["fits"] = False
+        out["error"] = msg.split("RESOURCE_EXHAUSTED:")[-1].strip().splitlines()[0]
+        sizes = [float(v) * _UNITS[u] / GIB for v, u in _OOM_BYTES.findall(out["error"])]
+        out["total_gib"] = (max(sizes) if sizes else float("nan")) + resident
+        return out
+    out["compile_s"] = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    for field in ("argument", "output", "alias", "temp", "generated_code"):
+        out[f"{field}_gib"] = getattr(mem, f"{field}_size_in_bytes") / GIB
+    out["total_gib"] = (
+        out["argument_gib"]
+        + out["output_gib"]
+        - out["alias_gib"]
+        + out["temp_gib"]
+        + out["generated_code_gib"]
+        + resident
+    )
+    out["fits"] = out["total_gib"] <= HBM_GIB[chip]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out["xla_tflop_per_chip"] = float((cost or {}).get("flops", float("nan"))) / 1e12
+    out["projected_s"] = out["program_tflop"] / (chips * PEAK_TFLOPS[chip] * MFU)
+    return out
+
+
+def run_aot(config, topology: str, stages, log=print) -> list[dict]:
+    """Compiles each stage's programs for the slice; returns one row per program."""
+    devices = topology_devices(topology)
+    chip = topology.split(":")[0]
+    mesh = topology_mesh(config, devices)
+    log(
+        f"{config.preset} on {topology}: {len(devices)} chips, mesh "
+        f"{dict(mesh.shape)}, HBM {HBM_GIB[chip]} GiB per chip"
+    )
+    shared = hosts_share_rows(mesh)
+    if shared:
+        log(
+            "  warning: hosts of this slice share batch rows (tensor parallelism across "
+            "hosts); a run on it refuses this mesh until the input pipeline feeds replicas alike"
+        )
+    rows = []
+    for stage in stages:
+        for prog in stage_programs(config, stage, mesh):
+            row = {
+                "preset": config.preset,
+                "topology": topology,
+                "hosts_share_rows": shared,
+                **compile_program(prog, chip, len(devices)),
+            }
+            rows.append(row)
+            log(format_row(row))
+    return rows
+
+
+def format_row(r: dict) -> str:
+    head = f"  {r['stage']:>8} {r['program']:<10}"
+    if "error" in r:
+        return (
+            f"{head} DOES NOT FIT: {r['error']} (+ resident {r['resident_gib']:.2f} GiB); "
+            f"compile {r['compile_s']:.0f} s"
+        )
+    return (
+        f"{head} per chip GiB: args {r['argument_gib']:.2f} out {r['output_gib']:.2f} "
+        f"donated {r['alias_gib']:.2f} temp {r['temp_gib']:.2f} code "
+        f"{r['generated_code_gib']:.2f} resident {r['resident_gib']:.2f} = total "
+        f"{r['total_gib']:.2f} of {r['hbm_gib']}: {'fits' if r['fits'] else 'DOES NOT FIT'}\n"
+        f"{'':21}TFLOP/step program {r['program_tflop']:.1f} (per chip "
+        f"{r['program_tflop'] / r['chips']:.2f}; XLA cost_analysis {r['xla_tflop_per_chip']:.2f},"
+        f" loop bodies once) vs analytic {r['analytic_tflop']:.1f}; compile "
+        f"{r['compile_s']:.0f} s; projected {r['projected_s']:.3g} s at {MFU:.0%} MFU"
+    )
+
+
+# ----------------------------------------------------------------------- table
+
+
+def _mesh_text(preset: str, chips: int) -> str:
+    from configs import pipeline
+
+    cfg = config_lib.from_dict(sharding.MeshConfig, pipeline.get_config(preset).mesh, "mesh")
+    sizes = dict(zip(sharding.MESH_AXES, cfg.shape(chips)))
+    return " x ".join(f"{k} {v}" for k, v in sizes.items() if v > 1) or "1"
+
+
+LEGEND = f"""\
+Memory per chip: XLA's `memory_analysis()` (arguments + outputs − donated + temporaries +
+code) plus the arrays resident meanwhile that are not the program's arguments (PPO: the
+frozen RM and reference params; during the rollout also the value model and optimizer
+states); "needed": XLA refused to compile, needing that much. Program TFLOP/step: the
+matmuls of the traced step, all chips (remat recomputation included; scanned layers and
+microbatches times their length; the decode loop times max_new_tokens). Analytic:
+6·N·tokens + 12·L·T·d·tokens for training, 2·N + 4·L·S·d per token for forward passes
+over S keys (N: params that multiply activations). Projected s/step = program FLOPs /
+(chips x peak bf16 FLOP/s (v5e {PEAK_TFLOPS["v5e"]}, v5p {PEAK_TFLOPS["v5p"]} TFLOP/s) x
+{MFU:.0%} MFU): a projection, not a measurement (the rollout's decode loop is
+memory-bound and will run slower). Compile s: on 2 CPU cores shared with other jobs.
+†: the mesh puts tensor-parallel replicas on different hosts, which the input pipeline
+does not support yet (each host feeds its own rows): fits in memory, cannot launch as is.
+"""
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def table_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| preset | slice (chips) | mesh | stage | program | GiB / chip | HBM | fits "
+        "| program TFLOP/step | analytic | compile s | projected s/step |",
+        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.get("missing"):
+            lines.append(f"| {r['preset']} | | | {r['stage']} | not compiled yet | | | | | | | |")
+            continue
+        fits = ("yes" if r["fits"] else "**no**") + (" †" if r.get("hosts_share_rows") else "")
+        proj = f"{r['projected_s']:.3g}" if "projected_s" in r else "-"
+        total = f"{r['total_gib']:.2f}" + ("" if "error" not in r else " needed")
+        lines.append(
+            f"| {r['preset']} | {r['topology']} ({r['chips']}) "
+            f"| {_mesh_text(r['preset'], r['chips'])} | {r['stage']} | {r['program']} "
+            f"| {total} | {r['hbm_gib']} | {fits} | {_num(r['program_tflop'])} "
+            f"| {_num(r['analytic_tflop'])} | {r['compile_s']:.0f} | {proj} |"
+        )
+    return "\n".join(lines) + "\n\n" + LEGEND
+
+
+BEGIN, END = "<!-- aot:begin -->", "<!-- aot:end -->"
+
+
+def write_between_markers(path: str, text: str) -> None:
+    with open(path) as f:
+        doc = f.read()
+    if BEGIN not in doc or END not in doc:
+        raise ValueError(f"{path} has no {BEGIN} ... {END} markers")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+def table_rows(presets, results_dir: str, stages=STAGES, log=print, cached=False) -> list[dict]:
+    """Compiles each preset on its target slice (configs/model.py TARGETS), caching each
+    stage's rows as results_dir/<preset>.<stage>.json (delete one to recompile it).
+    cached: only what is there; a stage not compiled yet gets a placeholder row."""
+    from configs import model as model_presets
+    from configs import pipeline
+
+    rows = []
+    os.makedirs(results_dir, exist_ok=True)
+    for name in presets:
+        for stage in stages:
+            path = os.path.join(results_dir, f"{name}.{stage}.json")
+            if not os.path.exists(path) and cached:
+                rows.append({"preset": name, "stage": stage, "missing": True})
+                continue
+            if not os.path.exists(path):
+                config = pipeline.get_config(name)
+                found = run_aot(config, model_presets.TARGETS[name][0], [stage], log)
+                with open(path, "w") as f:
+                    json.dump(found, f, indent=1)
+            with open(path) as f:
+                rows += json.load(f)
+    return rows
+
+
+# ------------------------------------------------------------------------ main
+
+
+def main(argv) -> int:
+    from absl import flags
+
+    f = flags.FLAGS
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return 2
+    stages = STAGES if f.stage == "all" else tuple(s.strip() for s in f.stage.split(","))
+    try:
+        if f.table:
+            from configs import model as model_presets
+
+            presets = f.presets.split(",") if f.presets else list(model_presets.TARGETS)
+            rows = table_rows(presets, f.results, stages, cached=f.cached)
+            text = table_markdown(rows)
+            print(text)
+            if f.write:
+                write_between_markers(f.write, text)
+            ok = all(r.get("fits") for r in rows)
+        else:
+            from configs import model as model_presets
+
+            config = _CONFIG.value
+            topology = f.topology or model_presets.TARGETS.get(config.preset, ("",))[0]
+            if not topology:
+                raise ConfigError("topology", f"preset {config.preset!r} has no target slice")
+            rows = run_aot(config, topology, stages)
+            ok = all(r["fits"] for r in rows)
+            print("all programs fit" if ok else "some program DOES NOT FIT")
+    except NoLibtpu as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0 if ok else 1
+
+
+def _define_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    default = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline.py")
+    config = config_flags.DEFINE_config_file(
+        "config", os.path.normpath(default) + ":gpt2_124m", "Pipeline config file:preset."
+    )
+    flags.DEFINE_string("topology", "", "TPU slice, e.g. v5e:2x4; default the preset's.")
+    flags.DEFINE_string("stage", "all", f"Comma list from {STAGES}, or all.")
+    flags.DEFINE_bool("table", False, "Compile every TPU preset on its target slice.")
+    flags.DEFINE_string("presets", "", "With --table: comma list (default all TARGETS).")
+    flags.DEFINE_string("results", "runs/aot", "With --table: per-preset JSON cache.")
+    flags.DEFINE_string("write", "", "With --table: a file whose aot markers get the table.")
+    flags.DEFINE_bool("cached", False, "With --table: only the results already compiled.")
+    return config
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _CONFIG = _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))
