@@ -94,6 +94,10 @@ def variants(config, workdir: str) -> list[Variant]:
     return out
 
 
+# One compile for every stage's model (models with equal configs are equal statics).
+_lm_eval_step = jax.jit(train_steps.lm_eval_step, static_argnames=("model",))
+
+
 def heldout_lm_loss(config, workdir: str, model, params, tokenizer) -> dict:
     """Next-token loss on held-out pretraining documents: the alignment tax when it rises
     after SFT / RLHF (InstructGPT sec. 4.2). Interval: bootstrap over batches."""
@@ -102,10 +106,9 @@ def heldout_lm_loss(config, workdir: str, model, params, tokenizer) -> dict:
     batches = lm_batches(
         heldout_src, tokenizer, batch_size=p.batch_size, seq_len=p.seq_len, seed=0, shuffle=False
     )
-    step = jax.jit(lambda prm, b: train_steps.lm_eval_step(prm, b, model=model))
     per_batch = []
     for b in common.fixed_batches(batches, config.eval.lm_batches):
-        out = jax.device_get(step(params, b))
+        out = jax.device_get(_lm_eval_step(params, b, model=model))
         per_batch.append(float(out["loss_sum"]) / max(float(out["count"]), 1.0))
     mean, lo, hi = evaluate.bootstrap_ci(per_batch, config.eval.bootstrap)
     return {"mean": mean, "lo": lo, "hi": hi, "n": len(per_batch)}

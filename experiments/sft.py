@@ -6,6 +6,9 @@
 Starts from the pretrain stage's final params (or --config.sft.init_from=CHECKPOINT_DIR),
 renders each demonstration in the chat template (gptjax/data/chat.py), and trains
 lm_train_step with the loss mask on the reply and its EOS (InstructGPT, sec. 3.5).
+With sft.ptx_fraction > 0 that share of every batch's rows is pretraining text with the
+loss on every token, so fine-tuning does not erase what pretraining taught
+(gptjax/data/mixing.py).
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from __future__ import annotations
 import jax
 
 from experiments import common
-from gptjax.data.iterators import sft_batches
+from gptjax.data.iterators import lm_batches, sft_batches
+from gptjax.data.mixing import ConcatBatches
+from gptjax.errors import ConfigError
 
 STAGE = "sft"
 
@@ -25,8 +30,27 @@ def demo_sources(config, workdir: str):
         world = common.world_data(config, workdir)
         return world["demos"], world["demos_heldout"]
     return common.split_user_file(
-        "data.demos", spec, config.data.demos_heldout_fraction, common.data_dir(config, workdir)
+        "data.demos",
+        spec,
+        config.data.demos_heldout_fraction,
+        common.data_dir(config, workdir),
+        common.max_bad_fraction(config),
     )
+
+
+def ptx_rows(config, batch_size: int) -> int:
+    """Rows of each SFT batch taken from pretraining text (sft.ptx_fraction of them)."""
+    frac = config.sft.ptx_fraction
+    if not 0.0 <= frac < 1.0:
+        raise ConfigError("sft.ptx_fraction", f"must be in [0, 1), got {frac}")
+    rows = round(frac * batch_size)
+    if rows % jax.process_count() or (batch_size - rows) % jax.process_count():
+        raise ConfigError(
+            "sft.ptx_fraction",
+            f"{rows} pretraining + {batch_size - rows} demonstration rows must each be "
+            f"divisible by the {jax.process_count()} processes",
+        )
+    return rows
 
 
 def build(config, workdir: str) -> dict:
@@ -50,8 +74,23 @@ def build(config, workdir: str) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    batches = sft_batches(train_src, tokenizer, seed=config.seeds.data, **kw)
+    n_ptx = ptx_rows(config, train_cfg.batch_size)
     heldout = sft_batches(heldout_src, tokenizer, seed=0, shuffle=False, **kw)
+    batches = sft_batches(
+        train_src,
+        tokenizer,
+        seed=config.seeds.data,
+        **{**kw, "batch_size": kw["batch_size"] - n_ptx},
+    )
+    if n_ptx:
+        pretrain_src, _ = common.pretrain_sources(config, workdir)
+        ptx = lm_batches(
+            pretrain_src,
+            tokenizer,
+            seed=config.seeds.data + 1,  # not the pretraining order
+            **{**kw, "batch_size": n_ptx, "packed": True},
+        )
+        batches = ConcatBatches({"demos": batches, "pretrain": ptx})
     eval_batches = common.fixed_batches(heldout, config.sft.eval_batches)
     return dict(
         trainer=trainer,

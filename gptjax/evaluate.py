@@ -175,6 +175,9 @@ def score_replies(
         for r in replies
     ]
     width = max((len(p) + len(y) for p, y in rows), default=1)
+    # Round the width up to a multiple of 16 so the many scoring calls of an evaluation
+    # (each variant x protocol x scorer) share a handful of compiled programs.
+    width = max(width, min(-(-width // 16) * 16, model.cfg.max_len))
     bs = protocol.batch_size
     outs = []
     for start in range(0, len(rows), bs):

@@ -441,6 +441,15 @@ class Model:
         # Same tree as params, each leaf a tuple of logical axis names.
         self.logical_axes: Params = _logical_axes(state)
 
+    # A Model is its config: equal configs give equal (and equally hashed) models, so a
+    # jitted function taking the model as a static argument compiles once per config,
+    # not once per loaded stage (evaluation answers with several stages' params).
+    def __eq__(self, other):
+        return isinstance(other, Model) and other.cfg == self.cfg
+
+    def __hash__(self):
+        return hash(self.cfg)
+
     def init(self, rng: jax.Array) -> Params:
         return nnx.to_pure_dict(nnx.state(Transformer(self.cfg, nnx.Rngs(params=rng))))
 

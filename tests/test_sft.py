@@ -65,15 +65,23 @@ def test_sft_stage_masks_exactly_the_responses_and_eos(sft_run):
     import json
 
     responses = [json.loads(line)["response"] for line in open(demos)]
+    n_ptx = sft.ptx_rows(config, config.sft.batch_size)
+    assert n_ptx == 2  # sft.ptx_fraction 0.25 of 8 rows: pretraining text
     seen = 0
     for _ in range(5):
         batch = next(parts["batches"])
-        for tokens, mask in packing.segments(batch):
+        demo_rows = {k: v[: len(v) - n_ptx] for k, v in batch.items()}
+        ptx_rows = {k: v[len(v) - n_ptx :] for k, v in batch.items()}
+        # Pretraining rows: loss on every real token.
+        np.testing.assert_array_equal(
+            ptx_rows["loss_mask"], (ptx_rows["segment_ids"] > 0).astype(np.float32)
+        )
+        for tokens, mask in packing.segments(demo_rows):
             masked = tok.decode(np.asarray(tokens)[np.asarray(mask) > 0])
             assert masked.endswith("</s>") and masked[1:-4] in responses, masked
             assert masked == " " + masked[1:-4] + "</s>"  # the reply, its EOS, nothing else
             seen += 1
-    assert seen >= 40
+    assert seen >= 25  # 5 batches x 6 packed demo rows
 
 
 def test_chat_one_shot_and_interactive(sft_run):
