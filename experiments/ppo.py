@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 
 import jax
@@ -78,6 +79,23 @@ def prompt_source(config, workdir: str, section, prefix: str):
         return builders.load_split(spec, "train", common.data_dir(config, workdir))
     except ValueError as e:
         raise ConfigError(f"{prefix}.prompts", str(e)) from None
+
+
+def report_long_prompts(source, render, limit: int, field: str) -> int:
+    """Counts prompts longer than `limit` tokens and says so before training: they are
+    cut to their last `limit` tokens (the end of a chat prompt is the turn to answer),
+    never a crash. Returns the count."""
+    lengths = [len(render(source[i])) for i in range(len(source))]
+    if not lengths:
+        raise ConfigError(field.rsplit(".", 1)[0] + ".prompts", "the prompt dataset is empty")
+    n_long = sum(n > limit for n in lengths)
+    if n_long:
+        print(
+            f"{field}: {n_long} of {len(lengths)} prompts are longer than {limit} tokens "
+            f"(longest {max(lengths)}); each keeps its last {limit} tokens",
+            file=sys.stderr,
+        )
+    return n_long
 
 
 def left_align(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -317,8 +335,13 @@ def build(config, workdir: str, stage: str) -> dict:
     kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
     source = prompt_source(config, workdir, section, stage)
 
+    def render(record):
+        return chat.render_prompt(prompt_messages(record), tokenizer)
+
+    report_long_prompts(source, render, section.max_prompt_len, f"{stage}.max_prompt_len")
+
     def prompt_example(record):
-        ids = chat.render_prompt(prompt_messages(record), tokenizer)[-section.max_prompt_len :]
+        ids = render(record)[-section.max_prompt_len :]
         return ids, [0.0] * len(ids)
 
     prompts = BatchIterator(

@@ -32,7 +32,7 @@ from experiments import stages as stages_lib
 from experiments.loop import LoopConfig, StageStopped, run_stage
 from gptjax import checkpoint as ckpt_lib
 from gptjax import ppo, sharding
-from gptjax.errors import CheckpointError
+from gptjax.errors import CheckpointError, ConfigError
 from gptjax.metrics import read_jsonl
 from gptjax.optim import OptimConfig
 from gptjax.sharding import MeshConfig
@@ -922,3 +922,15 @@ def test_bad_records_below_the_allowed_fraction_are_dropped_and_reported(tmp_pat
     err = capsys.readouterr().err
     assert "data.demos: dropped 1 malformed records" in err and "demos.jsonl:5: bad JSON" in err
     record("1 of 40 demos malformed, max_bad_fraction=0.1", "sft", "dropped and reported")
+
+
+def test_prompts_longer_than_the_context_are_reported_not_fatal(capsys):
+    from experiments import ppo as ppo_stage
+
+    source = [[1] * n for n in (3, 9, 12, 5)]
+    n = ppo_stage.report_long_prompts(source, list, 8, "ppo.max_prompt_len")
+    err = capsys.readouterr().err
+    assert n == 2 and "2 of 4 prompts are longer than 8 tokens (longest 12)" in err
+    assert ppo_stage.report_long_prompts(source, list, 12, "ppo.max_prompt_len") == 0
+    with pytest.raises(ConfigError, match="ppo.prompts"):
+        ppo_stage.report_long_prompts([], list, 8, "ppo.max_prompt_len")
