@@ -8,7 +8,8 @@
         --config.data.pretrain=tfds:lm1b                          # on a TPU VM
 
 Presets: tiny (CPU, minutes), small_cpu (CPU, ~12M params), gpt2_124m, gpt2_350m,
-gpt2_1.5b, llama_1b, llama_7b (TPU). The arg is `MODEL[,mesh=MESH]` as in
+gpt2_1.5b, llama_1b, llama_7b, gpt3_175b (TPU; each with a target slice and the settings
+that fit it, configs/model.py TARGETS/FITS). The arg is `MODEL[,mesh=MESH]` as in
 configs/model.py.
 
 Sections:
