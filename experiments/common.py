@@ -24,7 +24,7 @@ from gptjax import sharding, train_steps
 from gptjax.config import TrainConfig
 from gptjax.data import builders, formats
 from gptjax.data import tokenizer as tok_lib
-from gptjax.errors import CheckpointError, ConfigError
+from gptjax.errors import ConfigError
 from gptjax.model import Model, ModelConfig
 from gptjax.optim import OptimConfig, make_optimizer
 from gptjax.world import WorldConfig, generate
@@ -185,12 +185,13 @@ def model_config(config, tokenizer: tok_lib.Tokenizer | None, head: str = "lm") 
     return config_lib.from_dict(ModelConfig, fields, "model")
 
 
-def initialize_distributed(config) -> None:
+def initialize_distributed(config) -> sharding.MeshConfig:
     """Joins the other processes of a multi-host run (see sharding.MeshConfig); a no-op
     otherwise. Must run before anything touches a device, hence in every helper here
     that a stage may call first."""
     mesh_cfg = config_lib.from_dict(sharding.MeshConfig, config.mesh, "mesh")
     sharding.maybe_initialize_distributed(mesh_cfg)
+    return mesh_cfg
 
 
 def process_0_first(what: str, prepare: Callable[[], T]) -> T:
@@ -217,9 +218,7 @@ def process_0_first(what: str, prepare: Callable[[], T]) -> T:
 
 
 def make_mesh(config):
-    initialize_distributed(config)
-    mesh_cfg = config_lib.from_dict(sharding.MeshConfig, config.mesh, "mesh")
-    return sharding.make_mesh(mesh_cfg)
+    return sharding.make_mesh(initialize_distributed(config))
 
 
 def stage_train_config(section, prefix: str) -> tuple[TrainConfig, OptimConfig, LoopConfig]:
@@ -388,12 +387,8 @@ def load_stage_params(
             f"no {stage} checkpoints at {directory}: run --stages={stage} first (same --workdir)"
         )
     abstract = ckpt_lib.abstract_tree(model.abstract_params, shardings)
-    params, step, meta = ckpt_lib.load_params(directory, abstract, tokenizer_hash=tokenizer.hash)
-    if meta.get("tokenizer_hash") not in (None, tokenizer.hash):
-        raise CheckpointError(
-            f"{directory} step {step} was trained with tokenizer "
-            f"{meta['tokenizer_hash'][:12]}, not {tokenizer.hash[:12]}"
-        )
+    # load_params refuses a checkpoint trained with another tokenizer.
+    params, _, _ = ckpt_lib.load_params(directory, abstract, tokenizer_hash=tokenizer.hash)
     return model, params
 
 
