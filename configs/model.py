@@ -178,8 +178,8 @@ TARGETS = {
     "llama_7b": ("v5p:2x4x4", "v5p-64", "pod_fsdp"),
     # FSDP over all 512 chips needs 1.3 TiB per chip (as above, whole microbatches'
     # activations on every chip); tensor parallel 8 x FSDP 64 fits. Tensor 4 does not lay
-    # out on an 8x8x8 torus (each mesh axis must be a product of physical axes), and 8
-    # spans hosts, which the input pipeline does not support yet (BUILD.md table: †).
+    # out on an 8x8x8 torus (each mesh axis must be a product of physical axes); 8 spans
+    # two 4-chip hosts, which then load the same batch rows (sharding.host_blocks).
     "gpt3_175b": ("v5p:8x8x8", "v5p-1024", dict(data=1, fsdp=-1, tensor=8, multihost=True)),
 }
 

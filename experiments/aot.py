@@ -206,15 +206,12 @@ def check_batch(mesh, rows: int, parts: int, field: str) -> None:
         raise ConfigError(field, f"{rows} is not divisible by data-parallel size x {parts} = {per}")
 
 
-def hosts_share_rows(mesh) -> bool:
-    """Whether two hosts of the slice hold the same batch rows (tensor parallelism across
-    hosts). The data pipeline feeds each process a distinct block of the global batch
-    (gptjax/sharding.py host_batch_slice), and a run on the slice refuses such a mesh."""
-    rows = sharding.data_parallel_size(mesh)
-    by_host: dict[int, set] = {}
-    for device, index in sharding.batch_sharding(mesh).devices_indices_map((rows,)).items():
-        by_host.setdefault(device.process_index, set()).update(range(rows)[index[0]])
-    return any(len(r) * len(by_host) != rows for r in by_host.values())
+def hosts_per_block(mesh) -> int:
+    """How many hosts of the slice load the same block of batch rows: 1 normally, more
+    when tensor-parallel groups span hosts (gptjax/sharding.py host_blocks; raises
+    ConfigError, as a run on the slice would, for a mesh no input pipeline can feed)."""
+    blocks = sharding.host_blocks(mesh)
+    return len(blocks) // len(set(blocks.values()))
 
 
 @dataclasses.dataclass
@@ -432,11 +429,11 @@ def run_aot(config, topology: str, stages, log=print) -> list[dict]:
         f"{config.preset} on {topology}: {len(devices)} chips, mesh "
         f"{dict(mesh.shape)}, HBM {HBM_GIB[chip]} GiB per chip"
     )
-    shared = hosts_share_rows(mesh)
-    if shared:
+    shared = hosts_per_block(mesh)
+    if shared > 1:
         log(
-            "  warning: hosts of this slice share batch rows (tensor parallelism across "
-            "hosts); a run on it refuses this mesh until the input pipeline feeds replicas alike"
+            f"  tensor-parallel groups span hosts: each {shared} hosts load the same rows "
+            "of the batch (gptjax/sharding.py host_blocks)"
         )
     rows = []
     for stage in stages:
@@ -444,7 +441,7 @@ def run_aot(config, topology: str, stages, log=print) -> list[dict]:
             row = {
                 "preset": config.preset,
                 "topology": topology,
-                "hosts_share_rows": shared,
+                "hosts_per_block": shared,
                 **compile_program(prog, chip, len(devices)),
             }
             rows.append(row)
@@ -494,8 +491,8 @@ over S keys (N: params that multiply activations). Projected s/step = program FL
 (chips x peak bf16 FLOP/s (v5e {PEAK_TFLOPS["v5e"]}, v5p {PEAK_TFLOPS["v5p"]} TFLOP/s) x
 {MFU:.0%} MFU): a projection, not a measurement (the rollout's decode loop is
 memory-bound and will run slower). Compile s: on 2 CPU cores shared with other jobs.
-†: the mesh puts tensor-parallel replicas on different hosts, which the input pipeline
-does not support yet (each host feeds its own rows): fits in memory, cannot launch as is.
+†: tensor-parallel groups span hosts (8-way on hosts of 4 chips), so each pair of hosts
+loads the same rows of the batch (`gptjax/sharding.py` host_blocks).
 """
 
 
@@ -513,7 +510,8 @@ def table_markdown(rows: list[dict]) -> str:
         if r.get("missing"):
             lines.append(f"| {r['preset']} | | | {r['stage']} | not compiled yet | | | | | | | |")
             continue
-        fits = ("yes" if r["fits"] else "**no**") + (" †" if r.get("hosts_share_rows") else "")
+        shared = r.get("hosts_per_block", 1) > 1
+        fits = ("yes" if r["fits"] else "**no**") + (" †" if shared else "")
         proj = f"{r['projected_s']:.3g}" if "projected_s" in r else "-"
         total = f"{r['total_gib']:.2f}" + ("" if "error" not in r else " needed")
         lines.append(

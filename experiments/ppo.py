@@ -227,8 +227,9 @@ class PPOTrainer:
         t0 = time.perf_counter()
         prompts = put(inputs["prompts"])
         rows = inputs["prompts"]["tokens"].shape[0]  # this host's share of the batch
-        seeds = self.seeds(int(state["step"]), rows * jax.process_count())
-        seeds = put(host_slice({"s": seeds}, jax.process_index(), jax.process_count()))["s"]
+        block = sharding.host_block(self.mesh)
+        seeds = self.seeds(int(state["step"]), rows * block.count)
+        seeds = put(host_slice({"s": seeds}, block.index, block.count))["s"]
         batch = jax.block_until_ready(
             self.rollout(state["params"], prompts["tokens"], prompts["mask"], seeds)
         )
@@ -251,7 +252,7 @@ class PPOTrainer:
 
 
 def check_shapes(section, cfg: ppo.PPOConfig, policy: Model, mesh, prefix: str) -> None:
-    dp = sharding.data_parallel_size(mesh) * jax.process_count()
+    dp = sharding.data_parallel_size(mesh) * sharding.host_block(mesh).count
     per = cfg.minibatches * dp
     if section.prompts_per_iteration % per:
         raise ConfigError(
@@ -332,7 +333,7 @@ def build(config, workdir: str, stage: str) -> dict:
         eos_id=tokenizer.eos_id,
         sampling_seed=config.seeds.sampling,
     )
-    kw = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    kw = sharding.host_block(mesh).iterator_kwargs()
     source = prompt_source(config, workdir, section, stage)
 
     def render(record):

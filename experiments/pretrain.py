@@ -11,9 +11,8 @@ GPTJAX_COORDINATOR_ADDRESS=host0:8476 GPTJAX_NUM_PROCESSES=2 GPTJAX_PROCESS_ID=1
 
 from __future__ import annotations
 
-import jax
-
 from experiments import common
+from gptjax import sharding
 from gptjax.data.iterators import lm_batches
 
 STAGE = "pretrain"
@@ -31,8 +30,7 @@ def build(config, workdir: str):
     kw = dict(
         batch_size=train_cfg.batch_size,
         seq_len=train_cfg.seq_len,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        **sharding.host_block(mesh).iterator_kwargs(),
     )
     batches = lm_batches(train_src, tokenizer, seed=config.seeds.data, **kw)
     heldout = lm_batches(heldout_src, tokenizer, seed=0, shuffle=False, **kw)

@@ -38,7 +38,7 @@ import numpy as np
 
 from experiments import common, compare, sft
 from gptjax import checkpoint as ckpt_lib
-from gptjax import reward_model
+from gptjax import reward_model, sharding
 from gptjax.data import formats
 from gptjax.data.iterators import ComparisonBatches, record_messages
 from gptjax.errors import ConfigError
@@ -147,8 +147,7 @@ def build(config, workdir: str) -> dict:
         batch_size=train_cfg.batch_size,
         seq_len=train_cfg.seq_len,
         k_max=k_max,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        **sharding.host_block(mesh).iterator_kwargs(),
     )
     demos, demo_what = demo_records(config, workdir, train_src, config.rm.demo_samples)
     return dict(

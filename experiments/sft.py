@@ -13,9 +13,8 @@ loss on every token, so fine-tuning does not erase what pretraining taught
 
 from __future__ import annotations
 
-import jax
-
 from experiments import common
+from gptjax import sharding
 from gptjax.data.iterators import lm_batches, sft_batches
 from gptjax.data.mixing import ConcatBatches
 from gptjax.errors import ConfigError
@@ -38,17 +37,19 @@ def demo_sources(config, workdir: str):
     )
 
 
-def ptx_rows(config, batch_size: int) -> int:
-    """Rows of each SFT batch taken from pretraining text (sft.ptx_fraction of them)."""
+def ptx_rows(config, batch_size: int, mesh=None) -> int:
+    """Rows of each SFT batch taken from pretraining text (sft.ptx_fraction of them);
+    both kinds of rows are split into the same host blocks (sharding.host_block)."""
     frac = config.sft.ptx_fraction
     if not 0.0 <= frac < 1.0:
         raise ConfigError("sft.ptx_fraction", f"must be in [0, 1), got {frac}")
     rows = round(frac * batch_size)
-    if rows % jax.process_count() or (batch_size - rows) % jax.process_count():
+    blocks = sharding.host_block(mesh).count
+    if rows % blocks or (batch_size - rows) % blocks:
         raise ConfigError(
             "sft.ptx_fraction",
             f"{rows} pretraining + {batch_size - rows} demonstration rows must each be "
-            f"divisible by the {jax.process_count()} processes",
+            f"divisible by the {blocks} host blocks",
         )
     return rows
 
@@ -71,10 +72,9 @@ def build(config, workdir: str) -> dict:
         batch_size=train_cfg.batch_size,
         seq_len=train_cfg.seq_len,
         packed=config.sft.packed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        **sharding.host_block(mesh).iterator_kwargs(),
     )
-    n_ptx = ptx_rows(config, train_cfg.batch_size)
+    n_ptx = ptx_rows(config, train_cfg.batch_size, mesh)
     heldout = sft_batches(heldout_src, tokenizer, seed=0, shuffle=False, **kw)
     batches = sft_batches(
         train_src,

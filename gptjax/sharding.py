@@ -161,7 +161,7 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     mesh = jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
     if len({d.process_index for d in devices}) == 1:
         return mesh
-    # Process i feeds block i of the batch rows (host_batch_slice), so each process's
+    # Each process feeds one block of the batch rows (host_block), so each process's
     # devices must be consecutive along the batch axes; make_mesh may interleave hosts
     # for the physical torus. A stable sort keeps its order within each host.
     by_process = sorted(mesh.devices.flat, key=lambda d: d.process_index)
@@ -257,42 +257,68 @@ def replicated_params(params, min_bytes: int = 1 << 20) -> list[tuple[str, int]]
     return found
 
 
-def host_batch_slice(global_batch_size: int, mesh: Mesh | None = None) -> slice:
-    """This process's rows of the global batch: block i of P for process i of P, the rows
-    the batch iterators yield (gptjax/data/iterators.py).
+@dataclasses.dataclass(frozen=True)
+class HostBlock:
+    """This process's block of every global batch: rows [index * B / count, (index + 1) *
+    B / count). Usually block i of P for process i of P; processes whose devices hold the
+    same rows (tensor parallelism across hosts, e.g. 8-way on 4-chip v5p hosts) share a
+    block, load the same rows, and count < P."""
 
-    With `mesh`, also checks that the mesh puts exactly those rows on this process's
-    devices (make_mesh orders devices by process so that it does). Otherwise the global
-    batch would silently differ from the single-process one: permuted rows, or, where
-    processes are replicas (tensor parallelism across hosts), different data in what must
-    be one copy.
-    """
-    n, i = jax.process_count(), jax.process_index()
-    if global_batch_size % n:
-        raise ConfigError(
-            "batch_size", f"global batch {global_batch_size} not divisible by {n} processes"
-        )
-    per = global_batch_size // n
-    rows = slice(i * per, (i + 1) * per)
-    if mesh is not None:
-        _check_host_rows(batch_sharding(mesh), global_batch_size, rows.start, rows.stop)
-    return rows
+    index: int
+    count: int
+
+    def iterator_kwargs(self) -> dict[str, int]:
+        """The batch iterators' names for it (gptjax/data/iterators.py)."""
+        return dict(process_index=self.index, process_count=self.count)
+
+
+def host_block(mesh: Mesh | None = None) -> HostBlock:
+    """The block of batch rows this process feeds, read off where `mesh` puts the batch
+    shards (no mesh: block i of P). The batch iterators take it as (process_index,
+    process_count), so every process's position and checkpoint are the same."""
+    if mesh is None:
+        return HostBlock(jax.process_index(), jax.process_count())
+    return host_blocks(mesh)[jax.process_index()]
 
 
 @functools.lru_cache(maxsize=64)
-def _check_host_rows(sharding: NamedSharding, global_rows: int, lo: int, hi: int) -> None:
-    placed = set()
-    for index in sharding.addressable_devices_indices_map((global_rows,)).values():
-        placed.update(range(global_rows)[index[0]])
-    if placed != set(range(lo, hi)):
-        shown = ", ".join(map(str, sorted(placed)[:16])) + (", ..." if len(placed) > 16 else "")
+def host_blocks(mesh: Mesh) -> dict[int, HostBlock]:
+    """Every process's block of batch rows under `mesh` (also for a TPU slice's devices
+    described on a CPU host, experiments/aot.py).
+
+    Raises ConfigError when a process's devices hold rows that are not one aligned
+    contiguous block (make_mesh orders devices by process so that they are); otherwise
+    the global batch would silently differ from the single-process one.
+    """
+    shards = data_parallel_size(mesh)  # distinct row shards of the batch
+    held: dict[int, set] = {}
+    for device, index in batch_sharding(mesh).devices_indices_map((shards,)).items():
+        held.setdefault(device.process_index, set()).update(range(shards)[index[0]])
+    blocks = {}
+    for process, rows in sorted(held.items()):
+        lo, n = min(rows), len(rows)
+        if rows != set(range(lo, lo + n)) or shards % n or lo % n:
+            shown = ", ".join(map(str, sorted(rows)[:16])) + (", ..." if n > 16 else "")
+            raise ConfigError(
+                "mesh",
+                f"mesh {dict(mesh.shape)} puts batch shards [{shown}] of {shards} on "
+                f"process {process}'s devices, not one aligned contiguous block: the "
+                f"data-parallel axes (data x fsdp) must split the devices process by process",
+            )
+        blocks[process] = HostBlock(lo // n, shards // n)
+    return blocks
+
+
+def host_batch_slice(global_batch_size: int, mesh: Mesh | None = None) -> slice:
+    """This process's rows of a global batch of `global_batch_size` (see host_block)."""
+    block = host_block(mesh)
+    if global_batch_size % block.count:
         raise ConfigError(
-            "mesh",
-            f"process {jax.process_index()} feeds rows [{lo}, {hi}) of the global batch, but "
-            f"mesh {dict(sharding.mesh.shape)} puts rows [{shown}] "
-            f"on its devices: the data-parallel axes (data x fsdp) must split the devices "
-            f"process by process (keep tensor parallelism within a host)",
+            "batch_size",
+            f"global batch {global_batch_size} not divisible into {block.count} host blocks",
         )
+    per = global_batch_size // block.count
+    return slice(block.index * per, (block.index + 1) * per)
 
 
 def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -303,8 +329,7 @@ def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax
         return jax.device_put(host_batch, sharding)
 
     def put(x):
-        global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-        host_batch_slice(global_shape[0], mesh)
+        global_shape = (x.shape[0] * host_block(mesh).count, *x.shape[1:])
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(put, host_batch)

@@ -11,10 +11,13 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from configs import pipeline
 from experiments import aot
+from gptjax import sharding
+from gptjax.errors import ConfigError
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None,
@@ -101,14 +104,24 @@ def test_a_batch_too_big_for_hbm_does_not_fit():
 
 
 @needs_libtpu
-def test_tensor_parallelism_across_hosts_is_flagged():
-    devices = aot.topology_devices("v5e:4x4")  # 16 chips on 4 hosts
+def test_host_blocks_of_a_slice():
+    devices = aot.topology_devices("v5e:4x4")  # 16 chips on 4 hosts of 4
     assert len({d.process_index for d in devices}) == 4
     c = small_config()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 16, 1
-    assert not aot.hosts_share_rows(aot.topology_mesh(c, devices))
-    c.mesh.fsdp, c.mesh.tensor = 1, 16  # every host holds every row
-    assert aot.hosts_share_rows(aot.topology_mesh(c, devices))
+    mesh = aot.topology_mesh(c, devices)
+    assert sharding.host_blocks(mesh) == {p: sharding.HostBlock(p, 4) for p in range(4)}
+    assert aot.hosts_per_block(mesh) == 1
+    c.mesh.fsdp, c.mesh.tensor = 2, 8  # tensor groups of 8 span 2 hosts: pairs share rows
+    mesh = aot.topology_mesh(c, devices)
+    assert sharding.host_blocks(mesh) == {p: sharding.HostBlock(p // 2, 2) for p in range(4)}
+    assert aot.hosts_per_block(mesh) == 2
+    # Hosts interleaved along the batch axis: no host holds one contiguous block of rows.
+    hosts = [[d for d in devices if d.process_index == p] for p in range(4)]
+    interleaved = [hosts[p][k] for k in range(4) for p in range(4)]
+    mesh = jax.sharding.Mesh(np.asarray(interleaved).reshape(1, 16, 1), sharding.MESH_AXES)
+    with pytest.raises(ConfigError, match="mesh.*contiguous"):
+        sharding.host_blocks(mesh)
 
 
 def test_without_libtpu_the_command_says_how_to_install_it():

@@ -2,13 +2,13 @@
 jax.distributed over gloo) pretrain `tiny` together through the command line a user runs,
 and match one process with 4 devices fed the same global batch.
 
-Both runs have the same mesh (fsdp=4) over the same device order, so they compile the same
-program; only the cross-device reductions differ in implementation (gloo across processes
-vs in-process), which may change float summation order. Hence rtol 1e-5 on the losses
-(float32 has ~1e-7 relative precision; a few reductions of a few hundred terms stay far
-below 1e-5, while a wrong row, a skipped host slice or a double-counted batch moves the loss
-by > 1e-3), and atol 1e-5 on params after a few Adam steps (lr 3e-3; an update is at most
-lr per weight, so a batch error shows as ~1e-3).
+Both runs have the same mesh (fsdp=4, or tensor=4) over the same device order, so they
+compile the same program; only the cross-device reductions differ in implementation
+(gloo across processes vs in-process), which may change float summation order. Hence
+rtol 1e-5 on the losses (float32 has ~1e-7 relative precision; a few reductions of a few
+hundred terms stay far below 1e-5, while a wrong row, a skipped host slice or a
+double-counted batch moves the loss by > 1e-3), and atol 1e-5 on params after a few Adam
+steps (lr 3e-3; an update is at most lr per weight, so a batch error shows as ~1e-3).
 """
 
 import os
@@ -39,7 +39,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main_cmd(workdir, corpus):
+def main_cmd(workdir, corpus, mesh):
     return [
         sys.executable,
         "-m",
@@ -49,7 +49,7 @@ def main_cmd(workdir, corpus):
         f"--config.data.pretrain=text:{corpus}",
         f"--config.pretrain.steps={STEPS}",
         "--config.pretrain.checkpoint_every=2",  # a mid-run (async) save too
-        "--config.mesh.fsdp=4",  # the same mesh in both runs, not "whatever is there"
+        *mesh,  # the same mesh in both runs, not "whatever is there"
         *TINY_CLI,
     ]
 
@@ -104,7 +104,17 @@ def checkpoint(workdir, step):
     return items["params"], meta
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+# fsdp: each process feeds its own half of the batch rows. tensor: the tensor-parallel
+# group spans both processes (as 8-way tensor parallelism spans two 4-chip v5p hosts),
+# so both hold every row and must load the same ones (sharding.host_blocks).
+MESHES = {
+    "fsdp": ["--config.mesh.fsdp=4"],
+    "tensor": ["--config.mesh.fsdp=1", "--config.mesh.tensor=4"],
+}
+
+
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, mesh):
     corpus = write_text_corpus(tmp_path / "corpus.txt")
     one, two = tmp_path / "one", tmp_path / "two"
     coordinator = f"127.0.0.1:{free_port()}"
@@ -124,7 +134,8 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     # Both hosts start on an empty workdir at once: data and tokenizer preparation must not
     # race (process 0 prepares, the other waits and loads).
     results = run_all(
-        [(main_cmd(one, corpus), subprocess_env(4))] + [(main_cmd(two, corpus), e) for e in hosts]
+        [(main_cmd(one, corpus, MESHES[mesh]), subprocess_env(4))]
+        + [(main_cmd(two, corpus, MESHES[mesh]), e) for e in hosts]
     )
     for name, (returncode, out, err) in zip(["single", "host 0", "host 1"], results):
         assert returncode == 0, f"{name} failed:\n{out[-2000:]}\n{err[-5000:]}"

@@ -126,9 +126,10 @@ def test_distributed_settings_come_from_config_then_environment():
         sharding.distributed_kwargs(MeshConfig(), {**env, "GPTJAX_PROCESS_ID": "4"})
 
 
-def test_host_rows_must_be_the_rows_the_mesh_puts_on_the_host():
+def test_one_process_feeds_every_row():
+    # Several hosts' blocks (shared by tensor-parallel peers, or refused when interleaved)
+    # are checked on a TPU slice's devices in test_aot.py, and run in test_multihost.py.
     mesh = sharding.make_mesh(CPU8)
-    assert sharding.host_batch_slice(16, mesh) == slice(0, 16)  # one process: every row
-    # As if this were process 1 of 2 feeding rows [8, 16): the mesh puts all 16 rows here.
-    with pytest.raises(ConfigError, match=r"feeds rows \[8, 16\)"):
-        sharding._check_host_rows(sharding.batch_sharding(mesh), 16, 8, 16)
+    assert sharding.host_block(mesh) == sharding.HostBlock(0, 1) == sharding.host_block()
+    assert sharding.host_blocks(mesh) == {0: sharding.HostBlock(0, 1)}
+    assert sharding.host_batch_slice(16, mesh) == slice(0, 16)

@@ -12,7 +12,9 @@ batches an uninterrupted run would have produced. Batches run across epoch bound
 without a partial batch, unless `num_epochs` ends the data.
 
 Multi-host: process i of P yields only rows [i * B / P, (i + 1) * B / P) of the global
-batch (`sharding.host_batch_slice`), and the position is the same on every process, so any
+batch, where (i, P) are its block of rows and the number of blocks (`sharding.host_block`:
+the process index and count, unless tensor-parallel peers on several hosts share a
+block), and the position is the same on every process, so any
 process's checkpointed state restores all of them. The comparison batches build only
 those rows (a row is a function of its record's index). The packed iterators still
 tokenize every record of the global batch on every process: which row a chunk lands in
