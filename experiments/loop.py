@@ -234,7 +234,7 @@ def run_stage(
         }
         ckpt.save(step, _items(state), data)
 
-    writer = MetricsWriter(stage_dir)
+    writer = MetricsWriter(stage_dir, enabled=jax.process_index() == 0)
     bar = tqdm(
         total=loop.steps,
         initial=start,

@@ -22,9 +22,16 @@ def to_python(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    """Appends to `<dir>/metrics.jsonl` and writes TensorBoard events under `<dir>/tb`."""
+    """Appends to `<dir>/metrics.jsonl` and writes TensorBoard events under `<dir>/tb`.
 
-    def __init__(self, directory: str, tensorboard: bool = True):
+    enabled=False writes nothing: in a multi-host run every process computes the same
+    global metrics, and only process 0 writes them to the shared workdir.
+    """
+
+    def __init__(self, directory: str, tensorboard: bool = True, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, "metrics.jsonl")
         self._file = open(self.path, "a")
@@ -35,6 +42,8 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(directory, "tb"))
 
     def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
+        if not self.enabled:
+            return
         row = {"step": int(step), **{f"{prefix}{k}": v for k, v in metrics.items()}}
         # JSON has no NaN/Inf: write them as strings so a non-finite loss stays visible.
         clean = {
@@ -48,6 +57,8 @@ class MetricsWriter:
                 self._tb.add_scalar(f"{prefix}{k}", v, int(step))
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self._file.close()
         if self._tb is not None:
             self._tb.close()
