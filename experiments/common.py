@@ -217,6 +217,38 @@ def process_0_first(what: str, prepare: Callable[[], T]) -> T:
         multihost_utils.sync_global_devices(f"gptjax: {what} prepared")
 
 
+def on_process_0(what: str, fn: Callable[[], T]) -> T | None:
+    """fn() on process 0 only, the others waiting until it is done (None for them).
+
+    For files every process would write alike (results, gates, reports, comparisons) into
+    the shared workdir of a multi-host run: one writer, and nobody reads a half-written file.
+    """
+    if jax.process_count() == 1:
+        return fn()
+    from jax.experimental import multihost_utils
+
+    try:
+        return fn() if jax.process_index() == 0 else None
+    finally:
+        multihost_utils.sync_global_devices(f"gptjax: {what} written")
+
+
+def write_text(path: str, text: str) -> None:
+    """Atomically (temporary file + rename) writes `text` to `path`, from process 0 only."""
+
+    def write():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+
+    on_process_0(path, write)
+
+
+def write_json(path: str, obj, **dump_kwargs) -> None:
+    write_text(path, json.dumps(obj, **{"indent": 2, **dump_kwargs}))
+
+
 def make_mesh(config):
     return sharding.make_mesh(initialize_distributed(config))
 

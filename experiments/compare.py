@@ -139,11 +139,9 @@ def label(records, replies, k: int, labeler: Callable | None, config) -> list[di
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    common.write_text(
+        path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+    )
 
 
 def run(config, workdir: str) -> dict:
@@ -205,7 +203,7 @@ def run(config, workdir: str) -> dict:
         "eos_rate": float(np.mean([r.ended for r in replies])),
         "mean_reply_words": float(np.mean([len(t.split()) for t in all_replies])),
     }
-    _write_json(done_path, done)
+    common.write_json(done_path, done)
     return {"stage": STAGE, "text": _text(done, out_dir, reused=False), **done}
 
 
@@ -213,13 +211,6 @@ def _distinct_frac(comparisons) -> float:
     """Mean over prompts of distinct replies / K: whether sampling gives the labeler a choice."""
     fracs = [len(set(r["responses"])) / len(r["responses"]) for s in SPLITS for r in comparisons[s]]
     return float(np.mean(fracs)) if fracs else float("nan")
-
-
-def _write_json(path: str, done: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(done, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _text(done: dict, out_dir: str, reused: bool) -> str:

@@ -18,7 +18,6 @@ Writes <workdir>/eval/results.json and prints the table.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -222,8 +221,7 @@ def run(config, workdir: str) -> dict:
     out_dir = common.stage_dir(workdir, STAGE)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "results.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2, default=float)
+    common.write_json(path, out, default=float)
     text = f"results: {path}\n" + format_results(out)
     return {"stage": STAGE, "text": text, **out}
 

@@ -88,8 +88,7 @@ def after_stage(stage: str, config, workdir: str, summary: dict) -> list[dict]:
         path = os.path.join(workdir, "gates.json")
         saved = load(workdir)
         saved.update({r["name"]: r for r in rows})
-        with open(path, "w") as f:
-            json.dump(saved, f, indent=2)
+        common.write_json(path, saved)
     return rows
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -315,8 +314,7 @@ def run(config, workdir: str) -> dict:
         "train_accuracy": metrics["train_accuracy"],
         "heldout": metrics,
     }
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    common.write_json(os.path.join(out_dir, "metrics.json"), summary)
     return {**summary, "text": summary_text(summary, out_dir)}
 
 

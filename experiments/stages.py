@@ -6,11 +6,13 @@ sweep runner can run stages too.
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 
 from experiments import (
     calibrate,
+    common,
     compare,
     evaluate,
     gates,
@@ -35,9 +37,15 @@ STAGES = {
     "rm": rm.run,
     "ppo": ppo.run,
     "ppo_ptx": ppo.run_ptx,
-    "report": report.run,
+    "report": lambda config, workdir: _report(config, workdir),
 }
 DEFAULT_STAGES = "pretrain,sft,compare,rm,ppo,ppo_ptx,eval,report"
+
+
+def _report(config, workdir: str) -> dict:
+    # Files only, no devices: one writer in a multi-host run.
+    written = common.on_process_0("report", functools.partial(report.run, config, workdir))
+    return written or {"text": "report: written by process 0"}
 
 
 def print_summary(summary: dict) -> None:
@@ -71,7 +79,9 @@ def run_stages(config, workdir: str, stages: list[str]) -> dict[str, dict]:
         start = time.perf_counter()
         summary = STAGES[stage](config, workdir)
         print_summary(summary)
-        report.record_stage_time(workdir, stage, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        record = functools.partial(report.record_stage_time, workdir, stage, seconds)
+        common.on_process_0("stage times", record)
         for row in gates.after_stage(stage, config, workdir, summary):
             print(report.gate_line(row))
         summaries[stage] = summary
