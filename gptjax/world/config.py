@@ -24,7 +24,7 @@ from gptjax.world import labeler, vocab
 
 # Bump when the generator's output changes for an unchanged config: it is part of
 # content_hash, which names cached datasets.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,16 +68,22 @@ class WorldConfig:
     n_demos_heldout: int = 256
     n_ppo_prompts: int = 2048
     n_eval_prompts: int = 512
-    demo_error_rate: float = 0.1  # demonstrator gives a wrong answer
-    demo_verbose_rate: float = 0.2  # of its correct replies, the share that ramble
-    demo_sentence_rate: float = 0.5  # of the other correct replies: a sentence, not bare
+    # The demonstrator: careful, terse, one sentence per skill (vocab.FACT_SENTENCES), as
+    # InstructGPT's labelers wrote to guidelines; the sweeps raise these rates. Measured
+    # (tiny, same base model, 150 SFT steps, gold reward greedy / T=1 against the base
+    # model prompted few-shot, 0.076 / -0.024): errors 0.1, rambling 0.2, half bare
+    # answers, idk 0.25 (generator v2): 0.011 / -0.349; errors 0, rambling 0.2, all
+    # sentences: 0.157 / -0.076; + idk 0.5: 0.131 / -0.045; + 250 steps: 0.166 / -0.037;
+    # errors 0, no rambling, idk 0.5 (these defaults): 0.164 / 0.025; the same with
+    # errors 0.1: 0.120 / -0.086 at idk 0.25.
+    demo_error_rate: float = 0.0  # demonstrator gives a wrong answer
+    demo_verbose_rate: float = 0.0  # of its correct replies, the share that ramble
+    demo_sentence_rate: float = 1.0  # of the other correct replies: a sentence, not bare
     # "i don't know" on unknown people; the rest hallucinate. Below the optimal 1.0 so
-    # that RLHF has room to raise abstention. Measured (tiny): at 0.5 the SFT model also
-    # said it did not know 15% of known people's facts and the RM learnt to prefer
-    # abstaining over answering, so PPO cut accuracy (0.30 -> 0.18); at 0.25 SFT's
-    # "i don't know" on known people is 0%, its accuracy on people absent from the
-    # demos 0.46 -> 0.56, and PPO keeps accuracy.
-    demo_idk_rate: float = 0.25
+    # that RLHF has room to raise abstention. Measured with the v2 generator: at 0.5 the
+    # SFT model also said it did not know 15% of known people's facts and PPO cut
+    # accuracy; with one answer sentence per skill, 0.5% greedy (8% at T=1).
+    demo_idk_rate: float = 0.5
 
     # Labeler.
     length_weight: float = labeler.DEFAULT_LENGTH_WEIGHT  # >0 rewards detail

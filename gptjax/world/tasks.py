@@ -17,8 +17,8 @@ are 23 + 45 and 45 + 23).
 
 `render_response(task, style, rng)` writes a reply in a given style; the demonstrator
 (generate.py) and the labeler's reference response sets use it, and the tests use it
-to build adversarial sets. Styles: concise (the bare answer), sentence (a short
-paraphrase), verbose (a paraphrase plus filler), idk, wrong (a wrong answer of the
+to build adversarial sets. Styles: concise (the bare answer), sentence ("it is
+oslo."), verbose (the sentence plus filler), idk, wrong (a wrong answer of the
 right type, or a hallucinated one for an unknown person), malformed, empty.
 """
 
@@ -134,20 +134,13 @@ def wrong_answer(task: dict, rng: random.Random) -> str:
             return " ".join(candidate)
 
 
-def _sentence(task: dict, answer: str, rng: random.Random, first: bool = False) -> str:
-    """A paraphrase of `answer`; `first` takes the shortest form of the list."""
-    skill = task["skill"]
-    if skill == "fact":
-        options = vocab.FACT_SENTENCES[task["attribute"]]
-    elif skill == "arithmetic":
-        options = vocab.ARITHMETIC_SENTENCES
-    else:
-        options = vocab.STRING_SENTENCES[task["operands"][0]]
-    text = options[0] if first else rng.choice(options)
-    if text.startswith("{n}"):
-        text = rng.choice(vocab.LEAD_INS) + text
-    op, a, b = task["operands"] if skill == "arithmetic" else (None, None, None)
-    return text.format(n=task["person"], v=answer, c=answer, r=answer, a=a, op=op, b=b)
+def _sentence(task: dict, answer: str) -> str:
+    """The answer in the demonstrator's sentence (vocab.FACT_SENTENCES & co.)."""
+    if task["skill"] == "fact":
+        return vocab.FACT_SENTENCES[task["attribute"]].format(v=answer)
+    if task["skill"] == "arithmetic":
+        return vocab.ARITHMETIC_SENTENCE.format(c=answer)
+    return vocab.STRING_SENTENCE.format(r=answer)
 
 
 def idk_response(task: dict, rng: random.Random) -> str:
@@ -175,5 +168,5 @@ def render_response(task: dict, style: str, rng: random.Random) -> str:
         return answer
     if style == "verbose":  # long answers get the shortest filler (replies <= 16 tokens)
         filler = rng.choice(vocab.FILLERS if len(answer) <= 6 else vocab.FILLERS[:1])
-        return _sentence(task, answer, rng, first=True) + " " + filler
-    return _sentence(task, answer, rng)
+        return _sentence(task, answer) + " " + filler
+    return _sentence(task, answer)

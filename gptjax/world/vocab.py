@@ -118,26 +118,25 @@ STRING_QUESTIONS: dict[str, tuple[str, ...]] = {
     ),
 }
 
-# Answer sentences (chat responses). Each adds 1-5 words to the answer (a name is two
-# words), so the gold labeler counts it as a concise paraphrase. The first of each list
-# is the shortest in tokens and adds 2-3 words: verbose replies are built from it.
-FACT_SENTENCES: dict[str, tuple[str, ...]] = {
-    "town": ("it is {v}.", "the answer is {v}.", "the town is {v}.", "{n} lives in {v}."),
-    "job": ("it is {v}.", "the answer is {v}.", "the job is {v}.", "{n} is a {v}."),
-    "pet": ("it is a {v}.", "the answer is {v}.", "the pet is a {v}.", "{n} has a {v}."),
-    "color": ("it is {v}.", "the answer is {v}.", "the color is {v}.", "{n} likes {v}."),
-    "instrument": ("it is the {v}.", "the answer is {v}.", "{n} plays the {v}."),
+# Answer sentences (chat responses): one per skill, as a demonstrator's style guide would
+# have it. Each adds 2-3 words to the answer, so the gold labeler counts it as concise.
+# Measured (tiny, same base model, 150 SFT steps): with 3-4 paraphrases per skill, some
+# starting with the person's name ("so ka ri lives in oslo."), SFT sampled at T=1 drifted
+# into other attributes' sentences and gave the right fact 26% of the time; with this one
+# sentence per skill, 62% (greedy 0.74 -> 0.90), at 0.61 nats/token instead of 1.07.
+# The sentence is kept (not the bare answer): bare-answer demos cut accuracy on people
+# absent from the demos from 0.70 to 0.23, as if "it is" gave the model the positions it
+# needs to look the fact up.
+FACT_SENTENCES: dict[str, str] = {
+    "town": "it is {v}.",
+    "job": "it is {v}.",
+    "pet": "it is a {v}.",
+    "color": "it is {v}.",
+    "instrument": "it is the {v}.",
 }
-# A response never starts with a name: "{n} ..." sentences get a one-word lead-in.
-LEAD_INS = ("well, ", "so ")
-NUMBER_SENTENCES = ("it is {c}.", "the answer is {c}.", "that gives {c}.")
-ARITHMETIC_SENTENCES = NUMBER_SENTENCES + ("{a} {op} {b} = {c}.",)
-STRING_SENTENCES: dict[str, tuple[str, ...]] = {
-    "reverse": ("it is {r}.", "the answer is {r}.", "reversed: {r}.", "the reverse is {r}."),
-    "sort": ("it is {r}.", "the answer is {r}.", "sorted: {r}.", "in order it is {r}."),
-    "count": ("it has {r} letters.", "there are {r} letters.", "the answer is {r}."),
-}
-# Appended to the first answer sentence to make a rambling (verbose) response: 4+
+ARITHMETIC_SENTENCE = "it is {c}."
+STRING_SENTENCE = "it is {r}."
+# Appended to the answer sentence to make a rambling (verbose) response: 4+
 # words each, words frequent in pretraining text so that they are few BPE pieces; the
 # first is the shortest, used after long answers to keep replies within 16 tokens.
 FILLERS = ("i know the facts.", "that is what i know.", "here is what i know.")
