@@ -15,7 +15,8 @@ After training, the bias is shifted so that SFT demonstrations average reward 0 
 world's demos; the user's, if data.demos is a file; else the chosen replies), and the
 shifted params are the stage's output: `<workdir>/rm/checkpoints` (item "params"), which
 `common.load_stage_params(config, workdir, "rm", tok, head="scalar")` returns. Metrics go
-to `<workdir>/rm/metrics.json` and the summary (see `rm_metrics`).
+to `<workdir>/rm/metrics.json` and the summary (see `rm_metrics`), with, on world
+comparisons, a probe of what the RM knows (`probe_metrics`).
 
 Measured at `tiny` (K=4, 1536 prompts, default label noise; an SFT model whose T=1
 replies are ~68% wrong answers, so ~70% of pairs tie in gold and their labels are coin
@@ -30,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import random
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +45,7 @@ from gptjax.data import formats
 from gptjax.data.iterators import ComparisonBatches, record_messages
 from gptjax.errors import ConfigError
 from gptjax.model import Model
+from gptjax.world import tasks as world_tasks
 from gptjax.world.labeler import is_idk
 
 STAGE = "rm"
@@ -242,6 +246,72 @@ def rm_metrics(records, rewards_NxK, k_max: int) -> dict:
     return out
 
 
+# What the gold labeler ranks, per kind of prompt: replies (better, worse).
+PROBE_ORDERS = {
+    "fact_known": (("true", "idk"), ("idk", "wrong"), ("true", "wrong")),
+    "fact_unknown": (("idk", "wrong"),),
+    "arithmetic": (("true", "idk"), ("idk", "wrong"), ("true", "wrong")),
+    "string": (("true", "idk"), ("idk", "wrong"), ("true", "wrong")),
+}
+
+
+def probe_records(tasks_: Sequence[dict], seed: int = 0) -> list[dict]:
+    """For each world task, three replies in the demonstrator's sentence: the true answer,
+    a wrong one (for an unknown person: a made-up value) and "i don't know"."""
+    rng = random.Random(seed)
+    out = []
+    for task in tasks_:
+        wrong = {**task, "answer": world_tasks.wrong_answer(task, rng)}
+        replies = {
+            "true": world_tasks.render_response(task, "sentence", rng),
+            "wrong": world_tasks.render_response(wrong, "sentence", rng),
+            "idk": world_tasks.render_response(task, "idk", rng),
+        }
+        out.append(
+            {
+                "prompt": task["prompt"],
+                "responses": list(replies.values()),
+                "ranks": [0, 0, 0],  # unused: these are only scored
+                "task": task,
+            }
+        )
+    return out
+
+
+def probe_group(task: dict) -> str:
+    if task["skill"] == "fact":
+        return "fact_known" if task["answer"] is not None else "fact_unknown"
+    return task["skill"]
+
+
+def probe_metrics(records: Sequence[dict], rewards_Nx3: np.ndarray) -> dict:
+    """P(r_a > r_b) (ties half) for each pair the gold labeler orders, per kind of prompt.
+
+    A reward model can rank whole comparisons well on style alone (rambling, unfinished,
+    "i don't know" for unknown people) and still not know which facts are true; PPO then
+    optimises what it can see. Here: true vs wrong needs the facts, idk vs wrong on
+    unknown people needs to know who is unknown, true vs idk says whether the RM
+    pushes the policy to abstain where it should answer.
+    """
+    column = {"true": 0, "wrong": 1, "idk": 2}
+    out = {}
+    for group, pairs in PROBE_ORDERS.items():
+        rows = [i for i, r in enumerate(records) if probe_group(r["task"]) == group]
+        if not rows:
+            continue
+        r = rewards_Nx3[rows]
+        out[group] = {
+            f"{a}>{b}": float(
+                np.mean(
+                    (r[:, column[a]] > r[:, column[b]]) + 0.5 * (r[:, column[a]] == r[:, column[b]])
+                )
+            )
+            for a, b in pairs
+        }
+        out[group]["n"] = len(rows)
+    return out
+
+
 def save_final(directory: str, step: int, params, meta: dict) -> None:
     """The normalised RM as `directory/<step>/params` (what later stages load)."""
     ckpt = ckpt_lib.Checkpointer(directory, ("params",), keep=1, async_save=False)
@@ -286,6 +356,10 @@ def run(config, workdir: str) -> dict:
     bias = float(demo_rewards.mean())
     params = reward_model.normalise_bias(params, bias)
     metrics["demo_mean_reward_after"] = float(score(parts, params, parts["demos"])[:, 0].mean())
+    world_tasks_ = [r["meta"]["task"] for r in heldout if "task" in r.get("meta", {})]
+    if world_tasks_ and k_max >= 3:
+        probes = probe_records(world_tasks_)
+        metrics["probe"] = probe_metrics(probes, score(parts, params, probes)[:, :3])
     out_dir = common.stage_dir(workdir, STAGE)
     save_final(
         os.path.join(out_dir, "checkpoints"),
@@ -342,6 +416,9 @@ def summary_text(s: dict, out_dir: str) -> str:
         lines.append(
             f"  baselines vs gold:   shorter {gb['shorter']:.3f}, not-idk {gb['not_idk']:.3f}"
         )
+    for group, stats in m.get("probe", {}).items():
+        pairs = ", ".join(f"{k} {v:.2f}" for k, v in stats.items() if k != "n")
+        lines.append(f"  probe on {stats['n']} {group} prompts, P(reward order): {pairs}")
     cal = ", ".join(
         f"{b['predicted']:.2f}->{b['observed']:.2f} ({b['n']})" for b in m["calibration"]
     )

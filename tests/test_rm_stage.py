@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ from configs import pipeline
 from experiments import common, compare, rm
 from gptjax.data import chat, formats
 from gptjax.errors import ConfigError
-from gptjax.world import generate
+from gptjax.world import generate, labeler
 from tests.helpers import SFT_CLI, TINY_CLI, subprocess_env, write_demos, write_text_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -142,7 +143,7 @@ def test_rm_from_a_user_hh_file_end_to_end(sft_workdir):
     assert summary["comparisons"]["k"] == 3  # the ranked lists of 3 set K; HH pairs are padded
     assert held["pairs"] > 0 and 0 <= held["accuracy"] <= 1 and held["calibration"]
     assert set(held["baselines"]) == {"shorter", "not_idk"}
-    assert "gold_accuracy" not in held  # a user's file has no gold ranking
+    assert "gold_accuracy" not in held and "probe" not in held  # no gold, no world tasks
     assert "50 the user's demos" == summary["bias_demos"]
 
     # The stage's output contract: the normalised RM, loadable by later stages, gives the
@@ -199,6 +200,54 @@ def test_compare_with_a_plugged_in_labeler(sft_workdir):
     again = _main(workdir, "--stages=compare", *flags)
     assert again.returncode == 0 and "== compare: reused" in again.stdout
     assert os.path.getmtime(compare.paths(workdir)["train"]) == mtime
+
+    # An RM on these world comparisons (in a copy: the user-file RM test owns rm/) gets
+    # the probe of what it knows, one group per kind of held-out prompt.
+    probe_dir = workdir.parent / "probe_run"
+    shutil.copytree(workdir, probe_dir, symlinks=True, ignore=shutil.ignore_patterns("rm"))
+    out = _main(probe_dir, "--stages=rm", *flags, *RM_CLI)
+    assert out.returncode == 0, out.stderr[-3000:]
+    probe = json.load(open(probe_dir / "rm" / "metrics.json"))["heldout"]["probe"]
+    groups = {rm.probe_group(r["meta"]["task"]) for r in records["heldout"]}
+    assert set(probe) == groups
+    assert sum(g["n"] for g in probe.values()) == len(records["heldout"])
+    for group, stats in probe.items():
+        assert set(stats) - {"n"} == {f"{a}>{b}" for a, b in rm.PROBE_ORDERS[group]}
+        assert all(0 <= v <= 1 for k, v in stats.items() if k != "n")
+    assert "probe on" in out.stdout
+
+
+def test_probe_replies_are_what_the_gold_labeler_says_they_are():
+    world = generate(common.world_config(_config(SMALL_WORLD_CLI)))
+    tasks_ = list(world["eval_prompts"]) + list(world["ppo_prompts"])
+    records = rm.probe_records(tasks_)
+    assert {rm.probe_group(t) for t in tasks_} == set(rm.PROBE_ORDERS)  # every group made
+    for rec in records:
+        task, (true, wrong, idk) = rec["task"], rec["responses"]
+        unknown = task["answer"] is None
+        assert labeler.classify(task, true, True) == ("hallucinated" if unknown else "correct")
+        assert labeler.classify(task, wrong, True) == ("hallucinated" if unknown else "wrong")
+        assert labeler.classify(task, idk, True) == "idk"
+
+
+def test_probe_metrics_on_hand_made_rewards():
+    def task(skill, answer="x"):
+        return {"skill": skill, "answer": answer}
+
+    records = [
+        {"task": task("fact")},  # true > idk > wrong: every pair right
+        {"task": task("fact")},  # idk on top: true>idk wrong, idk>wrong right, true=wrong tie
+        {"task": task("fact", None)},  # unknown: only idk vs wrong counts
+        {"task": task("arithmetic")},
+    ]
+    rewards_Nx3 = np.array(  # columns: true, wrong, idk
+        [[1.0, -1.0, 0.0], [0.0, 0.0, 1.0], [5.0, -1.0, 0.0], [0.0, 1.0, 2.0]]
+    )
+    got = rm.probe_metrics(records, rewards_Nx3)
+    assert got["fact_known"] == {"true>idk": 0.5, "idk>wrong": 1.0, "true>wrong": 0.75, "n": 2}
+    assert got["fact_unknown"] == {"idk>wrong": 1.0, "n": 1}
+    assert got["arithmetic"] == {"true>idk": 0.0, "idk>wrong": 1.0, "true>wrong": 0.0, "n": 1}
+    assert "string" not in got
 
 
 def test_gold_ranks_tie_equal_scores():
