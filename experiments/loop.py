@@ -95,16 +95,34 @@ class StageResult:
 
 
 class _Signals:
-    """Turns SIGTERM/SIGINT into a flag checked between steps."""
+    """Turns SIGTERM/SIGINT into a flag checked between steps (one process).
+
+    With several processes, a checkpoint save is collective, so every process must stop
+    at the same step: JAX's preemption service (on by default with jax.distributed)
+    catches SIGTERM on any host, tells the others, and `reached_preemption_sync_point`
+    names the step where all of them save. A Python handler would replace its own, so
+    none is installed then (SIGINT keeps its default).
+    """
 
     def __init__(self):
         self.received: int | None = None
         self._old = {}
+        self._multihost = jax.process_count() > 1
 
     def __enter__(self):
+        if self._multihost:
+            return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
         return self
+
+    def at(self, step: int) -> int | None:
+        """The signal to stop on after `step`, if any."""
+        if self._multihost:
+            from jax.experimental import multihost_utils
+
+            return signal.SIGTERM if multihost_utils.reached_preemption_sync_point(step) else None
+        return self.received
 
     def _handle(self, signum, frame):
         self.received = signum
@@ -287,16 +305,17 @@ def run_stage(
                 if pending is not None:
                     consume(*pending)
                 pending = (step, metrics)
-                if signals.received is not None:
+                received = signals.at(step)
+                if received is not None:
                     consume(*pending)
                     pending = None
                     save(step)
                     ckpt.wait()
-                    signame = signal.Signals(signals.received).name
+                    signame = signal.Signals(received).name
                     raise StageStopped(
                         f"{name}: received {signame} at step {step}; saved "
                         f"checkpoint {step}, rerun the same command to resume",
-                        exit_code=128 + signals.received,
+                        exit_code=128 + received,
                     )
                 if step % loop.checkpoint_every == 0 and step != loop.steps:
                     consume(*pending)

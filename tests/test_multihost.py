@@ -12,6 +12,7 @@ steps (lr 3e-3; an update is at most lr per weight, so a batch error shows as ~1
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -156,3 +157,61 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, mesh)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), params, ref_params
     )
+
+
+def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
+    """Preemption notices may reach one host only; a checkpoint save is collective, so
+    every process must stop at the same step (JAX's preemption sync point), save there
+    together, and resume from it."""
+    corpus = write_text_corpus(tmp_path / "corpus.txt")
+    workdir = tmp_path / "run"
+    steps = 400  # far more than run before the signal lands
+    cmd = [
+        *main_cmd(workdir, corpus, MESHES["fsdp"])[: -len(TINY_CLI)],
+        f"--config.pretrain.steps={steps}",
+        f"--config.pretrain.checkpoint_every={steps}",
+        *TINY_CLI,
+    ]
+    coordinator = f"127.0.0.1:{free_port()}"
+    env = [
+        {
+            **subprocess_env(2),
+            "GPTJAX_COORDINATOR_ADDRESS": coordinator,
+            "GPTJAX_NUM_PROCESSES": "2",
+            "GPTJAX_PROCESS_ID": str(i),
+            "JAX_ENABLE_COMPILATION_CACHE": "false",
+        }
+        for i in range(2)
+    ]
+    procs = [
+        subprocess.Popen(
+            cmd, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for e in env
+    ]
+    metrics = workdir / "pretrain" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    try:
+        while not (metrics.exists() and len(step_losses(workdir)) >= 3):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [
+                p.communicate()[1][-3000:] for p in procs if p.poll() is not None
+            ]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # host 1 only
+        outs = [p.communicate(timeout=max(deadline - time.monotonic(), 1)) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    stopped = []
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+        (line,) = [x for x in err.splitlines() if x.startswith("stopped:")]
+        stopped.append(line)
+    assert stopped[0] == stopped[1], stopped  # same step on both hosts
+    step = int(stopped[0].split(" at step ")[1].split(";")[0])
+    assert 3 <= step < steps
+    ckpt = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "pretrain", "checkpoints"), ("params",), async_save=False
+    )
+    assert ckpt.latest_step() == step
+    ckpt.close()
