@@ -35,6 +35,7 @@ import numpy as np
 
 from gptjax import sampling
 from gptjax.data import chat
+from gptjax.errors import ConfigError
 from gptjax.world import classify, gold_score, parse_fewshot_completion
 
 CORRECT = ("correct", "correct_verbose")
@@ -108,8 +109,9 @@ def generate_replies(
     p = max(len(x) for x in prompts)
     n = min(protocol.max_new_tokens, model.cfg.max_len - p)
     if n < 1:
-        raise ValueError(
-            f"prompts of {p} tokens leave no room to answer within max_len={model.cfg.max_len}"
+        raise ConfigError(
+            "model.max_len",
+            f"{model.cfg.max_len} leaves no room to answer the longest prompt ({p} tokens)",
         )
     jobs = [(i, j) for i in range(len(records)) for j in range(samples)]
     bs = protocol.batch_size

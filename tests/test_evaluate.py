@@ -110,6 +110,28 @@ class _ByteTokenizer:
         return {"<|user|>": 61, "<|assistant|>": 62}[name]
 
 
+def test_a_prompt_longer_than_the_model_names_max_len():
+    import jax
+
+    from gptjax.errors import ConfigError
+    from gptjax.model import Model
+    from tests.helpers import tiny_model_config
+
+    lm = Model(tiny_model_config())
+    records = [{"prompt": "x" * lm.cfg.max_len}]
+    with pytest.raises(ConfigError, match=r"model.max_len.*no room to answer"):
+        evaluate.generate_replies(
+            lm,
+            lm.init(jax.random.key(0)),
+            _ByteTokenizer(),
+            records,
+            mode="chat",
+            temperature=0.0,
+            samples=1,
+            protocol=evaluate.Protocol(batch_size=2),
+        )
+
+
 def test_teacher_forced_scores_match_sequence_logprobs_and_rm_rewards():
     import jax
 
