@@ -55,6 +55,25 @@ def main_cmd(workdir, corpus, mesh):
     ]
 
 
+def host_envs(n: int = 2) -> list[dict[str, str]]:
+    """The environments of n processes on localhost (2 simulated devices each) joined by
+    one coordinator."""
+    coordinator = f"127.0.0.1:{free_port()}"
+    return [
+        {
+            **subprocess_env(2),
+            "GPTJAX_COORDINATOR_ADDRESS": coordinator,
+            "GPTJAX_NUM_PROCESSES": str(n),
+            "GPTJAX_PROCESS_ID": str(i),
+            # JAX's CPU cache key differs between processes, so only process 0 would hit
+            # the persistent cache; process 1 would compile alone, and gloo gives a late
+            # peer only 30 s to join a new collective. Both compile, side by side.
+            "JAX_ENABLE_COMPILATION_CACHE": "false",
+        }
+        for i in range(n)
+    ]
+
+
 def run_all(cmds_envs, timeout=240):
     """Starts every command at once; returns their (returncode, stdout, stderr), or fails
     with every process's output if they are not all done within `timeout` seconds (a
@@ -118,20 +137,7 @@ MESHES = {
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path, mesh):
     corpus = write_text_corpus(tmp_path / "corpus.txt")
     one, two = tmp_path / "one", tmp_path / "two"
-    coordinator = f"127.0.0.1:{free_port()}"
-    hosts = [
-        {
-            **subprocess_env(2),
-            "GPTJAX_COORDINATOR_ADDRESS": coordinator,
-            "GPTJAX_NUM_PROCESSES": "2",
-            "GPTJAX_PROCESS_ID": str(i),
-            # JAX's CPU cache key differs between processes, so only process 0 would hit
-            # the persistent cache; process 1 would compile alone, and gloo gives a late
-            # peer only 30 s to join a new collective. Both compile, side by side.
-            "JAX_ENABLE_COMPILATION_CACHE": "false",
-        }
-        for i in range(2)
-    ]
+    hosts = host_envs()
     # Both hosts start on an empty workdir at once: data and tokenizer preparation must not
     # race (process 0 prepares, the other waits and loads).
     results = run_all(
@@ -172,17 +178,7 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_step(tmp_path):
         f"--config.pretrain.checkpoint_every={steps}",
         *TINY_CLI,
     ]
-    coordinator = f"127.0.0.1:{free_port()}"
-    env = [
-        {
-            **subprocess_env(2),
-            "GPTJAX_COORDINATOR_ADDRESS": coordinator,
-            "GPTJAX_NUM_PROCESSES": "2",
-            "GPTJAX_PROCESS_ID": str(i),
-            "JAX_ENABLE_COMPILATION_CACHE": "false",
-        }
-        for i in range(2)
-    ]
+    env = host_envs()
     procs = [
         subprocess.Popen(
             cmd, env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
