@@ -119,3 +119,18 @@ def write_demos(path, n: int = 120, seed: int = 0) -> str:
             a, b = rng.integers(0, 10, size=2)
             f.write(json.dumps({"prompt": f"what is {a} plus {b}?", "response": f"{a + b}"}) + "\n")
     return str(path)
+
+
+def config_from_flags(flags, preset: str = "tiny"):
+    """The config the command line builds from these --config.* flags."""
+    from configs import pipeline
+
+    config = pipeline.get_config(preset)
+    for flag in flags:
+        key, value = flag[len("--config.") :].split("=", 1)
+        *path, last = key.split(".")
+        target = config
+        for part in path:
+            target = target[part]
+        target[last] = type(target[last])(value)
+    return config

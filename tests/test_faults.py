@@ -36,7 +36,14 @@ from gptjax.errors import CheckpointError, ConfigError
 from gptjax.metrics import read_jsonl
 from gptjax.optim import OptimConfig
 from gptjax.sharding import MeshConfig
-from tests.helpers import SFT_CLI, TINY_CLI, subprocess_env, write_demos, write_text_corpus
+from tests.helpers import (
+    SFT_CLI,
+    TINY_CLI,
+    config_from_flags,
+    subprocess_env,
+    write_demos,
+    write_text_corpus,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN_STEPS, SFT_STEPS, RM_STEPS = 8, 4, 4
@@ -133,19 +140,6 @@ def fresh_copy(tiny_run, dest, stages=("pretrain", "sft", "rm")):
     for name in ("tokenizer", "data", *stages):
         shutil.copytree(src / name, dest / name, symlinks=True)
     return dest
-
-
-def config_for(flags):
-    """The config the CLI builds from these --config.* flags."""
-    config = pipeline.get_config("tiny")
-    for flag in flags:
-        key, value = flag[len("--config.") :].split("=", 1)
-        *path, last = key.split(".")
-        target = config
-        for part in path:
-            target = target[part]
-        target[last] = type(target[last])(value)
-    return config
 
 
 def losses(workdir, stage) -> dict[int, float]:
@@ -533,7 +527,7 @@ def test_sigterm_mid_sft_and_rm_then_resume_equals_the_uninterrupted_run(
     from experiments import rm, sft
 
     workdir = fresh_copy(tiny_run, tmp_path / "run", stages=("pretrain",))
-    config = config_for(tiny_run["flags"])
+    config = config_from_flags(tiny_run["flags"])
 
     def run_sft(parts):
         return common.run_lm_stage("sft", config, str(workdir), parts)[0]
@@ -598,7 +592,7 @@ def test_nan_batch_follows_the_policy_and_is_never_checkpointed(
     from experiments import pretrain
 
     workdir = fresh_copy(tiny_run, tmp_path / "run", stages=())
-    config = config_for([*tiny_run["flags"], f"--config.pretrain.nonfinite={policy}"])
+    config = config_from_flags([*tiny_run["flags"], f"--config.pretrain.nonfinite={policy}"])
     parts = pretrain.build(config, str(workdir))
     parts["batches"] = NanAt(parts["batches"], 3)
     ckpts = workdir / "pretrain" / "checkpoints"
@@ -628,23 +622,26 @@ TOY_SHARDINGS = {
 }
 
 
+class NoBatches:
+    """A batch iterator for step functions that ignore their batch."""
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return None
+
+    def get_state(self):
+        return {}
+
+    def set_state(self, state):
+        pass
+
+
 def test_a_non_finite_state_is_never_saved(tmp_path):
     def step_fn(state, batch, rng):
         w = jnp.where(state["step"] >= 3, jnp.nan, state["params"]["w"] + 1.0)
         return {"params": {"w": w}, "step": state["step"] + 1}, {"loss": jnp.float32(0.0)}
-
-    class Batches:
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            return None
-
-        def get_state(self):
-            return {}
-
-        def set_state(self, state):
-            pass
 
     init = lambda: {"params": {"w": jnp.zeros(3)}, "step": jnp.zeros((), jnp.int32)}
     loop = LoopConfig(steps=6, checkpoint_every=2, progress=False)
@@ -656,7 +653,7 @@ def test_a_non_finite_state_is_never_saved(tmp_path):
             init_state=init,
             state_shardings=TOY_SHARDINGS,
             train_step=step_fn,
-            batches=Batches(),
+            batches=NoBatches(),
             rng=jax.random.key(0),
         )
     assert _complete_steps(tmp_path / "checkpoints") == [2]
@@ -706,19 +703,6 @@ def test_kl_guard_stop_ends_the_stage(tmp_path):
         new = {"params": state["params"], "step": state["step"] + 1}
         return new, {"loss": jnp.float32(0.0), "kl_blowup": blown}
 
-    class Batches:
-        def __iter__(self):
-            return self
-
-        def __next__(self):
-            return None
-
-        def get_state(self):
-            return {}
-
-        def set_state(self, state):
-            pass
-
     loop = LoopConfig(steps=6, checkpoint_every=2, progress=False, stop_on=("kl_blowup",))
     with pytest.raises(StageStopped, match=r"kl_blowup at step 3 .* last good checkpoint is 2"):
         run_stage(
@@ -728,7 +712,7 @@ def test_kl_guard_stop_ends_the_stage(tmp_path):
             init_state=lambda: {"params": {"w": jnp.zeros(3)}, "step": jnp.zeros((), jnp.int32)},
             state_shardings=TOY_SHARDINGS,
             train_step=step_fn,
-            batches=Batches(),
+            batches=NoBatches(),
             rng=jax.random.key(0),
         )
     record("KL blow-up (kl_guard=stop)", "ppo (loop)", "stopped, checkpoint 2 kept", 1)
@@ -877,7 +861,7 @@ def bad_input_workdir(tiny_run, tmp_path_factory):
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_is_a_named_error_before_step_1(case, tiny_run, bad_input_workdir, capsys):
     stages, change, message = BAD_INPUTS[case]
-    config = config_for(tiny_run["flags"])
+    config = config_from_flags(tiny_run["flags"])
     change(config, tiny_run["files"])
     before = snapshot(bad_input_workdir)
     metrics = {s: losses(bad_input_workdir, s) for s in ("pretrain", "sft")}

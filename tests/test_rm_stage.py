@@ -15,7 +15,14 @@ from experiments import common, compare, rm
 from gptjax.data import chat, formats
 from gptjax.errors import ConfigError
 from gptjax.world import generate, labeler
-from tests.helpers import SFT_CLI, TINY_CLI, subprocess_env, write_demos, write_text_corpus
+from tests.helpers import (
+    SFT_CLI,
+    TINY_CLI,
+    config_from_flags,
+    subprocess_env,
+    write_demos,
+    write_text_corpus,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A world small enough to generate in a second; only its PPO prompts are used here.
@@ -88,7 +95,7 @@ def sft_workdir(tmp_path_factory):
     a small world's text, so that its tokenizer fits the world's prompts (which compare
     samples replies to) in T = 32; as user data, it skips the world's gates."""
     tmp = tmp_path_factory.mktemp("rm")
-    world = generate(common.world_config(_config(SMALL_WORLD_CLI)))
+    world = generate(common.world_config(config_from_flags(SMALL_WORLD_CLI)))
     corpus = tmp / "corpus.txt"
     write_text_corpus(corpus, n_paragraphs=60)
     # World text first; the short bigram paragraphs last, where the held-out split (and
@@ -115,19 +122,6 @@ def sft_workdir(tmp_path_factory):
     return tmp, tmp / "run", data_flags, demos
 
 
-def _config(flags) -> "pipeline.ml_collections.ConfigDict":
-    """The config the subprocess saw for these --config.* flags."""
-    config = pipeline.get_config("tiny")
-    for flag in flags:
-        key, value = flag[len("--config.") :].split("=", 1)
-        *path, last = key.split(".")
-        target = config
-        for part in path:
-            target = target[part]
-        target[last] = type(target[last])(value)
-    return config
-
-
 @pytest.mark.slow
 def test_rm_from_a_user_hh_file_end_to_end(sft_workdir):
     tmp, workdir, data_flags, demos = sft_workdir
@@ -148,7 +142,7 @@ def test_rm_from_a_user_hh_file_end_to_end(sft_workdir):
 
     # The stage's output contract: the normalised RM, loadable by later stages, gives the
     # demonstrations (the first 50 of the user's demos) a mean reward of 0.
-    config = _config(flags)
+    config = config_from_flags(flags)
     tok = common.get_tokenizer(config, str(workdir))
     model, params = common.load_stage_params(config, str(workdir), "rm", tok, head="scalar")
     rewards = []
@@ -218,7 +212,7 @@ def test_compare_with_a_plugged_in_labeler(sft_workdir):
 
 
 def test_probe_replies_are_what_the_gold_labeler_says_they_are():
-    world = generate(common.world_config(_config(SMALL_WORLD_CLI)))
+    world = generate(common.world_config(config_from_flags(SMALL_WORLD_CLI)))
     tasks_ = list(world["eval_prompts"]) + list(world["ppo_prompts"])
     records = rm.probe_records(tasks_)
     assert {rm.probe_group(t) for t in tasks_} == set(rm.PROBE_ORDERS)  # every group made
