@@ -31,7 +31,9 @@ Sections:
              loss mixed in (configs/ppo.py documents the fields)
   rm         the reward model: the K-way ranking loss from the SFT params with a scalar
              head; batch_size counts prompts (each with its K replies); eval_batches =
-             batches of training comparisons scored for the train accuracy
+             batches of training comparisons scored for the train accuracy; ref_logprob
+             adds the SFT model's mean log-prob of the reply as a feature
+             (gptjax/reward_model.py)
 """
 
 import ml_collections
@@ -190,6 +192,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # After training, the bias is set so these demonstrations average reward 0.
     c.rm.demo_samples = 512
     c.rm.init_from = ""  # an SFT checkpoint dir; empty = <workdir>/sft/checkpoints
+    # The reference feature (gptjax/reward_model.py): the RM also reads the SFT model's
+    # mean log-prob of the reply, with a learned weight. Measured at tiny: see
+    # experiments/rm.py. Off for the TPU presets: the InstructGPT RM, head only.
+    c.rm.ref_logprob = cpu
 
     # RLHF: clipped PPO against the RM, and PPO-ptx (field docs: configs/ppo.py).
     c.ppo = ppo_section(name, ptx=False)

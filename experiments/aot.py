@@ -265,6 +265,7 @@ def _lm_programs(config, stage: str, mesh) -> list[Program]:
                 "reward_index": ((b, k), i32),
                 "ranks": ((b, k), i32),
                 "valid": ((b, k), f32),
+                "ref_logp": ((b, k), f32),
             },
         )
         flops = train_flops(model, b * k, t)

@@ -139,7 +139,8 @@ def _replies(v: Variant, models: Models, records, proto, temperature: float, sam
     def rm_scored(replies):
         if rm is None:
             return replies
-        values = evaluate.score_replies(*rm, tok, records, replies, proto)
+        sft = models.get("sft") if has_stage(models.workdir, "sft") else None
+        values = evaluate.rm_rewards(rm, sft, tok, records, replies, proto)
         return evaluate.with_extra(replies, "rm_reward", values)
 
     if not v.best_of:

@@ -24,6 +24,18 @@ flips): held-out accuracy against the noiseless gold ranking 0.64-0.70 over lr 1
 and 160-480 steps, against 0.46 / 0.40 for the shorter / not-idk baselines; trained on the
 noiseless labels instead it reaches 0.76. lr 3e-4 and 160 steps (~2 epochs) are the
 defaults: more epochs start fitting the label noise.
+
+With world v3's SFT model (right 90% of the time on known people, greedy) that RM still
+could not tell a true fact from a wrong one: the probe's P(r(true) > r(wrong)) on known
+people was 0.46-0.53 for every RM tried (160/480 steps, lr 1e-4..1e-3, K=6, 4x the
+comparisons). `rm.ref_logprob` (on for the CPU presets) adds the SFT model's mean
+log-prob of the reply as a feature with a learned weight, starting at 1
+(gptjax/reward_model.py). Same comparisons, same 160 steps: gold accuracy 0.689 -> 0.779,
+probe true>wrong on known people 0.53 -> 0.99, idk>wrong on unknown people 0.60 -> 0.97;
+true>idk on known people 0.47 (the SFT model hardly knows whom it does not know: its
+top value's probability separates known from unknown people with AUC 0.70, so the RM
+prices abstention between the two). The feature as a sum instead of a mean: gold 0.802,
+true>idk 0.68, but arithmetic idk>wrong 0.05 and PPO against it drifts to KL 0.70.
 """
 
 from __future__ import annotations
@@ -40,8 +52,9 @@ import numpy as np
 
 from experiments import common, compare, sft
 from gptjax import checkpoint as ckpt_lib
+from gptjax import evaluate as evaluate_lib
 from gptjax import reward_model, sharding
-from gptjax.data import formats
+from gptjax.data import chat, formats
 from gptjax.data.iterators import ComparisonBatches, record_messages
 from gptjax.errors import ConfigError
 from gptjax.model import Model
@@ -97,13 +110,21 @@ def demo_records(config, workdir: str, train_src, n: int) -> tuple[list[dict], s
     return out, f"{len(out)} {what}"
 
 
-def with_scalar_head(model: Model, lm_params) -> dict:
+def with_scalar_head(model: Model, lm_params, ref_weight: float = 0.0) -> dict:
     """The LM's params for `model` (head="scalar"): the trunk kept, the LM-only unembedding
-    dropped, and a new zero head (InstructGPT starts the RM from SFT, head removed)."""
-    return {
+    dropped, and a new zero head (InstructGPT starts the RM from SFT, head removed).
+
+    ref_weight: the initial weight of the reference feature (gptjax/reward_model.py). An
+    RM that uses it starts at 1, ranking replies by the SFT model's own likelihood: Adam
+    moves one scalar by ~lr per step, so from 0 it could not reach a useful weight in
+    the few hundred steps an RM trains (measured: 0.715 gold accuracy from 0).
+    """
+    params = {
         name: lm_params[name] if name in lm_params else jnp.zeros(shape.shape, shape.dtype)
         for name, shape in model.abstract_params.items()
     }
+    params["score_logp"] = jnp.full_like(params["score_logp"], ref_weight)
+    return params
 
 
 def _steps(model, tx, schedule, grad_accum_steps: int):
@@ -142,10 +163,19 @@ def build(config, workdir: str) -> dict:
         train_cfg,
         mesh,
         config.seeds.init,
-        init_params=with_scalar_head(Model(model_cfg), sft_params),
+        init_params=with_scalar_head(
+            Model(model_cfg), sft_params, ref_weight=1.0 if config.rm.ref_logprob else 0.0
+        ),
         make_steps=functools.partial(_steps, grad_accum_steps=optim_cfg.grad_accum_steps),
     )
-    del sft_params
+    attach = lambda records: records  # noqa: E731
+    if config.rm.ref_logprob:
+        attach = functools.partial(
+            with_ref_logp, Model(common.model_config(config, tokenizer)), sft_params, tokenizer
+        )
+        train_src, heldout_src = attach(train_src), attach(heldout_src)
+    else:
+        del sft_params
     kw = dict(
         batch_size=train_cfg.batch_size,
         seq_len=train_cfg.seq_len,
@@ -153,6 +183,7 @@ def build(config, workdir: str) -> dict:
         **sharding.host_block(mesh).iterator_kwargs(),
     )
     demos, demo_what = demo_records(config, workdir, train_src, config.rm.demo_samples)
+    demos = attach(demos)
     return dict(
         trainer=trainer,
         tokenizer=tokenizer,
@@ -166,7 +197,29 @@ def build(config, workdir: str) -> dict:
         demos=demos,
         demo_what=demo_what,
         k_max=k_max,
+        attach=attach,
     )
+
+
+def with_ref_logp(sft: Model, sft_params, tokenizer, records: Sequence[dict]) -> list[dict]:
+    """records with "ref_logp": each reply's mean log-prob under the SFT model (with its
+    EOS if it ended), the RM's reference feature (gptjax/reward_model.py)."""
+    replies = [
+        evaluate_lib.Reply(i, k, text, done, 0, tuple(chat.encode_reply(text, tokenizer)) + eos)
+        for i, rec in enumerate(records)
+        for k, (text, done) in enumerate(
+            zip(rec["responses"], rec.get("ended") or [True] * len(rec["responses"]))
+        )
+        for eos in [(tokenizer.eos_id,) if done else ()]
+    ]
+    protocol = evaluate_lib.Protocol(batch_size=64)
+    feature = evaluate_lib.mean_logprobs(sft, sft_params, tokenizer, records, replies, protocol)
+    out, start = [], 0
+    for rec in records:
+        k = len(rec["responses"])
+        out.append({**rec, "ref_logp": [float(x) for x in feature[start : start + k]]})
+        start += k
+    return out
 
 
 def score(parts: dict, params, records) -> np.ndarray:
@@ -358,7 +411,7 @@ def run(config, workdir: str) -> dict:
     metrics["demo_mean_reward_after"] = float(score(parts, params, parts["demos"])[:, 0].mean())
     world_tasks_ = [r["meta"]["task"] for r in heldout if "task" in r.get("meta", {})]
     if world_tasks_ and k_max >= 3:
-        probes = probe_records(world_tasks_)
+        probes = parts["attach"](probe_records(world_tasks_))
         metrics["probe"] = probe_metrics(probes, score(parts, params, probes)[:, :3])
     out_dir = common.stage_dir(workdir, STAGE)
     save_final(

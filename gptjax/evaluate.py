@@ -68,7 +68,8 @@ class Reply:
 
 def prompt_ids(record: dict, tokenizer, mode: str) -> list[int]:
     if mode == "chat":
-        return chat.render_prompt(chat.pair_messages(record["prompt"]), tokenizer)
+        messages = record.get("messages") or chat.pair_messages(record["prompt"])
+        return chat.render_prompt(messages, tokenizer)
     if mode == "fewshot":
         return tokenizer.encode(record["fewshot_prompt"])
     raise ValueError(f"unknown prompt mode {mode!r}; expected one of {MODES}")
@@ -196,6 +197,25 @@ def score_replies(
         return np.concatenate(outs)[:n] if outs else np.zeros(0)
     logp, ent, count = (np.concatenate(x)[:n] for x in zip(*outs))
     return logp, ent / np.maximum(count, 1)
+
+
+def mean_logprobs(model, params, tokenizer, records, replies, protocol) -> np.ndarray:
+    """[N] each chat reply's mean per-token log-prob (its EOS included) under an LM."""
+    logp, _ = score_replies(model, params, tokenizer, records, replies, protocol)
+    return logp / np.array([max(len(r.ids), 1) for r in replies])
+
+
+def rm_rewards(rm, ref, tokenizer, records, replies, protocol) -> np.ndarray:
+    """[N] RM rewards of chat replies, as PPO sees them: the scalar head, plus score_logp x
+    the reference feature (gptjax/reward_model.py) when the RM was trained with it.
+    rm, ref: (Model, params) of the RM and of the SFT model (None if there is none)."""
+    values = score_replies(*rm, tokenizer, records, replies, protocol)
+    weight = float(rm[1]["score_logp"])
+    if weight == 0.0:
+        return values
+    if ref is None:
+        raise ValueError("this RM reads the SFT model's log-probs; no SFT model was given")
+    return values + weight * mean_logprobs(*ref, tokenizer, records, replies, protocol)
 
 
 def with_extra(replies: Sequence[Reply], name: str, values) -> list[Reply]:

@@ -327,6 +327,10 @@ class Transformer(nnx.Module):
         if cfg.head == "scalar":
             self.score_w = _const((cfg.d_model,), ("embed",), 0.0, pdt)
             self.score_b = _const((), (), 0.0, pdt)
+            # Weight of an input the head does not compute itself: a reward model may add
+            # score_logp x (the reference model's mean log-prob of the reply), see
+            # gptjax/reward_model.py. Zero, and so inert, unless an RM is trained with it.
+            self.score_logp = _const((), (), 0.0, pdt)
 
     def _blocks(self, x_BxTxD, mask_BxTxS, positions_BxT, rng):
         cfg = self.cfg

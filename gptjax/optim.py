@@ -17,7 +17,7 @@ from gptjax.errors import ConfigError
 
 # Norm gains and biases are not decayed (GPT-2/nanoGPT: decay only matmul weights and
 # embeddings), since shrinking a norm's scale toward 0 fights the normalisation itself.
-NO_DECAY_NAMES = ("scale", "bias", "score_b")
+NO_DECAY_NAMES = ("scale", "bias", "score_b", "score_logp")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import optax
 
 from gptjax import config as config_lib
-from gptjax import losses, sampling, sharding
+from gptjax import losses, reward_model, sampling, sharding
 from gptjax.errors import ConfigError
 from gptjax.model import Model
 from gptjax.train_steps import apply_update
 
-HEAD_KEYS = ("score_w", "score_b")  # the scalar head's params (see model.Transformer)
+HEAD_KEYS = ("score_w", "score_b", "score_logp")  # the scalar head's params (see model.Transformer)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,12 +168,23 @@ def last_token_index(mask_BxN):
 
 def score_rollout(rm: Model, rm_params, ref: Model, ref_params, batch, temperature: float = 1.0):
     """The scoring phase: RM score at each reply's last token (InstructGPT reads the reward
-    at the EOS; the RM stage trains it there) and the frozen reference's log-probs."""
-    n = batch["response_mask"].shape[1]
+    at the EOS; the RM stage trains it there) and the frozen reference's log-probs.
+
+    The reference (SFT) model is the one the RM's reference feature was computed with
+    (gptjax/reward_model.py): its mean log-prob of the reply at temperature 1 enters the
+    score with the RM's weight score_logp (0 for an RM trained without the feature).
+    """
+    mask = batch["response_mask"]
+    n = mask.shape[1]
     values_BxT = rm.apply(rm_params, batch["tokens"], batch["segment_ids"], batch["positions"])
-    index_B = values_BxT.shape[1] - n + last_token_index(batch["response_mask"])
+    index_B = values_BxT.shape[1] - n + last_token_index(mask)
     scores_B = jnp.take_along_axis(values_BxT, index_B[:, None], axis=1)[:, 0]
     ref_logp, _ = response_logprobs(ref, ref_params, batch, temperature)
+    ref_logp_t1 = (
+        ref_logp if temperature == 1.0 else response_logprobs(ref, ref_params, batch, 1.0)[0]
+    )
+    mean_ref_logp_B = jnp.sum(ref_logp_t1, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
+    scores_B = scores_B + reward_model.reference_term(rm_params, mean_ref_logp_B)
     return {"scores": scores_B.astype(jnp.float32), "ref_logprobs": ref_logp}
 
 

@@ -7,11 +7,24 @@ InstructGPT (Ouyang et al. 2022, sec. 3.5, eq. 1):
 All K responses of a prompt sit in one batch element, so each response goes through the
 model once and every one of the prompt's C(K,2) comparisons is used once per epoch (their
 remedy for the overfitting that shuffling pairs independently caused). The reward is the
-scalar head's value at the response's last token (its EOS).
+scalar head's value at the response's last token (its EOS), plus, for an RM trained with
+the reference feature, score_logp x the response's mean per-token log-prob under the
+frozen SFT model (`ref_logp`, computed once per response on the host; 0 otherwise):
+
+    r(x, y) = w·h_EOS(x, y) + b + w_logp · (1/|y|) Σ_t log π_SFT(y_t | x, y_<t)
+
+Why: a small RM trained on ~1k comparisons does not learn which facts are true (on
+the world, P(r(true) > r(wrong)) stays ~0.5 however it is trained), while the SFT
+model it starts from does know them; its likelihood of a reply is a calibrated signal
+of correctness (Kadavath et al. 2022, "Language Models (Mostly) Know What They Know"),
+and one learned weight lets the ranking loss use it. The same quantity is what DPO's
+implicit reward is built from (Rafailov et al. 2023), here as one input of a classifier
+RM. PPO reads it from the reference log-probs it computes anyway (gptjax/ppo.py).
 
 Batch (numpy dict): tokens / segment_ids / positions [B, K, T]; reward_index [B, K] (the
 column of the response's last token); ranks [B, K] (0 = best, equal = tie); valid [B, K]
-(0 for padding responses when prompts have fewer than K).
+(0 for padding responses when prompts have fewer than K); ref_logp [B, K] (the
+reference feature above; zeros when the RM does not use it, so score_logp stays 0).
 
 Shape legend: B prompts, K responses per prompt, T tokens.
 """
@@ -29,14 +42,23 @@ from gptjax.train_steps import accumulate_grads, apply_update
 
 
 def rewards(model: Model, params, batch) -> jax.Array:
-    """rewards_BxK: the scalar head at each response's reward_index."""
+    """rewards_BxK: the scalar head at each response's reward_index (+ the reference
+    feature term, module docstring)."""
     b, k, t = batch["tokens"].shape
     flat = lambda x: x.reshape(b * k, t)
     values_NxT = model.apply(
         params, flat(batch["tokens"]), flat(batch["segment_ids"]), flat(batch["positions"])
     )
     index_N = batch["reward_index"].reshape(b * k)
-    return jnp.take_along_axis(values_NxT, index_N[:, None], axis=1).reshape(b, k)
+    head_BxK = jnp.take_along_axis(values_NxT, index_N[:, None], axis=1).reshape(b, k)
+    if "ref_logp" not in batch:  # e.g. hand-built batches: the head alone
+        return head_BxK
+    return head_BxK + reference_term(params, batch["ref_logp"])
+
+
+def reference_term(params, ref_logp):
+    """score_logp · (mean per-token log-prob of the response under the SFT model)."""
+    return params["score_logp"].astype(jnp.float32) * ref_logp.astype(jnp.float32)
 
 
 def rm_train_step(

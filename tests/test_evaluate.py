@@ -162,7 +162,78 @@ def test_teacher_forced_scores_match_sequence_logprobs_and_rm_rewards():
             "segment_ids": np.ones_like(row)[:, None],
             "positions": np.arange(row.shape[1], dtype=np.int32)[None, None],
             "reward_index": np.array([[row.shape[1] - 1]], np.int32),
+            "ref_logp": np.zeros((1, 1), np.float32),
         }
         assert values[k] == pytest.approx(
             float(reward_model.rewards(rm, rm_params, batch)[0, 0]), abs=1e-5
         )
+
+
+def test_the_reference_feature_is_one_reward_in_the_rm_stage_ppo_and_eval():
+    """An RM trained with the SFT model's mean log-prob as a feature must score a reply the
+    same way where it is trained (comparison batches), where PPO reads it (score_rollout
+    on a left-padded rollout) and where the evaluator and best-of-n read it."""
+    import jax
+
+    from experiments import rm as rm_stage
+    from gptjax import ppo, reward_model
+    from gptjax.data import chat
+    from gptjax.data.iterators import comparison_example
+    from gptjax.model import Model
+    from tests.helpers import tiny_model_config
+
+    tok = _ByteTokenizer()
+    lm = Model(tiny_model_config())
+    sft_params = lm.init(jax.random.key(0))
+    rm = Model(tiny_model_config(head="scalar"))
+    rm_params = rm_stage.with_scalar_head(rm, sft_params, ref_weight=0.7)
+    assert float(rm_params["score_logp"]) == pytest.approx(0.7)
+    rm_params["score_w"] = 0.1 * jax.random.normal(jax.random.key(1), rm_params["score_w"].shape)
+    records = [{"prompt": "2+3?", "responses": ["5", "it is 6"], "ended": [True, False]}]
+    records[0]["ranks"] = [0, 1]
+
+    attached = rm_stage.with_ref_logp(lm, sft_params, tok, records)
+    example = comparison_example(attached[0], tok, seq_len=24, k_max=2)
+    stage = np.asarray(
+        reward_model.rewards(rm, rm_params, {k: v[None] for k, v in example.items()})
+    )[0]
+
+    reply_ids = [
+        tuple(chat.encode_reply(text, tok)) + ((tok.eos_id,) if done else ())
+        for text, done in zip(records[0]["responses"], records[0]["ended"])
+    ]
+    replies = [
+        Reply(0, k, t, d, len(i), i)
+        for k, (t, d, i) in enumerate(
+            zip(*[records[0]["responses"], records[0]["ended"], reply_ids])
+        )
+    ]
+    evaluated = evaluate.rm_rewards(
+        (rm, rm_params), (lm, sft_params), tok, records, replies, evaluate.Protocol(batch_size=2)
+    )
+
+    prompt = evaluate.prompt_ids(records[0], tok, "chat")
+    p, n = len(prompt) + 2, max(map(len, reply_ids)) + 1  # room for left and right padding
+    tokens, seg, mask = (np.zeros((2, p + n), np.int32) for _ in range(3))
+    for k, ids in enumerate(reply_ids):
+        tokens[k, p - len(prompt) : p], seg[k, p - len(prompt) : p] = prompt, 1
+        tokens[k, p : p + len(ids)], seg[k, p : p + len(ids)] = ids, 1
+        mask[k, p : p + len(ids)] = 1
+    batch = {
+        "tokens": tokens,
+        "segment_ids": seg,
+        "positions": np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32),
+        "response_mask": mask[:, p:].astype(np.float32),
+    }
+    scored = np.asarray(ppo.score_rollout(rm, rm_params, lm, sft_params, batch)["scores"])
+
+    np.testing.assert_allclose(evaluated, stage, atol=1e-4)
+    np.testing.assert_allclose(scored, stage, atol=1e-4)
+    head_only = np.asarray(
+        reward_model.rewards(
+            rm, rm_params, {k: v[None] for k, v in example.items() if k != "ref_logp"}
+        )
+    )[0]
+    feature = np.array(attached[0]["ref_logp"])
+    assert np.all(feature < 0)
+    np.testing.assert_allclose(stage - head_only, 0.7 * feature, rtol=1e-4)

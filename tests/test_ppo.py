@@ -324,6 +324,7 @@ def tiny_workdir(workdir):
         **params,
         "score_w": jax.random.normal(jax.random.key(1), (32,)),
         "score_b": jnp.zeros(()),
+        "score_logp": jnp.asarray(0.3),  # the RM reads the SFT model's log-probs too
     }
     for stage, tree in (("sft", params), ("rm", rm_params)):
         ckpt = ckpt_lib.Checkpointer(

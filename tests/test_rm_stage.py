@@ -12,6 +12,7 @@ import pytest
 
 from configs import pipeline
 from experiments import common, compare, rm
+from gptjax import evaluate
 from gptjax.data import chat, formats
 from gptjax.errors import ConfigError
 from gptjax.world import generate, labeler
@@ -145,10 +146,17 @@ def test_rm_from_a_user_hh_file_end_to_end(sft_workdir):
     config = config_from_flags(flags)
     tok = common.get_tokenizer(config, str(workdir))
     model, params = common.load_stage_params(config, str(workdir), "rm", tok, head="scalar")
-    rewards = []
-    for line in open(demos).read().splitlines()[:50]:
-        ids, _ = chat.render(formats.normalize_demo(json.loads(line))["messages"], tok)
-        rewards.append(float(model.apply(params, np.asarray([ids]))[0, -1]))
+    assert float(params["score_logp"]) != 0.0  # the tiny preset's RM reads SFT log-probs
+    records, replies = [], []
+    for i, line in enumerate(open(demos).read().splitlines()[:50]):
+        messages = formats.normalize_demo(json.loads(line))["messages"]
+        ids = (*chat.encode_reply(messages[-1]["content"], tok), tok.eos_id)
+        records.append({"messages": messages[:-1]})
+        replies.append(evaluate.Reply(i, 0, messages[-1]["content"], True, len(ids), ids))
+    sft = common.load_stage_params(config, str(workdir), "sft", tok)
+    rewards = evaluate.rm_rewards(
+        (model, params), sft, tok, records, replies, evaluate.Protocol(batch_size=64)
+    )
     assert abs(summary["bias_subtracted"]) > 1e-4  # the shift did something...
     assert abs(np.mean(rewards)) < 1e-4  # ...and it made the demo mean 0
 

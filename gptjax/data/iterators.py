@@ -206,7 +206,9 @@ def comparison_example(record: Mapping, tokenizer: Tokenizer, seq_len: int, k_ma
     """One comparison as K rows of [T]: the prompt, a reply, and its EOS if it ended.
 
     Returns tokens/segment_ids/positions [K, T] (right-padded), reward_index [K] (the
-    column of the reply's last token: its EOS when it ended), ranks [K], valid [K].
+    column of the reply's last token: its EOS when it ended), ranks [K], valid [K], and
+    ref_logp [K]: record["ref_logp"] (each reply's mean log-prob under the SFT model, the
+    RM's reference feature, gptjax/reward_model.py) or zeros.
     A reply that did not end gets no EOS, so the RM sees it as unfinished, as it was.
     """
     context = chat.render_prompt(
@@ -223,7 +225,9 @@ def comparison_example(record: Mapping, tokenizer: Tokenizer, seq_len: int, k_ma
         "reward_index": np.zeros((k_max,), np.int32),
         "ranks": np.zeros((k_max,), np.int32),
         "valid": np.zeros((k_max,), np.float32),
+        "ref_logp": np.zeros((k_max,), np.float32),
     }
+    ref_logp = record.get("ref_logp") or [0.0] * len(responses)
     for k, (reply, done) in enumerate(zip(responses, ended)):
         ids = context + chat.encode_reply(reply, tokenizer) + ([tokenizer.eos_id] if done else [])
         # Keep the end (where the reward is read); cut the prompt's start if too long.
@@ -235,6 +239,7 @@ def comparison_example(record: Mapping, tokenizer: Tokenizer, seq_len: int, k_ma
         out["reward_index"][k] = n - 1
         out["ranks"][k] = record["ranks"][k]
         out["valid"][k] = 1.0
+        out["ref_logp"][k] = ref_logp[k]
     return out
 
 
