@@ -73,7 +73,7 @@ def _preset(name: str) -> ml_collections.ConfigDict:
     if name == "kl":
         # Over-optimisation (Gao et al. 2022): as the KL penalty weakens, the policy moves
         # further from SFT; the RM's reward keeps rising while gold reward peaks and falls.
-        coefs = {"beta_2e-1": 0.2, "beta_5e-2": 0.05, "beta_1e-2": 0.01, "beta_1e-3": 0.001}
+        coefs = {"beta_1": 1.0, "beta_3e-1": 0.3, "beta_1e-1": 0.1, "beta_3e-2": 0.03}
         variants = {k: {"ppo.kl_coef": v} for k, v in coefs.items()}
         findings = [
             _finding(

@@ -11,7 +11,7 @@ import pytest
 
 from gptjax.world import documents, labeler, tasks, vocab
 from gptjax.world.config import WorldConfig
-from gptjax.world.generate import generate
+from gptjax.world.generate import STRANGER_ROLES, generate, make_people
 
 PROMPT_SPLITS = ("demos", "demos_heldout", "ppo_prompts", "eval_prompts")
 UNKNOWN_ROLES = ("unknown_ppo", "unknown_eval")
@@ -128,14 +128,11 @@ def test_unknown_people_never_in_pretraining_or_demos(world):
     assert any(unknown.search(t) for t in _texts(world, "ppo_prompts"))
 
 
-def test_names_come_from_one_distribution(world):
+def test_names_are_two_different_syllables(world):
     syllables = set(vocab.NAME_SYLLABLES)
     for p in world["people"]:
         first, second = p["name"].split(" ")
         assert first in syllables and second in syllables and first != second
-    known = {s for n in _names(world, "demo", "ppo", "eval") for s in n.split()}
-    unknown = {s for n in _names(world, *UNKNOWN_ROLES) for s in n.split()}
-    assert unknown <= known
 
 
 def _template_words():
@@ -325,3 +322,28 @@ def test_config_validation_names_the_field_and_hash_tracks_content():
     assert cfg.content_hash() == WorldConfig().content_hash()
     assert cfg.content_hash() != cfg.replace(label_noise=0.1).content_hash()
     assert json.loads(json.dumps(cfg.to_dict()))["n_known"] == cfg.n_known
+
+
+@pytest.mark.parametrize("n", [0, 4])
+def test_stranger_syllables_mark_exactly_the_people_never_read_about(n):
+    people = make_people(WorldConfig(stranger_syllables=n))
+    strange = set(vocab.NAME_SYLLABLES[-4:])
+    first = lambda p: p["name"].split()[0]  # noqa: E731
+    strangers = [p for p in people if p["role"] in STRANGER_ROLES]
+    others = [p for p in people if p["role"] not in STRANGER_ROLES]
+    assert len({p["name"] for p in people}) == len(people)
+    if n:
+        assert all(first(p) in strange for p in strangers)
+        assert not any(set(p["name"].split()) & strange for p in others)
+    else:  # one pool: only memory says who is unknown
+        assert any(first(p) in strange for p in others)
+        assert any(first(p) not in strange for p in strangers)
+        known = {s for p in others for s in p["name"].split()}
+        assert {s for p in strangers for s in p["name"].split()} <= known
+
+
+def test_too_many_strangers_for_their_names_names_the_field():
+    with pytest.raises(ValueError, match="stranger_syllables"):
+        WorldConfig(stranger_syllables=1, n_unknown=40, n_demo_unknown=16)
+    with pytest.raises(ValueError, match="stranger_syllables"):
+        WorldConfig(stranger_syllables=18)

@@ -24,7 +24,7 @@ from gptjax.world import labeler, vocab
 
 # Bump when the generator's output changes for an unchanged config: it is part of
 # content_hash, which names cached datasets.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +46,18 @@ class WorldConfig:
     eval_people_frac: float = 0.25  # of known people; the rest are PPO people
     eval_unknown_frac: float = 0.6  # of unknown people; the rest are PPO unknowns
     heldout_fact_frac: float = 0.1  # of demo facts, kept for demos_heldout
+    # Strangers: > 0 gives every never-read-about person (unknown, demo_unknown) a name
+    # whose first syllable is one of the last `stranger_syllables` of
+    # vocab.NAME_SYLLABLES, and no one else a name with any of them. 0: every name from
+    # one pool, so only memory tells who is unknown (world v3). Measured at tiny with 0:
+    # the SFT model cannot tell a person it never read about from one it did (a linear
+    # probe on its logits: AUC 0.58 on held-out people; its top value's probability:
+    # 0.70), it abstains on 0% of unknown people greedily, and nothing RLHF can learn
+    # raises gold reward greedily (PPO − SFT −0.01..−0.03 for every RM and β tried).
+    # With 4 (v4, same seed, β 1): SFT abstains on 23% of unknown people, PPO on 66%,
+    # gold +0.065 greedy / +0.057 at T=1, accuracy −0.011. Large models know what they
+    # know (Kadavath et al. 2022); a 1M-param one needs the stranger to look strange.
+    stranger_syllables: int = 4
 
     # Pretraining documents ("the internet").
     bios_per_person: int = 90  # facts need many exposures in varied wordings
@@ -132,13 +144,30 @@ class WorldConfig:
                 f"WorldConfig.skill_mix must be 3 non-negative weights "
                 f"(fact, arithmetic, string), got {self.skill_mix}"
             )
+        n_syllables = len(vocab.NAME_SYLLABLES)
+        if not 0 <= self.stranger_syllables < n_syllables:
+            raise ValueError(
+                f"WorldConfig.stranger_syllables must be in [0, {n_syllables}), "
+                f"got {self.stranger_syllables}"
+            )
         n_people = self.n_known + self.n_unknown + self.n_demo_unknown + self.n_obscure
-        n_names = len(vocab.NAME_SYLLABLES) * (len(vocab.NAME_SYLLABLES) - 1)
+        n_names = n_syllables * (n_syllables - 1)
         if n_people > n_names:
             raise ValueError(
                 f"WorldConfig.n_known + n_unknown + n_demo_unknown + n_obscure "
                 f"= {n_people} exceeds the {n_names} possible names"
             )
+        if self.stranger_syllables:
+            n_strange = self.stranger_syllables * (n_syllables - 1)
+            n_common = n_syllables - self.stranger_syllables
+            n_plain = n_common * (n_common - 1)
+            n_strangers = self.n_unknown + self.n_demo_unknown
+            if n_strangers > n_strange or n_people - n_strangers > n_plain:
+                raise ValueError(
+                    f"WorldConfig.stranger_syllables={self.stranger_syllables} gives "
+                    f"{n_strange} names to {n_strangers} strangers and {n_plain} "
+                    f"to {n_people - n_strangers} others: too few"
+                )
 
     @property
     def attributes(self) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from gptjax.world import documents, tasks, vocab
 from gptjax.world.config import WorldConfig
 
 KNOWN_ROLES = ("demo", "ppo", "eval")
+STRANGER_ROLES = ("unknown_eval", "unknown_ppo", "demo_unknown")  # never in the corpus
 SPLITS = (
     "people",
     "pretrain",
@@ -67,8 +68,22 @@ def make_people(cfg: WorldConfig) -> list[dict]:
         + ["demo_unknown"] * cfg.n_demo_unknown
         + ["obscure"] * cfg.n_obscure
     )
+    if cfg.stranger_syllables:
+        strange = vocab.NAME_SYLLABLES[-cfg.stranger_syllables :]
+        pools = {True: [], False: []}
+        for n in names:
+            first, second = n.split()
+            if first in strange:
+                pools[True].append(n)
+            elif second not in strange:
+                pools[False].append(n)
+        stranger = [r in STRANGER_ROLES for r in roles]
+        drawn = {k: iter(rng.sample(pools[k], stranger.count(k))) for k in pools}
+        chosen = [next(drawn[k]) for k in stranger]
+    else:
+        chosen = rng.sample(names, len(roles))
     people = []
-    for name, role in zip(rng.sample(names, len(roles)), roles):
+    for name, role in zip(chosen, roles):
         facts, reserved = {}, {}
         if role in KNOWN_ROLES:
             facts = {a: rng.choice(vocab.ATTRIBUTE_VALUES[a]) for a in cfg.attributes}

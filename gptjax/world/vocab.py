@@ -15,10 +15,12 @@ with its value so that its prefix is a completion probe ("... lives in" -> "oslo
 """
 
 # A name is two different syllables written as two words ("ka ri"), all from one
-# syllable set, whatever the person's role: an unknown person's name is made of exactly
-# the tokens known people's names are made of. Written as two words, a name can never
-# be merged by BPE into one piece (pieces never cross spaces) and each syllable is
-# frequent enough to be one piece: a name is 2 tokens everywhere.
+# syllable set. Written as two words, a name can never be merged by BPE into one piece
+# (pieces never cross spaces) and each syllable of a corpus person is frequent enough to
+# be one piece: their names are 2 tokens everywhere. WorldConfig.stranger_syllables
+# keeps the last few out of the corpus, for the names of the people no document
+# mentions (those syllables then split into letters); with 0, an unknown person's name
+# is made of exactly the tokens known people's names are made of.
 NAME_SYLLABLES = tuple("ka zu ri mo bo ne fi lu ta vi ke da su ro ja pe xo ti".split())
 
 # Attributes in the order they are used (WorldConfig.n_attributes takes a prefix).
