@@ -119,6 +119,8 @@ class Models:
     def __init__(self, config, workdir: str, tokenizer):
         self.config, self.workdir, self.tokenizer = config, workdir, tokenizer
         self._cache = {}
+        self._scores = {}
+        self._replies = {}
 
     def get(self, stage: str):
         if stage not in self._cache:
@@ -128,26 +130,50 @@ class Models:
             )
         return self._cache[stage]
 
+    def generate(self, stage: str, records, seed_offset: int = 0, **kw):
+        """evaluate.generate_replies with a stage's model, once per setting: best-of-n's
+        first draw is the same as SFT's own temperature-1 samples."""
+        key = (stage, seed_offset, tuple(sorted(kw.items())))
+        if key not in self._replies:
+            model, params = self.get(stage)
+            self._replies[key] = evaluate.generate_replies(
+                model, params, self.tokenizer, records, seed_offset=seed_offset, **kw
+            )
+        return self._replies[key]
+
+    def scores(self, stage: str, records, replies, proto):
+        """score_replies of chat replies under a stage's model, computed once per set of
+        replies: (log-prob sums, mean entropies) for an LM, values for the RM. KL to SFT
+        and the RM's reference feature both need SFT's; best-of-n's first draw is SFT's
+        own samples."""
+        key = (stage, tuple((r.index, r.ids) for r in replies))
+        if key not in self._scores:
+            model, params = self.get(stage)
+            self._scores[key] = evaluate.score_replies(
+                model, params, self.tokenizer, records, replies, proto
+            )
+        return self._scores[key]
+
 
 def _replies(v: Variant, models: Models, records, proto, temperature: float, samples: int):
     """The variant's replies, RM-scored when an RM exists (best-of-n needs it)."""
-    model, params = models.get(v.stage)
-    tok = models.tokenizer
     kw = dict(mode=v.mode, temperature=temperature, samples=samples, protocol=proto)
     rm = models.get("rm") if has_stage(models.workdir, "rm") else None
 
     def rm_scored(replies):
         if rm is None:
             return replies
-        sft = models.get("sft") if has_stage(models.workdir, "sft") else None
-        values = evaluate.rm_rewards(rm, sft, tok, records, replies, proto)
+        ref = None
+        if evaluate.uses_reference(rm[1]) and has_stage(models.workdir, "sft"):
+            ref = models.scores("sft", records, replies, proto)[0]
+        values = models.scores("rm", records, replies, proto)
+        values = evaluate.add_reference(values, rm[1], replies, ref)
         return evaluate.with_extra(replies, "rm_reward", values)
 
     if not v.best_of:
-        return rm_scored(evaluate.generate_replies(model, params, tok, records, **kw))
+        return rm_scored(models.generate(v.stage, records, **kw))
     draws = [
-        rm_scored(evaluate.generate_replies(model, params, tok, records, seed_offset=m, **kw))
-        for m in range(v.best_of)
+        rm_scored(models.generate(v.stage, records, seed_offset=m, **kw)) for m in range(v.best_of)
     ]
     return evaluate.best_of_n(draws)
 
@@ -156,17 +182,13 @@ def _model_scores(v: Variant, models: Models, records, proto, replies, kl: bool)
     """Entropy of the answering model, and per-sequence KL to SFT on samples."""
     if v.mode != "chat":
         return replies
-    model, params = models.get(v.stage)
-    logp, entropy = evaluate.score_replies(model, params, models.tokenizer, records, replies, proto)
+    logp, entropy = models.scores(v.stage, records, replies, proto)
     replies = evaluate.with_extra(replies, "entropy", entropy)
     if not kl or not has_stage(models.workdir, "sft"):
         return replies
     if v.best_of:
         return evaluate.with_extra(replies, "kl", [evaluate.best_of_n_kl(v.best_of)] * len(replies))
-    sft_model, sft_params = models.get("sft")
-    ref, _ = evaluate.score_replies(
-        sft_model, sft_params, models.tokenizer, records, replies, proto
-    )
+    ref, _ = models.scores("sft", records, replies, proto)
     return evaluate.with_extra(replies, "kl", logp - ref)
 
 

@@ -205,17 +205,30 @@ def mean_logprobs(model, params, tokenizer, records, replies, protocol) -> np.nd
     return logp / np.array([max(len(r.ids), 1) for r in replies])
 
 
-def rm_rewards(rm, ref, tokenizer, records, replies, protocol) -> np.ndarray:
+def uses_reference(rm_params) -> bool:
+    """Whether an RM reads the SFT model's log-probs (gptjax/reward_model.py)."""
+    return float(rm_params["score_logp"]) != 0.0
+
+
+def rm_rewards(rm, tokenizer, records, replies, protocol, ref_logp=None) -> np.ndarray:
     """[N] RM rewards of chat replies, as PPO sees them: the scalar head, plus score_logp x
     the reference feature (gptjax/reward_model.py) when the RM was trained with it.
-    rm, ref: (Model, params) of the RM and of the SFT model (None if there is none)."""
+
+    rm: (Model, params). ref_logp: [N] each reply's summed log-prob under the SFT model
+    (score_replies' first output), needed when uses_reference(rm params).
+    """
     values = score_replies(*rm, tokenizer, records, replies, protocol)
-    weight = float(rm[1]["score_logp"])
-    if weight == 0.0:
+    return add_reference(values, rm[1], replies, ref_logp)
+
+
+def add_reference(values, rm_params, replies, ref_logp=None) -> np.ndarray:
+    """The scalar head's values of replies, plus the RM's reference term if it has one."""
+    if not uses_reference(rm_params):
         return values
-    if ref is None:
-        raise ValueError("this RM reads the SFT model's log-probs; no SFT model was given")
-    return values + weight * mean_logprobs(*ref, tokenizer, records, replies, protocol)
+    if ref_logp is None:
+        raise ValueError("this RM reads the SFT model's log-probs; none were given")
+    n_tokens = np.array([max(len(r.ids), 1) for r in replies])
+    return values + float(rm_params["score_logp"]) * np.asarray(ref_logp) / n_tokens
 
 
 def with_extra(replies: Sequence[Reply], name: str, values) -> list[Reply]:

@@ -208,9 +208,11 @@ def test_the_reference_feature_is_one_reward_in_the_rm_stage_ppo_and_eval():
             zip(*[records[0]["responses"], records[0]["ended"], reply_ids])
         )
     ]
-    evaluated = evaluate.rm_rewards(
-        (rm, rm_params), (lm, sft_params), tok, records, replies, evaluate.Protocol(batch_size=2)
-    )
+    protocol = evaluate.Protocol(batch_size=2)
+    ref_logp, _ = evaluate.score_replies(lm, sft_params, tok, records, replies, protocol)
+    evaluated = evaluate.rm_rewards((rm, rm_params), tok, records, replies, protocol, ref_logp)
+    with pytest.raises(ValueError, match="SFT model's log-probs"):
+        evaluate.rm_rewards((rm, rm_params), tok, records, replies, protocol)
 
     prompt = evaluate.prompt_ids(records[0], tok, "chat")
     p, n = len(prompt) + 2, max(map(len, reply_ids)) + 1  # room for left and right padding

@@ -153,10 +153,10 @@ def test_rm_from_a_user_hh_file_end_to_end(sft_workdir):
         ids = (*chat.encode_reply(messages[-1]["content"], tok), tok.eos_id)
         records.append({"messages": messages[:-1]})
         replies.append(evaluate.Reply(i, 0, messages[-1]["content"], True, len(ids), ids))
-    sft = common.load_stage_params(config, str(workdir), "sft", tok)
-    rewards = evaluate.rm_rewards(
-        (model, params), sft, tok, records, replies, evaluate.Protocol(batch_size=64)
-    )
+    sft_model, sft_params = common.load_stage_params(config, str(workdir), "sft", tok)
+    protocol = evaluate.Protocol(batch_size=64)
+    ref_logp, _ = evaluate.score_replies(sft_model, sft_params, tok, records, replies, protocol)
+    rewards = evaluate.rm_rewards((model, params), tok, records, replies, protocol, ref_logp)
     assert abs(summary["bias_subtracted"]) > 1e-4  # the shift did something...
     assert abs(np.mean(rewards)) < 1e-4  # ...and it made the demo mean 0
 
