@@ -36,6 +36,11 @@ true>idk on known people 0.47 (the SFT model hardly knows whom it does not know:
 top value's probability separates known from unknown people with AUC 0.70, so the RM
 prices abstention between the two). The feature as a sum instead of a mean: gold 0.802,
 true>idk 0.68, but arithmetic idk>wrong 0.05 and PPO against it drifts to KL 0.70.
+World v4 (strangers' names look strange, WorldConfig.stranger_syllables): gold 0.852,
+true>wrong 0.98, idk>wrong on unknown people 1.00, true>idk on known people 0.21 (the
+RM learns that abstaining is right from unknown people and never sees SFT abstain on
+known ones; the sum form there: gold 0.754, true>idk 0.72, and PPO against it learnt
+no abstention at all).
 """
 
 from __future__ import annotations

@@ -268,7 +268,22 @@ def sweep_plots(directory: str, agg: dict) -> dict[str, str]:
     return plots
 
 
+def check_findings(sweep) -> None:
+    """Every finding compares variants the sweep has: a typo would only show, after
+    hours of cells, as an effect of nan."""
+    for f in sweep.findings:
+        for side in ("a", "b"):
+            variant = f[side][0]
+            if variant not in sweep.variants:
+                raise ConfigError(
+                    "sweep.findings",
+                    f"{f['name']!r} compares variant {variant!r}; the sweep's variants are "
+                    f"{sorted(sweep.variants)}",
+                )
+
+
 def run_sweep(sweep, sweep_name: str, workdir: str, shared_from: str | None = None) -> dict:
+    check_findings(sweep)
     shared = shared_from or os.path.join(workdir, "shared")
     if shared_from is None and sweep.shared_stages:
         print(f"== shared stages {list(sweep.shared_stages)} in {shared}")

@@ -113,11 +113,40 @@ def test_sweep_runner_skips_finished_cells(tmp_path, monkeypatch):
     assert ran == []  # every cell finished: nothing reruns
 
 
+PRESETS = (
+    "kl",
+    "ptx",
+    "best_of_n",
+    "rm_data",
+    "label_noise",
+    "code_frac",
+    "verbosity",
+    "abstention",
+)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_judges_variants_it_runs(name):
+    sweep = sweep_configs.get_config(name)
+    sweep_lib.check_findings(sweep)  # raises on a finding that names a missing variant
+    assert sweep.findings and len(sweep.variants) >= 2
+
+
+def test_a_finding_on_a_missing_variant_fails_before_any_cell_runs(tmp_path, monkeypatch):
+    from gptjax.errors import ConfigError
+
+    sweep = sweep_configs.get_config("kl")
+    sweep.findings[1]["a"] = ("beta_1e-3", "PPO")  # a variant the preset does not have
+    monkeypatch.setattr(sweep_lib, "run_cell", lambda *a: pytest.fail("a cell ran"))
+    with pytest.raises(ConfigError, match=r"sweep.findings.*over-optimisation.*beta_1e-3"):
+        sweep_lib.run_sweep(sweep, "kl", str(tmp_path))
+
+
 def test_sweep_report_from_fake_results(tmp_path):
     sweep = sweep_configs.get_config("kl")
     cells = [
         _cell(v, s, ppo_gold=g + 0.01 * s, kl=k)
-        for v, g, k in (("beta_5e-2", 0.5, 1.0), ("beta_1e-3", 0.3, 6.0))
+        for v, g, k in (("beta_3e-1", 0.5, 1.0), ("beta_3e-2", 0.3, 6.0))
         for s in range(3)
     ]
     prov = {
