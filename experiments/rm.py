@@ -157,7 +157,7 @@ def build(config, workdir: str) -> dict:
     k_max = config.rm.k_max or k_data
     if k_max < k_data:
         raise ConfigError("rm.k_max", f"{k_max} < {k_data} responses in a comparison")
-    _, sft_params = common.load_stage_params(
+    sft_model, sft_params = common.load_stage_params(
         config, workdir, "sft", tokenizer, directory=config.rm.init_from or None
     )
     model_cfg = common.model_config(config, tokenizer, head="scalar")
@@ -175,9 +175,7 @@ def build(config, workdir: str) -> dict:
     )
     attach = lambda records: records  # noqa: E731
     if config.rm.ref_logprob:
-        attach = functools.partial(
-            with_ref_logp, Model(common.model_config(config, tokenizer)), sft_params, tokenizer
-        )
+        attach = functools.partial(with_ref_logp, sft_model, sft_params, tokenizer)
         train_src, heldout_src = attach(train_src), attach(heldout_src)
     else:
         del sft_params

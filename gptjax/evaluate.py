@@ -199,10 +199,16 @@ def score_replies(
     return logp, ent / np.maximum(count, 1)
 
 
+def per_token(logp_sums, replies) -> np.ndarray:
+    """[N] summed reply log-probs (score_replies' first output) as means per reply token
+    (its EOS included; an empty reply is scored as its EOS alone)."""
+    return np.asarray(logp_sums) / np.array([max(len(r.ids), 1) for r in replies])
+
+
 def mean_logprobs(model, params, tokenizer, records, replies, protocol) -> np.ndarray:
     """[N] each chat reply's mean per-token log-prob (its EOS included) under an LM."""
     logp, _ = score_replies(model, params, tokenizer, records, replies, protocol)
-    return logp / np.array([max(len(r.ids), 1) for r in replies])
+    return per_token(logp, replies)
 
 
 def uses_reference(rm_params) -> bool:
@@ -227,8 +233,7 @@ def add_reference(values, rm_params, replies, ref_logp=None) -> np.ndarray:
         return values
     if ref_logp is None:
         raise ValueError("this RM reads the SFT model's log-probs; none were given")
-    n_tokens = np.array([max(len(r.ids), 1) for r in replies])
-    return values + float(rm_params["score_logp"]) * np.asarray(ref_logp) / n_tokens
+    return values + float(rm_params["score_logp"]) * per_token(ref_logp, replies)
 
 
 def with_extra(replies: Sequence[Reply], name: str, values) -> list[Reply]:

@@ -54,8 +54,8 @@ class WorldConfig:
     # probe on its logits: AUC 0.58 on held-out people; its top value's probability:
     # 0.70), it abstains on 0% of unknown people greedily, and nothing RLHF can learn
     # raises gold reward greedily (PPO − SFT −0.01..−0.03 for every RM and β tried).
-    # With 4 (v4, same seed, β 1): SFT abstains on 23% of unknown people, PPO on 66%,
-    # gold +0.065 greedy / +0.057 at T=1, accuracy −0.011. Large models know what they
+    # With 4 (v4, same seed, β 0.3): SFT abstains on 23% of unknown people, PPO on 72%,
+    # gold +0.087 greedy / +0.107 at T=1, accuracy −0.002. Large models know what they
     # know (Kadavath et al. 2022); a 1M-param one needs the stranger to look strange.
     stranger_syllables: int = 4
 
