@@ -37,7 +37,9 @@ setuptools.setup(
     name="gptjax",
     version="0.1.0",
     description="Pretraining, SFT, reward modelling and RLHF (PPO) in JAX/Flax",
-    packages=setuptools.find_packages(include=["gptjax", "gptjax.*", "experiments", "configs"]),
+    packages=setuptools.find_packages(
+        include=["gptjax", "gptjax.*", "experiments", "experiments.*", "configs"]
+    ),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

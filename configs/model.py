@@ -1,30 +1,21 @@
-"""Model, mesh and LM-training presets.
+"""Model, mesh and slice presets, by name; configs/pipeline.py builds every stage's config
+from them (`get_config("MODEL[,mesh=MESH]")`).
 
-    python -m experiments.bench train                      # benchmarks tiny / small_cpu / gpt2_4l
-    python -c "from configs import model; print(model.get_config('gpt2_124m,mesh=tpu_vm'))"
+    python -c "from configs import pipeline; print(pipeline.get_config('gpt2_124m').model)"
 
-`get_config("MODEL[,mesh=MESH]")` returns a ConfigDict with sections `model`, `mesh`,
-`optim`, `train`; `configs/pipeline.py` builds every stage's config from these presets.
-
-Model fields (gptjax/model.py:ModelConfig):
-  vocab_size     padded vocabulary (the tokenizer's size rounded up; a multiple of 128 on TPU)
-  d_model, n_layers, n_heads, d_ff   width, depth, query heads, MLP hidden size
-  n_kv_heads     key/value heads: = n_heads is MHA, fewer is grouped-query attention
-  max_len        longest sequence (sizes the learned position table)
-  positions      learned (GPT-2) | rope (LLaMA)
-  norm           layernorm (GPT-2) | rmsnorm (LLaMA)
-  mlp            gelu (GPT-2, tanh approximation) | swiglu (LLaMA)
-  tie_embeddings unembedding = embedding^T (GPT-2) or a separate matrix (LLaMA)
-  head           lm (logits over the vocabulary) | scalar (one value per position: RM, value)
-  dropout        on embeddings and residual branches; 0 in every preset (no overfitting at
-                 these data sizes worth the cost)
-  param_dtype, dtype   storage and compute dtype: float32 on CPU (XLA:CPU bf16 matmuls are
-                 slower than fp32), bfloat16 compute on TPU
-  scan_layers    one lax.scan over layers (fast compiles for deep models) or unrolled
-  remat          none | dots | full: activation recomputation in the backward pass
+Each model field is documented once, in gptjax/model.py ModelConfig; MESHES' fields in
+gptjax/sharding.py MeshConfig.
 """
 
 import ml_collections
+
+from gptjax import config as config_lib
+from gptjax.model import ModelConfig
+from gptjax.sharding import MeshConfig
+
+# The presets that run on a CPU (configs/pipeline.py's runlocal block); the rest are sized
+# for TPU slices (TARGETS).
+CPU_PRESETS = ("tiny", "small_cpu", "gpt2_4l")
 
 # name -> model fields (everything not named takes ModelConfig's default).
 MODELS = {
@@ -143,11 +134,8 @@ MESHES = {
     "pod_fsdp": dict(data=1, fsdp=-1, tensor=1, multihost=True),
 }
 
-# Default train settings per model preset: (batch_size, seq_len, steps, lr).
+# Pretraining settings per TPU preset: (batch_size, seq_len, steps, lr).
 TRAIN = {
-    "tiny": (32, 64, 300, 3e-3),
-    "small_cpu": (16, 256, 300, 1e-3),
-    "gpt2_4l": (16, 128, 300, 1e-3),
     "gpt2_124m": (256, 1024, 100_000, 6e-4),
     "gpt2_350m": (256, 1024, 100_000, 3e-4),
     "gpt2_1.5b": (512, 1024, 100_000, 2e-4),
@@ -233,9 +221,7 @@ def target_mesh(name: str) -> ml_collections.ConfigDict:
     mesh = TARGETS[name][2]
     if isinstance(mesh, str):
         return mesh_config(mesh)
-    from gptjax.sharding import MeshConfig
-
-    return ml_collections.ConfigDict({**MeshConfig().__dict__, **mesh})
+    return config_lib.section(MeshConfig(), **mesh)
 
 
 def apply_fit(config: ml_collections.ConfigDict, name: str) -> None:
@@ -251,24 +237,13 @@ def apply_fit(config: ml_collections.ConfigDict, name: str) -> None:
 def model_config(name: str) -> ml_collections.ConfigDict:
     if name not in MODELS:
         raise ValueError(f"unknown model preset {name!r}; known: {sorted(MODELS)}")
-    from gptjax.model import ModelConfig  # the defaults live with the model
-
-    fields = {**ModelConfig().__dict__, **MODELS[name]}
-    return ml_collections.ConfigDict(fields)
+    return config_lib.section(ModelConfig(), **MODELS[name])
 
 
 def mesh_config(name: str) -> ml_collections.ConfigDict:
     if name not in MESHES:
         raise ValueError(f"unknown mesh preset {name!r}; known: {sorted(MESHES)}")
-    from gptjax.sharding import MeshConfig
-
-    return ml_collections.ConfigDict({**MeshConfig().__dict__, **MESHES[name]})
-
-
-def optim_config(lr: float) -> ml_collections.ConfigDict:
-    from gptjax.optim import OptimConfig
-
-    return ml_collections.ConfigDict({**OptimConfig().__dict__, "lr": lr})
+    return config_lib.section(MeshConfig(), **MESHES[name])
 
 
 def parse_arg(arg: str) -> tuple[str, dict[str, str]]:
@@ -281,20 +256,3 @@ def parse_arg(arg: str) -> tuple[str, dict[str, str]]:
         k, v = item.split("=", 1)
         opts[k] = v
     return name, opts
-
-
-def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    name, opts = parse_arg(arg)
-    unknown = set(opts) - {"mesh"}
-    if unknown:
-        raise ValueError(f"unknown config arg options {sorted(unknown)} in {arg!r}; known: mesh")
-    cpu = name in ("tiny", "small_cpu", "gpt2_4l")
-    batch_size, seq_len, steps, lr = TRAIN[name] if name in TRAIN else TRAIN["tiny"]
-    config = ml_collections.ConfigDict()
-    config.model = model_config(name)
-    config.mesh = mesh_config(opts.get("mesh", "cpu" if cpu else "tpu_vm"))
-    config.optim = optim_config(lr)
-    config.train = ml_collections.ConfigDict(
-        dict(batch_size=batch_size, seq_len=seq_len, steps=steps, seed=0, z_loss=0.0)
-    )
-    return config

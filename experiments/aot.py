@@ -24,21 +24,13 @@ program runs but are not its arguments (during PPO's update: the frozen RM and r
 params; during the rollout: the value model and optimizer states too). Fits: that total <=
 the chip's HBM (HBM_GIB).
 
-FLOPs per step, global (all chips):
-  analytic  6·N·tokens + 12·L·T·d·tokens for training (N = params that multiply
-            activations: embedding tables used only for lookup are left out; the second
-            term is attention scores and values, forward + backward, as in
-            experiments/bench.py), 2·N + 4·L·S·d per token for forward-only passes over S
-            keys (the sampler attends over its whole cache, prompt + reply, every token);
-            PPO's update: one forward of policy and value (old log-probs and values),
-            then epochs x (forward + backward) of both, plus the ptx LM loss.
-  program   the matmul FLOPs of the traced step (every dot_general, including what remat
-            recomputes; scan bodies x their length, the sampler's decode loop x
-            max_new_tokens). XLA's own `cost_analysis()` is printed too, but XLA:TPU
-            counts each while-loop body once, so with scanned layers and microbatches it
-            is a fraction of a step (measured: 1.2 of 22 TFLOP per chip at gpt2_124m).
-Projected step time = program FLOPs / (chips x peak bf16 FLOP/s x MFU), MFU 40%: a
-projection, not a measurement (the decode loop is bandwidth-bound and will run far below).
+FLOPs per step, global (all chips), by gptjax/flops.py's convention: "analytic" is the
+model's work (PPO's update: one forward of policy and value for the old log-probs and
+values, then epochs x (forward + backward) of both, plus the ptx LM loss); "program" the
+matmul FLOPs of the traced step. XLA's own `cost_analysis()` is printed too, but XLA:TPU
+counts each while-loop body once, so with scanned layers and microbatches it is a
+fraction of a step. Projected step time = program FLOPs / (chips x peak bf16 FLOP/s x
+MFU), MFU 40%: a projection, not a measurement (the decode loop is bandwidth-bound).
 """
 
 from __future__ import annotations
@@ -46,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import math
 import os
 import re
@@ -63,14 +54,15 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from experiments import common  # noqa: E402
-from experiments import ppo as ppo_stage  # noqa: E402
-from experiments import rm as rm_stage  # noqa: E402
 from gptjax import config as config_lib  # noqa: E402
-from gptjax import sharding  # noqa: E402
+from gptjax import ppo, reward_model, sharding  # noqa: E402
 from gptjax.errors import ConfigError  # noqa: E402
-from gptjax.model import Model  # noqa: E402
+from gptjax.flops import forward_flops, matmul_flops, train_flops  # noqa: E402
+from gptjax.model import Model, from_pipeline  # noqa: E402
 from gptjax.optim import OptimConfig  # noqa: E402
+from gptjax.ppo_trainer import PPOTrainer  # noqa: E402
+from gptjax.rollout import rollout_config  # noqa: E402
+from gptjax.trainer import LMTrainer, check_fits, section_configs  # noqa: E402
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
 # Per chip, by the topology name's prefix: HBM (GiB) and peak bf16 TFLOP/s (Cloud TPU docs).
@@ -138,72 +130,7 @@ def bytes_per_chip(tree) -> int:
     )
 
 
-# ----------------------------------------------------------------------- FLOPs
-
-
-def _subjaxprs(params):
-    for v in params.values():
-        for x in v if isinstance(v, (tuple, list)) else (v,):
-            if hasattr(x, "eqns"):
-                yield x
-            elif hasattr(getattr(x, "jaxpr", None), "eqns"):
-                yield x.jaxpr
-
-
-def matmul_flops(jaxpr, while_trips: int = 1) -> float:
-    """2·M·N·K of every dot_general in `jaxpr`: scan bodies x length, while-loop bodies x
-    while_trips (an upper bound: the sampler's loop may stop early), the costliest branch
-    of a cond."""
-    total = 0.0
-    for eqn in getattr(jaxpr, "eqns", None) or jaxpr.jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (_, rhs_contract), (_, rhs_batch) = eqn.params["dimension_numbers"]
-            lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
-            free = [d for i, d in enumerate(rhs) if i not in rhs_contract and i not in rhs_batch]
-            total += 2.0 * math.prod(lhs) * math.prod(free)
-        elif name == "cond":
-            total += max(matmul_flops(b, while_trips) for b in eqn.params["branches"])
-        elif name == "scan":
-            total += eqn.params["length"] * matmul_flops(eqn.params["jaxpr"], while_trips)
-        elif name == "while":
-            total += while_trips * matmul_flops(eqn.params["body_jaxpr"], while_trips)
-        else:
-            total += sum(matmul_flops(j, while_trips) for j in _subjaxprs(eqn.params))
-    return total
-
-
-def matmul_params(model: Model) -> int:
-    """Params that multiply activations: lookup-only tables (positions; the embedding
-    unless tied as the unembedding of an LM head) are left out."""
-    cfg, p = model.cfg, model.abstract_params
-    n = model.param_count()
-    if "pos_embed" in p:
-        n -= math.prod(p["pos_embed"].shape)
-    if not (cfg.head == "lm" and cfg.tie_embeddings):
-        n -= math.prod(p["embed"].shape)
-    return n
-
-
-def train_flops(model: Model, rows: int, seq: int) -> float:
-    c = model.cfg
-    return rows * seq * (6 * matmul_params(model) + 12 * c.n_layers * seq * c.d_model)
-
-
-def forward_flops(model: Model, rows: int, seq: int, keys: int | None = None) -> float:
-    c = model.cfg
-    return rows * seq * (2 * matmul_params(model) + 4 * c.n_layers * (keys or seq) * c.d_model)
-
-
 # -------------------------------------------------------------------- programs
-
-
-def check_batch(mesh, rows: int, parts: int, field: str) -> None:
-    """`rows` split into `parts` microbatches over the data-parallel axes (the stages'
-    own check, without its test against this process's devices: these are a slice's)."""
-    per = sharding.data_parallel_size(mesh) * parts
-    if rows % per:
-        raise ConfigError(field, f"{rows} is not divisible by data-parallel size x {parts} = {per}")
 
 
 def hosts_per_block(mesh) -> int:
@@ -229,20 +156,19 @@ class Program:
 
 def _lm_programs(config, stage: str, mesh) -> list[Program]:
     """pretrain / sft / rm: the stage's LMTrainer, built as the stage builds it."""
-    section = config[stage]
-    train_cfg, optim_cfg, _ = common.stage_train_config(section, stage)
+    train_cfg, optim_cfg = section_configs(config[stage], stage)
     head = "scalar" if stage == "rm" else "lm"
-    model_cfg = common.model_config(config, None, head)
-    check_batch(mesh, train_cfg.batch_size, optim_cfg.grad_accum_steps, f"{stage}.batch_size")
-    if train_cfg.seq_len > model_cfg.max_len:
-        raise ConfigError(f"{stage}.seq_len", f"exceeds model.max_len={model_cfg.max_len}")
+    model_cfg = from_pipeline(config, None, head)
+    check_fits(mesh, train_cfg, optim_cfg, model_cfg, stage)
     model = Model(model_cfg)
     make_steps = None
     if stage == "rm":
-        make_steps = functools.partial(rm_stage._steps, grad_accum_steps=optim_cfg.grad_accum_steps)
+        make_steps = functools.partial(
+            reward_model.make_steps, grad_accum_steps=optim_cfg.grad_accum_steps
+        )
     # Every stage may start from given params (SFT and the RM do); pretraining's random
     # init differs only in init_state, which is not compiled here.
-    trainer = common.LMTrainer.build(
+    trainer = LMTrainer.build(
         model_cfg,
         optim_cfg,
         train_cfg,
@@ -283,18 +209,14 @@ def _lm_programs(config, stage: str, mesh) -> list[Program]:
 def _ppo_programs(config, stage: str, mesh) -> list[Program]:
     """ppo / ppo_ptx: the stage's PPOTrainer with abstract SFT and RM params."""
     section = config[stage]
-    cfg = ppo_stage.algo_config(section, stage)
+    cfg = ppo.from_section(section, stage)
+    shape = rollout_config(section, stage)
     optim = config_lib.from_dict(OptimConfig, section.optim, f"{stage}.optim")
-    policy = Model(common.model_config(config, None))
-    rm = Model(common.model_config(config, None, "scalar"))
-    ppo_stage.check_shapes(section, cfg, policy, mesh, stage)
-    check_batch(
-        mesh, section.prompts_per_iteration, cfg.minibatches, f"{stage}.prompts_per_iteration"
-    )
-    if cfg.ptx_coef > 0:
-        check_batch(mesh, section.ptx_batch_size, cfg.minibatches, f"{stage}.ptx_batch_size")
+    policy = Model(from_pipeline(config, None))
+    rm = Model(from_pipeline(config, None, "scalar"))
+    shape.check(mesh, policy.cfg, cfg.minibatches, cfg.ptx_coef > 0, stage)
     sft_params, rm_params = abstract_params(policy, mesh), abstract_params(rm, mesh)
-    trainer = ppo_stage.PPOTrainer.build(
+    trainer = PPOTrainer.build(
         policy,
         sft_params,
         rm,
@@ -303,12 +225,12 @@ def _ppo_programs(config, stage: str, mesh) -> list[Program]:
         optim,
         mesh,
         iterations=section.iterations,
-        max_new_tokens=section.max_new_tokens,
+        max_new_tokens=shape.max_new_tokens,
         eos_id=1,  # any id: the sampler only compares tokens against it
         sampling_seed=config.seeds.sampling,
     )
     state = with_shardings(jax.eval_shape(trainer.init_state), trainer.shardings)
-    b, p, n = section.prompts_per_iteration, section.max_prompt_len, section.max_new_tokens
+    b, p, n = shape.prompts_per_iteration, shape.max_prompt_len, shape.max_new_tokens
     prompts = abstract_batch(mesh, {"tokens": ((b, p), jnp.int32), "mask": ((b, p), jnp.int32)})
     seeds = abstract_batch(mesh, {"s": ((b,), jnp.int32)})["s"]
     rollout_args = (state["params"], prompts["tokens"], prompts["mask"], seeds)
@@ -322,7 +244,7 @@ def _ppo_programs(config, stage: str, mesh) -> list[Program]:
     t = p + n
     ptx_flops = 0.0
     if cfg.ptx_coef > 0:
-        r, s = section.ptx_batch_size, section.ptx_seq_len
+        r, s = shape.ptx_batch_size, shape.ptx_seq_len
         names = ("tokens", "segment_ids", "positions")
         batch["ptx"] = abstract_batch(
             mesh, {**{k: ((r, s), jnp.int32) for k in names}, "loss_mask": ((r, s), jnp.float32)}
@@ -469,100 +391,6 @@ def format_row(r: dict) -> str:
     )
 
 
-# ----------------------------------------------------------------------- table
-
-
-def _mesh_text(preset: str, chips: int) -> str:
-    from configs import pipeline
-
-    cfg = config_lib.from_dict(sharding.MeshConfig, pipeline.get_config(preset).mesh, "mesh")
-    sizes = dict(zip(sharding.MESH_AXES, cfg.shape(chips)))
-    return " x ".join(f"{k} {v}" for k, v in sizes.items() if v > 1) or "1"
-
-
-LEGEND = f"""\
-Memory per chip: XLA's `memory_analysis()` (arguments + outputs − donated + temporaries +
-code) plus the arrays resident meanwhile that are not the program's arguments (PPO: the
-frozen RM and reference params; during the rollout also the value model and optimizer
-states); "needed": XLA refused to compile, needing that much. Program TFLOP/step: the
-matmuls of the traced step, all chips (remat recomputation included; scanned layers and
-microbatches times their length; the decode loop times max_new_tokens). Analytic:
-6·N·tokens + 12·L·T·d·tokens for training, 2·N + 4·L·S·d per token for forward passes
-over S keys (N: params that multiply activations). Projected s/step = program FLOPs /
-(chips x peak bf16 FLOP/s (v5e {PEAK_TFLOPS["v5e"]}, v5p {PEAK_TFLOPS["v5p"]} TFLOP/s) x
-{MFU:.0%} MFU): a projection, not a measurement (the rollout's decode loop is
-memory-bound and will run slower). Compile s: on 2 CPU cores shared with other jobs.
-†: tensor-parallel groups span hosts (8-way on hosts of 4 chips), so each pair of hosts
-loads the same rows of the batch (`gptjax/sharding.py` host_blocks).
-"""
-
-
-def _num(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
-
-
-def table_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| preset | slice (chips) | mesh | stage | program | GiB / chip | HBM | fits "
-        "| program TFLOP/step | analytic | compile s | projected s/step |",
-        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        if r.get("missing"):
-            lines.append(f"| {r['preset']} | | | {r['stage']} | not compiled yet | | | | | | | |")
-            continue
-        shared = r.get("hosts_per_block", 1) > 1
-        fits = ("yes" if r["fits"] else "**no**") + (" †" if shared else "")
-        proj = f"{r['projected_s']:.3g}" if "projected_s" in r else "-"
-        total = f"{r['total_gib']:.2f}" + ("" if "error" not in r else " needed")
-        lines.append(
-            f"| {r['preset']} | {r['topology']} ({r['chips']}) "
-            f"| {_mesh_text(r['preset'], r['chips'])} | {r['stage']} | {r['program']} "
-            f"| {total} | {r['hbm_gib']} | {fits} | {_num(r['program_tflop'])} "
-            f"| {_num(r['analytic_tflop'])} | {r['compile_s']:.0f} | {proj} |"
-        )
-    return "\n".join(lines) + "\n\n" + LEGEND
-
-
-BEGIN, END = "<!-- aot:begin -->", "<!-- aot:end -->"
-
-
-def write_between_markers(path: str, text: str) -> None:
-    with open(path) as f:
-        doc = f.read()
-    if BEGIN not in doc or END not in doc:
-        raise ValueError(f"{path} has no {BEGIN} ... {END} markers")
-    head, rest = doc.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-
-
-def table_rows(presets, results_dir: str, stages=STAGES, log=print, cached=False) -> list[dict]:
-    """Compiles each preset on its target slice (configs/model.py TARGETS), caching each
-    stage's rows as results_dir/<preset>.<stage>.json (delete one to recompile it).
-    cached: only what is there; a stage not compiled yet gets a placeholder row."""
-    from configs import model as model_presets
-    from configs import pipeline
-
-    rows = []
-    os.makedirs(results_dir, exist_ok=True)
-    for name in presets:
-        for stage in stages:
-            path = os.path.join(results_dir, f"{name}.{stage}.json")
-            if not os.path.exists(path) and cached:
-                rows.append({"preset": name, "stage": stage, "missing": True})
-                continue
-            if not os.path.exists(path):
-                config = pipeline.get_config(name)
-                found = run_aot(config, model_presets.TARGETS[name][0], [stage], log)
-                with open(path, "w") as f:
-                    json.dump(found, f, indent=1)
-            with open(path) as f:
-                rows += json.load(f)
-    return rows
-
-
 # ------------------------------------------------------------------------ main
 
 
@@ -577,6 +405,7 @@ def main(argv) -> int:
     try:
         if f.table:
             from configs import model as model_presets
+            from experiments.aot_table import table_markdown, table_rows, write_between_markers
 
             presets = f.presets.split(",") if f.presets else list(model_presets.TARGETS)
             rows = table_rows(presets, f.results, stages, cached=f.cached)

@@ -4,11 +4,14 @@
     python -m experiments.bench sample [--configs=tiny,small_cpu]
     python -m experiments.bench ppo [--configs=tiny,small_cpu] [--iterations=5] [--ptx]
 
-train: training tokens/s and model-FLOPs utilisation (MFU) of lm_train_step.
+Every benchmark builds what the pipeline builds from the preset's pipeline config
+(configs/pipeline.py): the pretrain stage's batch and optimizer, the ppo stage's sections.
+
+train: training tokens/s and model-FLOPs utilisation (MFU) of the pretrain stage's step.
   Definitions, fixed so the number cannot drift:
   - peak = FLOP/s of a jitted 2048x2048x2048 float32 matmul, measured in this process;
-  - model FLOPs per token = 6*N (N = all params, unembedding included)
-                            + 12*L*T*d (attention scores and values, forward + backward);
+  - model FLOPs per token = gptjax/flops.py's training count, 6*N + 12*L*T*d (N: the
+    params that multiply activations), the same convention as the AOT table;
   - MFU = tokens/s * FLOPs per token / peak.
   Also reports the first step's compile time, and fails loudly if the step recompiles
   after step 1 or XLA reports that donated buffers were not usable.
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -36,12 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import model as model_configs
-from gptjax import sharding, train_steps
-from gptjax.config import parse_lm
-from gptjax.model import Model
-from gptjax.optim import OptimConfig, make_optimizer
+from configs import pipeline
+from gptjax import ppo, sharding
+from gptjax.config import from_dict
+from gptjax.flops import train_flops_per_token
+from gptjax.model import Model, from_pipeline
+from gptjax.optim import OptimConfig
+from gptjax.ppo_trainer import PPOTrainer
+from gptjax.rollout import rollout_config
+from gptjax.trainer import LMTrainer, section_configs
 
-TRAIN_CONFIGS = ("tiny", "small_cpu", "gpt2_4l")
+TRAIN_CONFIGS = model_configs.CPU_PRESETS
 
 
 class BenchError(RuntimeError):
@@ -62,31 +69,25 @@ def measure_peak_flops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / min(times)
 
 
-def model_flops_per_token(model: Model, seq_len: int) -> float:
-    cfg = model.cfg
-    return 6 * model.param_count() + 12 * cfg.n_layers * seq_len * cfg.d_model
+def one_device_mesh(config):
+    return sharding.make_mesh(
+        from_dict(sharding.MeshConfig, config.mesh, "mesh"), devices=jax.devices()[:1]
+    )
 
 
 def bench_train(name: str, steps: int, peak: float) -> dict:
-    config = model_configs.get_config(name)
-    setup = parse_lm(config, n_devices=1)
-    model = Model(setup.model)
-    b, t = setup.train.batch_size, setup.train.seq_len
-    tx, schedule = make_optimizer(setup.optim, steps + 1)
-    mesh = sharding.make_mesh(setup.mesh, devices=jax.devices()[:1])
-    state, shardings = train_steps.create_state(model, tx, mesh, jax.random.key(0))
-    step_fn = functools.partial(
-        train_steps.lm_train_step,
-        model=model,
-        tx=tx,
-        schedule=schedule,
-        grad_accum_steps=setup.optim.grad_accum_steps,
-    )
-    step = train_steps.jit_train_step(step_fn, mesh, shardings)
+    config = pipeline.get_config(name)
+    train, optim = section_configs(config.pretrain, "pretrain")
+    train = dataclasses.replace(train, steps=steps + 1)
+    model_cfg = from_pipeline(config)
+    mesh = one_device_mesh(config)
+    trainer = LMTrainer.build(model_cfg, optim, train, mesh, seed=0)
+    model, step, state = trainer.model, trainer.train_step, trainer.init_state()
+    b, t = train.batch_size, train.seq_len
     rng = np.random.default_rng(0)
     batches = [
         {
-            "tokens": rng.integers(3, setup.model.vocab_size, (b, t), dtype=np.int32),
+            "tokens": rng.integers(3, model_cfg.vocab_size, (b, t), dtype=np.int32),
             "segment_ids": np.ones((b, t), np.int32),
             "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
             "loss_mask": np.ones((b, t), np.float32),
@@ -121,7 +122,7 @@ def bench_train(name: str, steps: int, peak: float) -> dict:
     del compiled
     step_s = statistics.median(step_times)
     tokens_per_s = b * t / step_s
-    flops_per_token = model_flops_per_token(model, t)
+    flops_per_token = train_flops_per_token(model, t)
     return {
         "config": name,
         "params": model.param_count(),
@@ -147,12 +148,10 @@ def bench_sample(
     `new_tokens` tokens and both do the same amount of decoding."""
     from gptjax import sampling
 
-    config = model_configs.get_config(name)
-    setup = parse_lm(config, n_devices=1)
-    model = Model(setup.model)
+    model = Model(from_pipeline(pipeline.get_config(name)))
     params = jax.jit(model.init)(jax.random.key(0))
     rng = np.random.default_rng(0)
-    prompts = rng.integers(3, setup.model.vocab_size, (batch, prompt_len), dtype=np.int32)
+    prompts = rng.integers(3, model.cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
     mask = np.ones_like(prompts)
     seeds = np.arange(batch, dtype=np.int32)
     kw = dict(max_new_tokens=new_tokens, eos_id=-1)  # no EOS: fixed work per call
@@ -191,39 +190,35 @@ def bench_ppo(name: str, iterations: int, ptx: bool = False) -> dict:
     """Seconds per PPO iteration and its split (rollout / scoring / update), with the
     stage's own settings (configs/ppo.py) and random-init policy and RM. Replies never
     end (no EOS), so every iteration decodes max_new_tokens for every prompt."""
-    from configs.ppo import ppo_section
-    from experiments import ppo as ppo_stage
-
-    setup = parse_lm(model_configs.get_config(name), n_devices=1)
+    config = pipeline.get_config(name)
     stage = "ppo_ptx" if ptx else "ppo"
-    section = ppo_section(name, ptx=ptx)
-    cfg = ppo_stage.algo_config(section, stage)
-    optim = OptimConfig(**section.optim)
-    policy = Model(setup.model)
-    rm = Model(dataclasses.replace(setup.model, head="scalar"))
+    section = config[stage]
+    cfg, shape = ppo.from_section(section, stage), rollout_config(section, stage)
+    optim = from_dict(OptimConfig, section.optim, f"{stage}.optim")
+    policy = Model(from_pipeline(config))
+    rm = Model(from_pipeline(config, head="scalar"))
     params = jax.jit(policy.init)(jax.random.key(0))
     rm_params = jax.jit(rm.init)(jax.random.key(1))
-    mesh = sharding.make_mesh(setup.mesh, devices=jax.devices()[:1])
-    trainer = ppo_stage.PPOTrainer.build(
+    trainer = PPOTrainer.build(
         policy,
         params,
         rm,
         rm_params,
         cfg,
         optim,
-        mesh,
+        one_device_mesh(config),
         iterations=iterations + 1,
-        max_new_tokens=section.max_new_tokens,
+        max_new_tokens=shape.max_new_tokens,
         eos_id=-1,
         sampling_seed=0,
     )
     rng = np.random.default_rng(0)
-    b, p = section.prompts_per_iteration, section.max_prompt_len
-    vocab = setup.model.vocab_size
+    b, p = shape.prompts_per_iteration, shape.max_prompt_len
+    vocab = policy.cfg.vocab_size
     inputs = {"prompts": {"tokens": rng.integers(3, vocab, (b, p), dtype=np.int32)}}
     inputs["prompts"]["mask"] = np.ones((b, p), np.int32)
     if ptx:
-        rows, t = section.ptx_batch_size, section.ptx_seq_len
+        rows, t = shape.ptx_batch_size, shape.ptx_seq_len
         inputs["ptx"] = {
             "tokens": rng.integers(3, vocab, (rows, t), dtype=np.int32),
             "segment_ids": np.ones((rows, t), np.int32),
@@ -243,7 +238,7 @@ def bench_ppo(name: str, iterations: int, ptx: bool = False) -> dict:
         "params": policy.param_count(),
         "prompts": b,
         "prompt_len": p,
-        "new_tokens": section.max_new_tokens,
+        "new_tokens": shape.max_new_tokens,
         "epochs": cfg.epochs,
         "minibatches": cfg.minibatches,
         "first_iteration_s": first["time_iteration_s"],

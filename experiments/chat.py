@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import common
+from experiments import sources
 from gptjax import sampling
 from gptjax.data import chat
 from gptjax.errors import ConfigError
@@ -59,8 +59,8 @@ class Chatter:
 
     def __init__(self, config, workdir: str, stage: str):
         self.stage = stage
-        self.tokenizer = common.get_tokenizer(config, workdir)
-        self.model, self.params = common.load_stage_params(
+        self.tokenizer = sources.get_tokenizer(config, workdir)
+        self.model, self.params = sources.load_stage_params(
             config, workdir, STAGES[stage], self.tokenizer
         )
         self.messages: list[dict[str, str]] = []

@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 
-from experiments import calibrate, common
+from experiments import sources
+from experiments.rundir import write_json
+from gptjax.world import calibration
 from gptjax.world.calibration import GATES as WORLD_GATES
 from gptjax.world.calibration import Gate, check
 
@@ -46,16 +48,39 @@ for _v, _key in (("PPO", "ppo"), ("PPO-ptx", "ppo_ptx")):
     ]
 
 
-def _rows_for(stage: str, config, workdir: str, summary: dict) -> list[dict]:
-    if stage == "pretrain":
-        value = calibrate.base_fact_completion(config, workdir)["accuracy"]
+def base_fact_completion(config, workdir: str, checkpoints: str, stage: str = "pretrain") -> dict:
+    """Greedy completion of every held-out fact probe by a base model's checkpoint."""
+    tokenizer = sources.get_tokenizer(config, workdir)
+    model, params = sources.load_stage_params(
+        config, workdir, stage, tokenizer, directory=checkpoints
+    )
+    src = sources.world_data(config, workdir)["fact_probes"]
+    return calibration.base_fact_completion(
+        model, params, tokenizer, [src[i] for i in range(len(src))]
+    )
+
+
+def sft_gates(config, workdir: str, checkpoints: str, stage: str = "sft") -> dict:
+    """An SFT checkpoint's gates on the eval prompts (max_prompts of them, as the eval stage)."""
+    tokenizer = sources.get_tokenizer(config, workdir)
+    model, params = sources.load_stage_params(
+        config, workdir, stage, tokenizer, directory=checkpoints
+    )
+    records = sources.eval_records(config, workdir)
+    return calibration.sft_gates(model, params, tokenizer, records, sources.protocol(config))
+
+
+def _rows_for(ctx, summary: dict) -> list[dict]:
+    config, workdir, checkpoints = ctx.config, ctx.workdir, os.path.join(ctx.dir, "checkpoints")
+    if ctx.name == "pretrain":
+        value = base_fact_completion(config, workdir, checkpoints)["accuracy"]
         return [check(WORLD_GATES[0], value)]
-    if stage == "sft":
-        values = calibrate.sft_gates(config, workdir)
+    if ctx.name == "sft":
+        values = sft_gates(config, workdir, checkpoints)
         return [check(g, values.get(g.name)) for g in WORLD_GATES[1:]]
-    if stage == "rm":
+    if ctx.name == "rm":
         return [check(RM_GATE, summary.get("heldout_gold_accuracy"))]
-    if stage == "eval":
+    if ctx.name == "eval":
         variants = summary["variants"]
         rows = []
         for gate, (a, b, protocol) in EVAL_GATES:
@@ -79,16 +104,16 @@ def _rows_for(stage: str, config, workdir: str, summary: dict) -> list[dict]:
     return []
 
 
-def after_stage(stage: str, config, workdir: str, summary: dict) -> list[dict]:
+def after_stage(ctx, summary: dict) -> list[dict]:
     """Checks the stage's gates (world data only), records and returns them."""
-    if config.data.pretrain != common.WORLD:
+    if ctx.config.data.pretrain != sources.WORLD:
         return []
-    rows = _rows_for(stage, config, workdir, summary)
+    rows = _rows_for(ctx, summary)
     if rows:
-        path = os.path.join(workdir, "gates.json")
-        saved = load(workdir)
+        path = os.path.join(ctx.workdir, "gates.json")
+        saved = load(ctx.workdir)
         saved.update({r["name"]: r for r in rows})
-        common.write_json(path, saved)
+        write_json(path, saved)
     return rows
 
 

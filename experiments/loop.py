@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from experiments.rundir import resolved_config_json
 from gptjax import checkpoint as ckpt_lib
+from gptjax.config import need
 from gptjax.errors import CheckpointError
 from gptjax.metrics import MetricsWriter, to_python
 
@@ -70,17 +72,37 @@ class StageStopped(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
-    steps: int
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3
-    eval_every: int = 0  # 0: only at the end
-    log_every: int = 10
-    nonfinite: str = "skip"  # skip: leave params unchanged and go on; stop: stop the stage
+    """The loop's settings. The fields in LOOP_FIELDS are the same in every trained stage's
+    config section (configs/pipeline.py takes their defaults from here)."""
+
+    steps: int  # what the stage counts (PPO: iterations)
+    checkpoint_every: int = 100  # steps between checkpoints; the last step is always saved
+    keep_checkpoints: int = 3  # the newest ones kept
+    eval_every: int = 0  # steps between evaluations; 0: only at the end
+    log_every: int = 10  # steps between metrics.jsonl rows
+    # A non-finite loss or gradient: "skip" leaves params and optimizer state unchanged
+    # (counted in metrics) and goes on, "stop" ends the stage with the last good state.
+    nonfinite: str = "skip"
     tokens_per_step: int = 0  # for tokens/s on the progress bar
     progress: bool = True
     # Metrics that, when > 0 in a step, stop the stage (the step's update was already
     # discarded inside the jit), e.g. PPO's "kl_blowup" under kl_guard=stop.
     stop_on: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        need(
+            self.nonfinite in NONFINITE_POLICIES,
+            "nonfinite",
+            f"{self.nonfinite!r} not in {'|'.join(NONFINITE_POLICIES)}",
+        )
+        need(
+            self.checkpoint_every >= 1,
+            "checkpoint_every",
+            f"must be >= 1, got {self.checkpoint_every}",
+        )
+
+
+LOOP_FIELDS = ("checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "nonfinite")
 
 
 @dataclasses.dataclass
@@ -191,8 +213,6 @@ def run_stage(
     meta: JSON saved with every checkpoint (resolved config, tokenizer hash, ...).
     extra_state: optional object with get_state()/set_state() (e.g. the KL controller).
     """
-    if loop.nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"nonfinite policy {loop.nonfinite!r} not in {NONFINITE_POLICIES}")
     os.makedirs(stage_dir, exist_ok=True)
     abstract = jax.eval_shape(init_state)
     item_names = tuple(_items(abstract))
@@ -345,3 +365,43 @@ def run_stage(
         loop.steps - start,
         nonfinite,
     )
+
+
+def stage_meta(config, tokenizer, stage: str) -> dict:
+    """What every checkpoint of a stage records: the resolved config (for resume checks and
+    provenance), the tokenizer's hash and the stage's name."""
+    return {
+        "config": resolved_config_json(config),
+        "tokenizer_hash": tokenizer.hash,
+        "stage": stage,
+    }
+
+
+def run_trainer(ctx, parts: dict, stage_dir: str | None = None, eval_fn=None):
+    """Runs an LMTrainer stage (pretrain, SFT, RM) on the loop; returns (result, summary).
+
+    parts: "trainer", "tokenizer", "loop", "batches" and (unless eval_fn is given, default
+    the held-out LM loss) "eval_batches". stage_dir: default the stage's directory."""
+    trainer, tokenizer = parts["trainer"], parts["tokenizer"]
+    result = run_stage(
+        ctx.name,
+        stage_dir or ctx.dir,
+        parts["loop"],
+        init_state=trainer.init_state,
+        state_shardings=trainer.shardings,
+        train_step=trainer.step_fn(),
+        batches=parts["batches"],
+        rng=jax.random.key(ctx.config.seeds.init),
+        eval_fn=eval_fn or trainer.eval_fn(parts["eval_batches"]),
+        meta=stage_meta(ctx.config, tokenizer, ctx.name),
+    )
+    summary = {
+        "stage": ctx.name,
+        "heldout_loss": result.eval_metrics.get("loss"),
+        "heldout_accuracy": result.eval_metrics.get("accuracy"),
+        "train_loss": result.last_metrics.get("loss"),
+        "wall_s": result.wall_s,
+        "steps_run": result.steps_run,
+        "resumed_from": result.resumed_from,
+    }
+    return result, summary

@@ -5,9 +5,11 @@
         --stages=pretrain --config.pretrain.steps=200
 
 With no flags: pretrain -> sft -> compare -> rm -> ppo -> ppo_ptx -> eval -> report on
-the built-in world, checking each stage's gates as it finishes (experiments/gates.py)
-and ending with the comparison table and <workdir>/report/{report.md, results.csv,
-*.png}. Rerunning with the same --workdir resumes each stage from its last checkpoint.
+the built-in world (the stage table: experiments/pipeline.py), checking each stage's
+gates as it finishes (experiments/gates.py) and ending with the comparison table and
+<workdir>/report/{report.md, results.csv, *.png}. Every requested stage's config is
+checked before the first one runs; rerunning with the same --workdir resumes each stage
+from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments.stages import DEFAULT_STAGES, STAGES, run_guarded
+from experiments.pipeline import DEFAULT_STAGES, TABLE, run_guarded
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline.py")
 try:
@@ -41,7 +43,9 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory (default: a new runs/<preset>-<time>)."
 )
 _STAGES = flags.DEFINE_string(
-    "stages", DEFAULT_STAGES, f"Comma list of stages from {list(STAGES)}."
+    "stages",
+    DEFAULT_STAGES,
+    f"Comma list of stages from {[s.name for s in TABLE]} (run in that order).",
 )
 
 
@@ -58,10 +62,6 @@ def main(argv) -> int:
         print(f"error: --config: {lines[-1]}", file=sys.stderr)
         return 2
     stages = [s.strip() for s in _STAGES.value.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        print(f"error: unknown stage(s) {unknown}; known: {list(STAGES)}", file=sys.stderr)
-        return 2
     workdir = _WORKDIR.value or os.path.join(
         "runs", f"{config.preset}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     )

@@ -294,13 +294,15 @@ def record_stage_time(workdir: str, stage: str, seconds: float) -> None:
         json.dump(times, f, indent=2)
 
 
-def run(config, workdir: str) -> dict:
+def run(ctx) -> dict:
     """The report stage: the eval stage's results, the gates and stage times of the
     workdir, with provenance, as report.md / results.csv / plots in <workdir>/report/."""
-    from experiments import common, gates
-    from experiments import evaluate as eval_stage
+    from experiments import gates, sources
+    from gptjax import evaluate
+    from gptjax.world import evaluation as world_eval
 
-    path = os.path.join(common.stage_dir(workdir, "eval"), "results.json")
+    config, workdir = ctx.config, ctx.workdir
+    path = os.path.join(ctx.input_dir("eval"), "results.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no eval results at {path}: run --stages=eval first")
     with open(path) as f:
@@ -311,12 +313,12 @@ def run(config, workdir: str) -> dict:
         with open(times_path) as f:
             times = json.load(f)
     rows = list(gates.load(workdir).values())
-    tokenizer = common.get_tokenizer(config, workdir)
+    tokenizer = sources.get_tokenizer(config, workdir)
     world_hash = (
-        common.world_config(config).content_hash() if config.data.pretrain == common.WORLD else ""
+        sources.world_config(config).content_hash() if config.data.pretrain == sources.WORLD else ""
     )
     prov = provenance(config, world_hash, tokenizer.hash)
-    text = eval_stage.format_results(results)
+    text = evaluate.format_results(results, world_eval.TABLE_METRICS, world_eval.MODEL_METRICS)
     paths = write_run_report(
         os.path.join(workdir, "report"), text, results["variants"], rows, times, prov
     )

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import random
 
-from experiments import common
+from experiments import sources
+from experiments.rundir import StageContext
 from gptjax import world
 from gptjax.world import tasks
 
-STAGE = "show_data"
 # Reply styles shown for one prompt, from the world's own demonstrator (tasks.STYLES).
 STYLES = ("concise", "sentence", "verbose", "idk", "wrong", "malformed", "empty")
 
@@ -35,10 +35,10 @@ def scored_replies(task: dict, rng: random.Random) -> list[tuple[str, str, bool,
     return rows
 
 
-def run(config, workdir: str) -> dict:
-    data = common.world_data(config, workdir)
+def run(ctx: StageContext) -> dict:
+    data = sources.world_data(ctx.config, ctx.workdir)
     lines = [
-        f"world {common.world_config(config).content_hash()}: "
+        f"world {sources.world_config(ctx.config).content_hash()}: "
         + ", ".join(f"{name} {len(split)}" for name, split in data.items())
     ]
     for name, split in data.items():
@@ -72,4 +72,4 @@ def run(config, workdir: str) -> dict:
         lines.append(f"  {task['prompt']!r} (answer {task['answer']!r}, known={task['known']})")
         for style, reply, ended, score in scored_replies(task, rng):
             lines.append(f"    {score:+.2f}  {style:<10} {reply!r}{'' if ended else ' (no EOS)'}")
-    return {"stage": STAGE, "text": "\n".join(lines)}
+    return {"stage": ctx.name, "text": "\n".join(lines)}

@@ -28,9 +28,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from configs import pipeline
-from experiments import common, report
-from experiments import stages as pipeline_stages
+from configs import pipeline as pipeline_configs
+from experiments import pipeline, report, sources
 from gptjax.errors import ConfigError
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "..", "configs", "sweep.py")
@@ -62,7 +61,7 @@ def set_dotted(config, key: str, value) -> None:
 
 
 def cell_config(sweep, variant: list | None, seed: int):
-    config = pipeline.get_config(sweep.pipeline)
+    config = pipeline_configs.get_config(sweep.pipeline)
     for key, value in [*sweep.overrides, *(variant or [])]:
         set_dotted(config, key, value)
     config.seeds.init = config.seeds.data = config.seeds.sampling = seed
@@ -95,7 +94,7 @@ def run_cell(sweep, workdir: str, shared: str, variant: str, seed: int) -> dict:
     print(f"== cell {variant}/seed{seed}")
     config = cell_config(sweep, sweep.variants[variant], seed)
     link_shared(shared, directory, [s for s in sweep.shared_stages if s not in sweep.cell_stages])
-    summaries = pipeline_stages.run_stages(config, directory, list(sweep.cell_stages))
+    summaries = pipeline.run_stages(config, directory, list(sweep.cell_stages))
     out = {"variant": variant, "seed": seed, "variants": summaries["eval"]["variants"]}
     with open(done + ".tmp", "w") as f:
         json.dump(out, f, default=float)
@@ -287,7 +286,7 @@ def run_sweep(sweep, sweep_name: str, workdir: str, shared_from: str | None = No
     shared = shared_from or os.path.join(workdir, "shared")
     if shared_from is None and sweep.shared_stages:
         print(f"== shared stages {list(sweep.shared_stages)} in {shared}")
-        pipeline_stages.run_stages(cell_config(sweep, None, 0), shared, list(sweep.shared_stages))
+        pipeline.run_stages(cell_config(sweep, None, 0), shared, list(sweep.shared_stages))
     elif shared_from is not None:
         for stage in sweep.shared_stages:
             if not os.path.isdir(os.path.join(shared, stage)):
@@ -298,8 +297,8 @@ def run_sweep(sweep, sweep_name: str, workdir: str, shared_from: str | None = No
         for seed in sweep.seeds
     ]
     config = cell_config(sweep, None, 0)
-    tokenizer = common.get_tokenizer(config, shared)
-    world_hash = common.world_config(config).content_hash()
+    tokenizer = sources.get_tokenizer(config, shared)
+    world_hash = sources.world_config(config).content_hash()
     prov = report.provenance(config, world_hash, tokenizer.hash)
     prov["sweep"] = {"name": sweep_name, **sweep.to_dict()}
     out = write_report(os.path.join(workdir, "report"), sweep_name, sweep, cells, prov)

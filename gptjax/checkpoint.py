@@ -338,6 +338,17 @@ def key_from_json(data: list[int]) -> jax.Array:
     return jax.random.wrap_key_data(np.asarray(data, np.uint32))
 
 
+def save_params(directory: str, step: int, params, meta: dict) -> None:
+    """A stage's final params as `directory/<step>/params`, what later stages load with
+    `load_params` (e.g. the RM after its bias is normalised); a no-op if that step is there."""
+    ckpt = Checkpointer(directory, ("params",), keep=1, async_save=False)
+    try:
+        if ckpt.latest_step() != step:
+            ckpt.save(step, {"params": params}, meta)
+    finally:
+        ckpt.close()
+
+
 def load_params(
     directory: str, abstract_params, step: int | None = None, tokenizer_hash: str | None = None
 ):

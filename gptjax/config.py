@@ -1,8 +1,11 @@
-"""Typed, validated views of ml_collections configs, built before anything compiles.
+"""Typed, validated views of ml_collections configs: the one route from a config section to
+the frozen dataclass a library module reads, taken once, before anything compiles.
 
-Configs stay ml_collections ConfigDicts (so `--config.model.d_model=256` works); each
-library module reads a frozen dataclass made by `from_dict`, which rejects unknown keys
-and wrong types with the full field name.
+Configs stay ml_collections ConfigDicts (so `--config.model.d_model=256` works). Each
+section's dataclass holds every field's default and its one-line doc, and checks its
+values in `__post_init__`, raising ConfigError with the field's name within the section;
+`from_dict` also rejects unknown keys and wrong types and prefixes every error with the
+section's path (`ppo_ptx.optim.lr`).
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ from __future__ import annotations
 import dataclasses
 import typing
 
+import ml_collections
+
 from gptjax.errors import ConfigError
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def from_dict(cls, d, prefix: str):
-    """Builds dataclass `cls` from a mapping; unknown keys and wrong types name the field."""
+    """Builds dataclass `cls` from a mapping; every error names the field under `prefix`."""
     d = dict(d.items()) if hasattr(d, "items") else dict(d)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(fields))
@@ -35,67 +40,28 @@ def from_dict(cls, d, prefix: str):
                 f"{prefix}.{name}",
                 f"expected {want.__name__}, got {type(value).__name__} {value!r}",
             )
-    obj = cls(**d)
-    if hasattr(obj, "validate"):
-        obj.validate(prefix)
-    return obj
+    try:
+        return cls(**d)
+    except ConfigError as e:  # __post_init__ names the field within the section
+        raise ConfigError(f"{prefix}.{e.field}", e.detail) from None
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = 32  # global batch (all hosts, all devices), in sequences
-    seq_len: int = 64
-    steps: int = 300
-    seed: int = 0
-    z_loss: float = 0.0
-
-    def validate(self, prefix: str = "train") -> None:
-        for name in ("batch_size", "seq_len", "steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
+def section(obj, **overrides) -> ml_collections.ConfigDict:
+    """A config section holding a dataclass's fields (its defaults, then `overrides`)."""
+    fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise KeyError(f"{type(obj).__name__} has no field {unknown[0]!r}")
+    fields.update(overrides)
+    return ml_collections.ConfigDict(
+        {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    )
 
 
-@dataclasses.dataclass(frozen=True)
-class LMSetup:
-    model: typing.Any
-    mesh: typing.Any
-    optim: typing.Any
-    train: TrainConfig
-
-
-def parse_lm(config, n_devices: int | None = None) -> LMSetup:
-    """Validates the model/mesh/optim/train sections and how they fit together."""
-    from gptjax.model import ModelConfig
-    from gptjax.optim import OptimConfig
-    from gptjax.sharding import MeshConfig
-
-    model = from_dict(ModelConfig, config.model, "model")
-    mesh = from_dict(MeshConfig, config.mesh, "mesh")
-    optim = from_dict(OptimConfig, config.optim, "optim")
-    train = from_dict(TrainConfig, config.train, "train")
-    if train.seq_len > model.max_len:
-        raise ConfigError("train.seq_len", f"{train.seq_len} exceeds model.max_len={model.max_len}")
-    if n_devices is not None:
-        data, fsdp, tensor = mesh.shape(n_devices)
-        dp = data * fsdp
-        per = dp * optim.grad_accum_steps
-        if train.batch_size % per:
-            raise ConfigError(
-                "train.batch_size",
-                f"{train.batch_size} is not divisible by data*fsdp*grad_accum_steps "
-                f"= {data}*{fsdp}*{optim.grad_accum_steps} = {per}",
-            )
-        for field in ("n_heads", "n_kv_heads", "d_ff", "vocab_size"):
-            if getattr(model, field) % tensor:
-                raise ConfigError(
-                    f"model.{field}",
-                    f"{getattr(model, field)} is not divisible by mesh.tensor={tensor}",
-                )
-        if model.d_model % fsdp:
-            raise ConfigError(
-                "model.d_model", f"{model.d_model} is not divisible by mesh.fsdp={fsdp}"
-            )
-    return LMSetup(model, mesh, optim, train)
+def need(ok: bool, field: str, message: str) -> None:
+    """One validation rule of a section's `__post_init__`."""
+    if not ok:
+        raise ConfigError(field, message)
 
 
 # Config fields that name files or directories; data specs are KIND:PATH.

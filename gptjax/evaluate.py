@@ -1,13 +1,14 @@
 """The one evaluator: every model answers the same held-out prompts under one protocol,
-and the world's gold labeler scores every reply exactly.
+and reward functions and models score every reply. Generic: any prompt records, any
+metrics; the built-in world plugs in its exact gold labeler and its few-shot prompt mode
+(gptjax/world/evaluation.py).
 
 Protocol (fixed, so numbers are comparable across models and runs):
   - greedy: one reply per prompt;
   - sample: `samples` replies per prompt at temperature 1, with fixed per-reply seeds;
   - replies stop at EOS or after `max_new_tokens`; a reply without EOS is "unterminated".
-Prompt modes: "chat" (the chat template; SFT/RLHF models and base zero-shot) and
-"fewshot" (the record's worksheet-style `fewshot_prompt`: the base model prompted to act
-as an assistant; its answer is the text up to the newline).
+Prompt modes (`PromptMode`): CHAT (the chat template; SFT/RLHF models and base
+zero-shot), or another way of prompting, e.g. the world's few-shot worksheets.
 
 Every metric comes with a 95% percentile-bootstrap interval over prompts (samples of one
 prompt are averaged first, so the interval reflects prompt-to-prompt variation).
@@ -18,7 +19,8 @@ token, the policy's and the reference (SFT) model's log-probabilities of the rep
 difference on temperature-1 samples is a one-sample estimate of KL(pi || pi_sft) per
 sequence, the quantity PPO's penalty controls), and the policy's per-token entropy.
 `compare_to` adds win rates against a reference model's replies to the same prompts and
-seeds (gold- and RM-judged; a tie counts one half). Diversity is measured within a
+seeds, under any judges (e.g. the RM's reward, the world's gold score; a tie counts one
+half). Diversity is measured within a
 prompt's temperature-1 samples: distinct-n (unique n-grams / n-grams, Li et al. 2016)
 and the share of unique replies.
 """
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,10 +38,6 @@ import numpy as np
 from gptjax import sampling
 from gptjax.data import chat
 from gptjax.errors import ConfigError
-from gptjax.world import classify, gold_score, parse_fewshot_completion
-
-CORRECT = ("correct", "correct_verbose")
-MODES = ("chat", "fewshot")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,27 +64,30 @@ class Reply:
     extra: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
-def prompt_ids(record: dict, tokenizer, mode: str) -> list[int]:
-    if mode == "chat":
-        messages = record.get("messages") or chat.pair_messages(record["prompt"])
-        return chat.render_prompt(messages, tokenizer)
-    if mode == "fewshot":
-        return tokenizer.encode(record["fewshot_prompt"])
-    raise ValueError(f"unknown prompt mode {mode!r}; expected one of {MODES}")
+@dataclasses.dataclass(frozen=True)
+class PromptMode:
+    """How a record is put to a model and how its generated ids become a reply.
+
+    prompt_ids(record, tokenizer) -> ids; decode(ids, tokenizer) -> (reply text, ended,
+    reply length in tokens, the reply as chat-template ids for model scoring).
+    """
+
+    name: str
+    prompt_ids: Callable
+    decode: Callable
 
 
-def _decode(ids: list[int], tokenizer, mode: str) -> tuple[str, bool, int, tuple[int, ...]]:
-    """(reply text, ended, reply length in tokens, chat-format reply ids) of generated ids."""
-    if mode == "chat":
-        text, ended = chat.decode_reply(ids, tokenizer)
-        return text, ended, len(ids), tuple(ids)
-    eos = tokenizer.eos_id in ids
-    text = tokenizer.decode(ids[: ids.index(tokenizer.eos_id)] if eos else ids)
-    answer, ended = parse_fewshot_completion(text, eos=eos)
-    # The worksheet answer ends at its newline: count its tokens, not what followed; as a
-    # chat reply (for the RM) it is the answer, ended by EOS if the newline ended it.
-    reply = tokenizer.encode(chat.SEP + answer) + [tokenizer.eos_id] * int(ended)
-    return answer, ended, len(reply), tuple(reply)
+def chat_prompt_ids(record: dict, tokenizer) -> list[int]:
+    messages = record.get("messages") or chat.pair_messages(record["prompt"])
+    return chat.render_prompt(messages, tokenizer)
+
+
+def _decode_chat(ids: list[int], tokenizer) -> tuple[str, bool, int, tuple[int, ...]]:
+    text, ended = chat.decode_reply(ids, tokenizer)
+    return text, ended, len(ids), tuple(ids)
+
+
+CHAT = PromptMode("chat", chat_prompt_ids, _decode_chat)
 
 
 def generate_replies(
@@ -95,7 +96,7 @@ def generate_replies(
     tokenizer,
     records: Sequence[dict],
     *,
-    mode: str,
+    mode: PromptMode,
     temperature: float,
     samples: int,
     protocol: Protocol,
@@ -106,7 +107,7 @@ def generate_replies(
     seed_offset shifts every sampling seed (best-of-n draws its n candidates with
     offsets 0..n-1; offset 0 is the protocol's own draws).
     """
-    prompts = [prompt_ids(r, tokenizer, mode) for r in records]
+    prompts = [mode.prompt_ids(r, tokenizer) for r in records]
     p = max(len(x) for x in prompts)
     n = min(protocol.max_new_tokens, model.cfg.max_len - p)
     if n < 1:
@@ -141,7 +142,7 @@ def generate_replies(
         out, out_mask = np.asarray(out), np.asarray(out_mask)
         for k, (i, j) in enumerate(chunk):
             ids = out[k][out_mask[k] > 0].tolist()
-            replies.append(Reply(i, j, *_decode(ids, tokenizer, mode)))
+            replies.append(Reply(i, j, *mode.decode(ids, tokenizer)))
     return replies
 
 
@@ -174,7 +175,7 @@ def score_replies(
     """Teacher-forced scores of chat replies: [N] rewards for a scalar-head model, or
     ([N] reply log-prob, [N] mean per-token entropy) for an LM."""
     rows = [
-        (prompt_ids(records[r.index], tokenizer, "chat"), list(r.ids) or [tokenizer.eos_id])
+        (chat_prompt_ids(records[r.index], tokenizer), list(r.ids) or [tokenizer.eos_id])
         for r in replies
     ]
     width = max((len(p) + len(y) for p, y in rows), default=1)
@@ -247,11 +248,19 @@ def _win(a: float, b: float) -> float:
     return 1.0 if a > b else 0.5 if a == b else 0.0
 
 
+def rm_judge(record: dict, reply: Reply) -> float | None:
+    """The RM's reward of a reply, if it was scored (with_extra "rm_reward")."""
+    return reply.extra.get("rm_reward")
+
+
 def compare_to(
-    records: Sequence[dict], replies: Sequence[Reply], reference: Sequence[Reply]
+    records: Sequence[dict],
+    replies: Sequence[Reply],
+    reference: Sequence[Reply],
+    judges: Mapping[str, Callable[[dict, Reply], float | None]],
 ) -> list[Reply]:
-    """Adds win_gold (and win_rm where both have RM rewards) against the reference's reply
-    to the same prompt and sample seed."""
+    """Adds win_<judge> against the reference's reply to the same prompt and sample seed,
+    for each judge that scores both replies (judge(record, reply) -> score or None)."""
     ref = {(r.index, r.sample): r for r in reference}
     out = []
     for r in replies:
@@ -259,15 +268,11 @@ def compare_to(
         if other is None:
             out.append(r)
             continue
-        rec = records[r.index]
-        extra = {
-            **r.extra,
-            "win_gold": _win(
-                gold_score(rec, r.text, r.ended), gold_score(rec, other.text, other.ended)
-            ),
-        }
-        if "rm_reward" in r.extra and "rm_reward" in other.extra:
-            extra["win_rm"] = _win(r.extra["rm_reward"], other.extra["rm_reward"])
+        rec, extra = records[r.index], dict(r.extra)
+        for name, judge in judges.items():
+            a, b = judge(rec, r), judge(rec, other)
+            if a is not None and b is not None:
+                extra[f"win_{name}"] = _win(a, b)
         out.append(dataclasses.replace(r, extra=extra))
     return out
 
@@ -331,56 +336,45 @@ PROMPT_METRICS = {
 }
 
 
-def _answerable(rec):
-    return rec["answer"] is not None
-
-
-def _known_fact(in_demos: bool | None):
-    return lambda rec: (
-        rec["skill"] == "fact"
-        and rec["known"]
-        and (in_demos is None or bool(rec.get("in_demos")) == in_demos)
-    )
-
-
-def _category_is(*names):
-    return lambda rec, r: float(classify(rec, r.text, r.ended) in names)
-
-
-# metric -> (which prompts, value of one reply)
-METRICS = {
-    "gold_reward": (lambda rec: True, lambda rec, r: gold_score(rec, r.text, r.ended)),
-    "accuracy": (_answerable, _category_is(*CORRECT)),
-    "accuracy_fact": (
-        lambda rec: _answerable(rec) and rec["skill"] == "fact",
-        _category_is(*CORRECT),
-    ),
-    "accuracy_arithmetic": (lambda rec: rec["skill"] == "arithmetic", _category_is(*CORRECT)),
-    "accuracy_string": (lambda rec: rec["skill"] == "string", _category_is(*CORRECT)),
-    "accuracy_known_in_demos": (_known_fact(True), _category_is(*CORRECT)),
-    "accuracy_known_not_in_demos": (_known_fact(False), _category_is(*CORRECT)),
-    "idk_known": (_known_fact(None), _category_is("idk")),
-    "abstention_unknown": (lambda rec: not rec["known"], _category_is("idk")),
-    "hallucination_unknown": (lambda rec: not rec["known"], _category_is("hallucinated")),
+# name -> (which prompts, value of one reply); None values are skipped. Model-scored
+# metrics are present when the caller scored the replies (with_extra).
+REPLY_METRICS = {
     "length_tokens": (lambda rec: True, lambda rec, r: float(r.n_tokens)),
     "eos_rate": (lambda rec: True, lambda rec, r: float(r.ended)),
-    # Model-scored (present when the caller scored the replies).
     "rm_reward": (lambda rec: True, lambda rec, r: r.extra.get("rm_reward")),
     "kl_to_sft": (lambda rec: True, lambda rec, r: r.extra.get("kl")),
     "entropy": (lambda rec: True, lambda rec, r: r.extra.get("entropy")),
-    "win_rate_gold_vs_sft": (lambda rec: True, lambda rec, r: r.extra.get("win_gold")),
-    "win_rate_rm_vs_sft": (lambda rec: True, lambda rec, r: r.extra.get("win_rm")),
 }
 
 
+def win_rate_metrics(judges: Sequence[str], reference: str = "sft") -> dict:
+    """win_rate_<judge>_vs_<reference>: the share of replies that beat the reference's
+    (compare_to), ties one half."""
+    return {
+        f"win_rate_{name}_vs_{reference}": (
+            lambda rec: True,
+            lambda rec, r, key=f"win_{name}": r.extra.get(key),
+        )
+        for name in judges
+    }
+
+
 def summarize(
-    records: Sequence[dict], replies: Sequence[Reply], n_boot: int = 1000, seed: int = 0
+    records: Sequence[dict],
+    replies: Sequence[Reply],
+    metrics: Mapping,
+    n_boot: int = 1000,
+    seed: int = 0,
 ) -> dict[str, dict[str, float]]:
+    """Each metric's mean over prompts with its bootstrap interval, then the diversity
+    metrics among each prompt's samples. metrics: name -> (select, value), e.g.
+    REPLY_METRICS plus a world's."""
+
     def stat(per_prompt):
         mean, lo, hi = bootstrap_ci(per_prompt, n_boot, seed)
         return {"mean": mean, "lo": lo, "hi": hi, "n": len(per_prompt)}
 
-    out = {name: stat(_per_prompt(records, replies, v, s)) for name, (s, v) in METRICS.items()}
+    out = {name: stat(_per_prompt(records, replies, v, s)) for name, (s, v) in metrics.items()}
     texts: dict[int, list[str]] = {}
     for r in replies:
         texts.setdefault(r.index, []).append(r.text)
@@ -395,8 +389,9 @@ def evaluate(
     params,
     tokenizer,
     records: Sequence[dict],
+    metrics: Mapping,
     protocol: Protocol = Protocol(),
-    mode: str = "chat",
+    mode: PromptMode = CHAT,
 ) -> dict:
     """{"greedy": metrics, "sample": metrics, "replies": {...}} for one model."""
     records = list(records)
@@ -415,7 +410,7 @@ def evaluate(
             samples=samples,
             protocol=protocol,
         )
-        result[name] = summarize(records, replies, protocol.bootstrap)
+        result[name] = summarize(records, replies, metrics, protocol.bootstrap)
         result.setdefault("replies", {})[name] = replies
     return result
 
@@ -430,4 +425,28 @@ def format_table(results: dict[str, dict], protocol_name: str, metrics: Sequence
             s = res[protocol_name][m]
             cells.append("—" if not s["n"] else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]")
         lines.append(f"| {model_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_results(out: dict, table_metrics, model_metrics) -> str:
+    """The tables of an evaluation: one per protocol (table_metrics), one per model."""
+    lines = [f"eval on {out['records']} held-out prompts"]
+    for proto_name in ("greedy", "sample"):
+        lines += [
+            "",
+            f"{proto_name}:",
+            format_table(out["variants"], proto_name, table_metrics),
+        ]
+    lines += ["", "per model:", format_model_table(out["variants"], model_metrics)]
+    return "\n".join(lines)
+
+
+def format_model_table(results: dict, metrics) -> str:
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, res in results.items():
+        cells = []
+        for m in metrics:
+            s = res["model"].get(m)
+            cells.append("—" if s is None else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -29,7 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from gptjax import config as config_lib
+from gptjax.config import from_dict, need
+from gptjax.data import tokenizer as tok_lib
 from gptjax.errors import ConfigError
 
 Params = dict[str, Any]
@@ -46,42 +47,36 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture. Field docs are in configs/model.py, next to the presets."""
+    """Architecture, between GPT-2 and LLaMA conventions. The presets are in configs/model.py."""
 
-    vocab_size: int = 512
+    vocab_size: int = 512  # padded vocabulary (a multiple of 128 on TPU: matmul tiles)
     d_model: int = 128
     n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 4
-    d_ff: int = 512
-    max_len: int = 64
-    positions: str = "learned"  # learned | rope
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 4  # key/value heads: = n_heads is MHA, fewer is grouped-query
+    d_ff: int = 512  # MLP hidden size
+    max_len: int = 64  # longest sequence (sizes the learned position table)
+    positions: str = "learned"  # learned (GPT-2) | rope (LLaMA)
     rope_theta: float = 10_000.0
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (LLaMA)
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu | swiglu
-    tie_embeddings: bool = True
-    head: str = "lm"  # lm | scalar
-    dropout: float = 0.0
+    mlp: str = "gelu"  # gelu (GPT-2, tanh approximation) | swiglu (LLaMA)
+    tie_embeddings: bool = True  # unembedding = embedding^T (GPT-2) or its own matrix
+    head: str = "lm"  # lm (logits over the vocabulary) | scalar (a value per position)
+    dropout: float = 0.0  # on embeddings and residual branches
     init_std: float = 0.02
+    # Storage and compute dtypes: float32 on CPU (XLA:CPU bf16 matmuls are slower than
+    # fp32), bfloat16 compute on TPU.
     param_dtype: str = "float32"
     dtype: str = "float32"
-    scan_layers: bool = True
-    remat: str = "none"
+    scan_layers: bool = True  # one lax.scan over layers (fast compiles) or unrolled
+    remat: str = "none"  # none | dots | full: recomputation in the backward pass
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
-    @classmethod
-    def from_dict(cls, d, prefix: str = "model") -> ModelConfig:
-        return config_lib.from_dict(cls, d, prefix)
-
-    def validate(self, prefix: str = "model") -> None:
-        def need(ok, field, msg):
-            if not ok:
-                raise ConfigError(f"{prefix}.{field}", msg)
-
+    def __post_init__(self):
         for name in (
             "vocab_size",
             "d_model",
@@ -436,7 +431,6 @@ class Model:
     """The pure-functional face of `Transformer`: params in, logits (or values) out."""
 
     def __init__(self, cfg: ModelConfig):
-        cfg.validate()
         self.cfg = cfg
         abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
         self.graphdef, state = nnx.split(abstract)
@@ -491,6 +485,23 @@ class Model:
                 continue
             n += math.prod(leaf.shape)
         return n
+
+
+def from_pipeline(config, tokenizer_vocab: int | None = None, head: str = "lm") -> ModelConfig:
+    """The model section of a pipeline config with its vocabulary resolved: vocab_size 0 is
+    the tokenizer's size (`tokenizer_vocab`, default config.tokenizer.vocab_size, the size
+    it will be trained to) padded to config.tokenizer.pad_vocab_to."""
+    fields = config.model.to_dict()
+    vocab = config.tokenizer.vocab_size if tokenizer_vocab is None else tokenizer_vocab
+    if fields["vocab_size"] == 0:
+        fields["vocab_size"] = tok_lib.padded_vocab_size(vocab, config.tokenizer.pad_vocab_to)
+    else:
+        try:
+            tok_lib.check_vocab(vocab, fields["vocab_size"])
+        except ValueError as e:
+            raise ConfigError("model.vocab_size", str(e)) from None
+    fields["head"] = head
+    return from_dict(ModelConfig, fields, "model")
 
 
 @functools.cache

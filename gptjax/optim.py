@@ -12,8 +12,7 @@ import dataclasses
 import jax
 import optax
 
-from gptjax import config as config_lib
-from gptjax.errors import ConfigError
+from gptjax.config import need
 
 # Norm gains and biases are not decayed (GPT-2/nanoGPT: decay only matmul weights and
 # embeddings), since shrinking a norm's scale toward 0 fights the normalisation itself.
@@ -22,26 +21,21 @@ NO_DECAY_NAMES = ("scale", "bias", "score_b", "score_logp")
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-3
-    warmup_steps: int = 50
-    schedule: str = "cosine"  # cosine | linear | constant
+    """AdamW (decoupled weight decay) with a warmup-then-decay learning rate."""
+
+    lr: float = 3e-3  # peak learning rate
+    warmup_steps: int = 50  # linear warmup from 0
+    schedule: str = "cosine"  # cosine | linear | constant, after warmup
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0  # 0 disables clipping
+    weight_decay: float = 0.1  # on matmul weights and embeddings only (NO_DECAY_NAMES)
+    clip_norm: float = 1.0  # global gradient-norm clipping; 0 disables it
+    # Microbatches per step, their gradients summed in a lax.scan (gptjax/train_steps.py).
     grad_accum_steps: int = 1
 
-    @classmethod
-    def from_dict(cls, d, prefix: str = "optim") -> OptimConfig:
-        return config_lib.from_dict(cls, d, prefix)
-
-    def validate(self, prefix: str = "optim") -> None:
-        def need(ok, field, msg):
-            if not ok:
-                raise ConfigError(f"{prefix}.{field}", msg)
-
+    def __post_init__(self):
         need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         need(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         need(

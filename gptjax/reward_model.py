@@ -31,9 +31,10 @@ Shape legend: B prompts, K responses per prompt, T tokens.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from gptjax import losses
@@ -103,6 +104,35 @@ def rm_eval_step(params, batch, *, model: Model):
     return rewards(model, params, batch)
 
 
+def make_steps(model: Model, tx, schedule, *, grad_accum_steps: int = 1):
+    """The ranking objective for gptjax.trainer.LMTrainer: (train_step, eval_step)."""
+    train = functools.partial(
+        rm_train_step,
+        model=model,
+        tx=tx,
+        schedule=schedule,
+        grad_accum_steps=grad_accum_steps,
+    )
+    return train, functools.partial(rm_eval_step, model=model)
+
+
+def with_scalar_head(model: Model, lm_params, ref_weight: float = 0.0) -> dict:
+    """The LM's params for `model` (head="scalar"): the trunk kept, the LM-only unembedding
+    dropped, and a new zero head (InstructGPT starts the RM from SFT, head removed).
+
+    ref_weight: the initial weight of the reference feature (module docstring). An RM
+    that uses it starts at 1, ranking replies by the SFT model's own likelihood: Adam
+    moves one scalar by ~lr per step, so from 0 it could not reach a useful weight in
+    the few hundred steps an RM trains (docs/notes.md).
+    """
+    params = {
+        name: lm_params[name] if name in lm_params else jnp.zeros(shape.shape, shape.dtype)
+        for name, shape in model.abstract_params.items()
+    }
+    params["score_logp"] = jnp.full_like(params["score_logp"], ref_weight)
+    return params
+
+
 def normalise_bias(params, mean_reward: float):
     """Shifts the head's bias so responses that averaged `mean_reward` average 0.
 
@@ -112,43 +142,3 @@ def normalise_bias(params, mean_reward: float):
     params = jax.tree.map(lambda x: x, params)
     params["score_b"] = params["score_b"] - jnp.asarray(mean_reward, params["score_b"].dtype)
     return params
-
-
-def pair_stats(rewards_BxK: np.ndarray, ranks_BxK: np.ndarray, valid_BxK: np.ndarray):
-    """(accuracy, mean margin, n pairs) of host-side rewards against given ranks."""
-    r, ranks, valid = map(np.asarray, (rewards_BxK, ranks_BxK, valid_BxK))
-    better = (
-        (ranks[:, :, None] < ranks[:, None, :]) & (valid[:, :, None] > 0) & (valid[:, None, :] > 0)
-    )
-    diff = r[:, :, None] - r[:, None, :]
-    n = int(better.sum())
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    return float((diff[better] > 0).mean()), float(diff[better].mean()), n
-
-
-def calibration_bins(rewards_BxK, ranks_BxK, valid_BxK, n_bins: int = 10):
-    """Predicted P(i beats j) = σ(r_i − r_j) vs the observed win rate, per bin.
-
-    Uses every ordered pair of distinct ranks once per direction; returns a list of
-    {"predicted", "observed", "n"} for non-empty bins.
-    """
-    r, ranks, valid = map(np.asarray, (rewards_BxK, ranks_BxK, valid_BxK))
-    both = (
-        (valid[:, :, None] > 0) & (valid[:, None, :] > 0) & (ranks[:, :, None] != ranks[:, None, :])
-    )
-    p = 1 / (1 + np.exp(-(r[:, :, None] - r[:, None, :])))[both]
-    won = (ranks[:, :, None] < ranks[:, None, :])[both]
-    edges = np.linspace(0, 1, n_bins + 1)
-    out = []
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        sel = (p >= lo) & ((p < hi) | (hi == 1.0))
-        if sel.any():
-            out.append(
-                {
-                    "predicted": float(p[sel].mean()),
-                    "observed": float(won[sel].mean()),
-                    "n": int(sel.sum()),
-                }
-            )
-    return out

@@ -6,6 +6,7 @@ every row has emitted EOS (or at the length limit). Greedy, temperature, top-k, 
 per-row seeds; returns tokens, their log-probs under the sampling policy, and a mask.
 `generate_uncached` is the same loop re-running the full forward pass for every token:
 the obviously-correct reference the cached sampler is tested and benchmarked against.
+`greedy_completions` continues raw text prompts (fact probes, stage samples).
 
 Left padding is segment 0 and real tokens segment 1, so pads are never attended to;
 positions count real tokens only, so a padded prompt is scored as if unpadded.
@@ -180,3 +181,35 @@ def generate_uncached(
     )
     tokens, logp, mask, _ = jax.lax.fori_loop(0, max_new_tokens, body, init)
     return tokens[:, p:], logp, mask
+
+
+def greedy_completions(
+    model, params, tokenizer, prefixes: list[str], max_new_tokens: int, batch_size: int = 64
+) -> list[str]:
+    """Greedy raw-text continuations (cut at EOS), in fixed-size batches (one compile)."""
+    # A prompt that leaves no room for max_new_tokens keeps its end (what is completed).
+    room = max(model.cfg.max_len - max_new_tokens, 1)
+    prompts = [tokenizer.encode(p)[-room:] for p in prefixes]
+    width = max(len(p) for p in prompts)
+    max_new_tokens = min(max_new_tokens, model.cfg.max_len - width)
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        tokens, mask = left_pad(chunk + [[tokenizer.eos_id]] * (batch_size - len(chunk)))
+        tokens = np.pad(tokens, ((0, 0), (width - tokens.shape[1], 0)))
+        mask = np.pad(mask, ((0, 0), (width - mask.shape[1], 0)))
+        new, _, new_mask = generate(
+            model,
+            params,
+            tokens,
+            mask,
+            np.zeros(batch_size, np.int32),
+            max_new_tokens=max_new_tokens,
+            eos_id=tokenizer.eos_id,
+        )
+        for row, m in zip(np.asarray(new)[: len(chunk)], np.asarray(new_mask)[: len(chunk)]):
+            ids = row[m > 0].tolist()
+            if tokenizer.eos_id in ids:
+                ids = ids[: ids.index(tokenizer.eos_id)]
+            out.append(tokenizer.decode(ids))
+    return out

@@ -14,13 +14,12 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from gptjax import config as config_lib
 from gptjax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -67,10 +66,6 @@ class MeshConfig:
     coordinator_address: str = ""  # empty: $GPTJAX_COORDINATOR_ADDRESS or auto-detected
     num_processes: int = 0  # 0: $GPTJAX_NUM_PROCESSES or auto-detected
     process_id: int = -1  # -1: $GPTJAX_PROCESS_ID or auto-detected
-
-    @classmethod
-    def from_dict(cls, d, prefix: str = "mesh") -> MeshConfig:
-        return config_lib.from_dict(cls, d, prefix)
 
     def shape(self, n_devices: int, prefix: str = "mesh") -> tuple[int, int, int]:
         """Resolves the one -1 axis so the sizes multiply to n_devices."""
@@ -232,12 +227,15 @@ def data_parallel_size(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def sharded_init(init_fn: Callable, out_shardings, *args):
-    """Runs init_fn under jit with out_shardings, so each device creates only its shard.
-
-    The params never exist whole on one device: the compiled init writes each shard in place.
-    """
-    return jax.jit(init_fn, out_shardings=out_shardings)(*args)
+def check_batch(mesh: Mesh, rows: int, field: str, parts: int = 1, what: str = "") -> None:
+    """The one batch-divisibility rule: a global batch of `rows`, cut into `parts` equal
+    microbatches or minibatches (`what` names them), divides evenly over the data-parallel
+    axes; each process's block of rows (host_blocks) then divides too, since the blocks
+    split the data-parallel shards."""
+    dp = data_parallel_size(mesh)
+    if rows % (dp * parts):
+        by = f"data-parallel size {dp}" + (f" x {what} {parts}" if parts > 1 or what else "")
+        raise ConfigError(field, f"{rows} is not divisible by {by} = {dp * parts}")
 
 
 def replicated_params(params, min_bytes: int = 1 << 20) -> list[tuple[str, int]]:
@@ -255,6 +253,14 @@ def replicated_params(params, min_bytes: int = 1 << 20) -> list[tuple[str, int]]
         if sharding.is_fully_replicated:
             found.append((jax.tree_util.keystr(path), int(nbytes)))
     return found
+
+
+def check_host_rows(mesh: Mesh, rows: int, field: str) -> None:
+    """A part of a batch that each process concatenates with others before placing the
+    batch (e.g. SFT's pretraining rows) divides into the processes' blocks of rows."""
+    count = host_block(mesh).count
+    if rows % count:
+        raise ConfigError(field, f"{rows} rows are not divisible into the {count} host blocks")
 
 
 @dataclasses.dataclass(frozen=True)

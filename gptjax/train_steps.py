@@ -10,6 +10,7 @@ Shape legend: B batch, A gradient-accumulation microbatches, M = B // A, T seque
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -19,9 +20,25 @@ import optax
 from jax.sharding import Mesh
 
 from gptjax import losses, sharding
+from gptjax.config import need
 from gptjax.model import Model
 
 State = dict
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What one-step-per-batch training consumes (a stage section's batch fields)."""
+
+    batch_size: int = 32  # global batch (all hosts, all devices), in rows of seq_len tokens
+    seq_len: int = 64
+    steps: int = 300
+    # PaLM's z-loss weight (gptjax/losses.py next_token_loss); 0 disables it.
+    z_loss: float = 0.0
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "steps"):
+            need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
 
 
 def sequence_logprobs(
@@ -36,9 +53,12 @@ def sequence_logprobs(
     return losses.token_logprobs(logits, tokens_BxT) * mask_BxT
 
 
-def init_state(model: Model, tx: optax.GradientTransformation, rng) -> State:
-    params = model.init(rng)
+def state_from_params(tx: optax.GradientTransformation, params) -> State:
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def init_state(model: Model, tx: optax.GradientTransformation, rng) -> State:
+    return state_from_params(tx, model.init(rng))
 
 
 def state_shardings(model: Model, tx: optax.GradientTransformation, mesh: Mesh):
@@ -58,11 +78,13 @@ def state_shardings(model: Model, tx: optax.GradientTransformation, mesh: Mesh):
     return {"params": param_sh, "opt_state": opt_sh, "step": sharding.replicated(mesh)}
 
 
-def create_state(model: Model, tx: optax.GradientTransformation, mesh: Mesh, rng):
-    """Sharded init: each device materialises only its own shard of params and moments."""
+def jit_init(model: Model, tx: optax.GradientTransformation, mesh: Mesh):
+    """(init, shardings): `init(rng)` builds the train state under jit with its shardings
+    as out_shardings, so each device materialises only its own shard of params and
+    moments (they never exist whole on one device)."""
     shardings = state_shardings(model, tx, mesh)
-    state = sharding.sharded_init(functools.partial(init_state, model, tx), shardings, rng)
-    return state, shardings
+    init = jax.jit(functools.partial(init_state, model, tx), out_shardings=shardings)
+    return init, shardings
 
 
 def _global_norm(tree):

@@ -31,3 +31,39 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture
 def n_devices():
     return jax.device_count()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _fault_table():
+    """With GPTJAX_FAULT_TABLE=path, the faults the tests survived (fault_helpers.record)
+    are appended there as JSON lines."""
+    yield
+    from tests.fault_helpers import ROWS
+
+    path = os.environ.get("GPTJAX_FAULT_TABLE")
+    if path and ROWS:
+        import json
+
+        with open(path, "a") as f:
+            for row in ROWS:
+                f.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One tiny pretrain -> SFT -> RM run on user files (tests/fault_helpers.py), built once
+    per session and shared by every xdist worker (a lock in the session's common temporary
+    directory): tests copy it rather than train again."""
+    import fcntl
+
+    from tests import fault_helpers
+
+    shared = tmp_path_factory.getbasetemp().parent  # the same for every worker
+    directory = shared / "tiny_run"
+    with open(shared / "tiny_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / "DONE").exists():
+            directory.mkdir(exist_ok=True)
+            fault_helpers.build_tiny_run(directory)
+            (directory / "DONE").touch()
+    return fault_helpers.tiny_run_files(directory)

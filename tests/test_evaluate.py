@@ -7,6 +7,7 @@ import pytest
 
 from gptjax import evaluate, world
 from gptjax.evaluate import Reply
+from gptjax.world.evaluation import JUDGES, METRICS
 
 
 @functools.cache
@@ -38,7 +39,7 @@ def test_metrics_on_replies_with_known_categories():
         replies.append(Reply(i, 0, text, True, 4))
     for k, i in enumerate(arith):  # all right, but half never end
         replies.append(Reply(i, 0, records[i]["answer"], k % 2 == 0, 3))
-    m = evaluate.summarize(records, replies, n_boot=200)
+    m = evaluate.summarize(records, replies, METRICS, n_boot=200)
     assert m["accuracy_fact"]["mean"] == pytest.approx(0.6)
     assert m["idk_known"]["mean"] == pytest.approx(0.4)
     assert m["abstention_unknown"]["mean"] == pytest.approx(0.3)
@@ -52,7 +53,7 @@ def test_samples_of_a_prompt_are_averaged_before_bootstrapping():
     records = eval_records()
     i = next(i for i, r in enumerate(records) if r["skill"] == "arithmetic")
     replies = [Reply(i, j, records[i]["answer"] if j < 3 else "0", True, 1) for j in range(4)]
-    m = evaluate.summarize(records, replies, n_boot=50)
+    m = evaluate.summarize(records, replies, METRICS, n_boot=50)
     assert m["accuracy"]["n"] == 1 and m["accuracy"]["mean"] == pytest.approx(0.75)
 
 
@@ -65,11 +66,11 @@ def test_distinct_n_and_unique_rate_on_known_texts():
     i = next(i for i, r in enumerate(records) if r["skill"] == "arithmetic")
     same = [Reply(i, j, "it is 5.", True, 4) for j in range(4)]
     varied = [Reply(i, j, t, True, 2) for j, t in enumerate(["1", "2", "3", "4"])]
-    assert evaluate.summarize(records, same, n_boot=10)["unique_rate"]["mean"] == 0.25
-    assert evaluate.summarize(records, same, n_boot=10)["distinct_1"]["mean"] == 0.25
-    assert evaluate.summarize(records, varied, n_boot=10)["unique_rate"]["mean"] == 1.0
+    assert evaluate.summarize(records, same, METRICS, n_boot=10)["unique_rate"]["mean"] == 0.25
+    assert evaluate.summarize(records, same, METRICS, n_boot=10)["distinct_1"]["mean"] == 0.25
+    assert evaluate.summarize(records, varied, METRICS, n_boot=10)["unique_rate"]["mean"] == 1.0
     # One reply per prompt (greedy): no diversity to measure.
-    assert evaluate.summarize(records, same[:1], n_boot=10)["unique_rate"]["n"] == 0
+    assert evaluate.summarize(records, same[:1], METRICS, n_boot=10)["unique_rate"]["n"] == 0
 
 
 def test_win_rate_against_a_reference_counts_ties_as_half():
@@ -80,7 +81,8 @@ def test_win_rate_against_a_reference_counts_ties_as_half():
     theirs = [Reply(i, 0, right(i) if k < 1 else "0", True, 1) for k, i in enumerate(idx)]
     ours = evaluate.with_extra(ours, "rm_reward", [1.0, 2.0, 0.0, 0.0])
     theirs = evaluate.with_extra(theirs, "rm_reward", [0.0, 0.0, 1.0, 0.0])
-    m = evaluate.summarize(records, evaluate.compare_to(records, ours, theirs), n_boot=10)
+    compared = evaluate.compare_to(records, ours, theirs, JUDGES)
+    m = evaluate.summarize(records, compared, METRICS, n_boot=10)
     # gold: tie (both right), win, win, tie (both wrong) -> (0.5 + 1 + 1 + 0.5) / 4
     assert m["win_rate_gold_vs_sft"]["mean"] == pytest.approx(0.75)
     # rm: win, win, loss, tie -> 2.5 / 4
@@ -125,7 +127,7 @@ def test_a_prompt_longer_than_the_model_names_max_len():
             lm.init(jax.random.key(0)),
             _ByteTokenizer(),
             records,
-            mode="chat",
+            mode=evaluate.CHAT,
             temperature=0.0,
             samples=1,
             protocol=evaluate.Protocol(batch_size=2),
@@ -150,7 +152,7 @@ def test_teacher_forced_scores_match_sequence_logprobs_and_rm_rewards():
     rm_params = rm.init(jax.random.key(1))
     values = evaluate.score_replies(rm, rm_params, tok, records, replies, proto)
     for k, r in enumerate(replies):
-        prompt = evaluate.prompt_ids(records[r.index], tok, "chat")
+        prompt = evaluate.chat_prompt_ids(records[r.index], tok)
         row = np.array([prompt + list(r.ids)], np.int32)
         mask = np.zeros_like(row, np.float32)
         mask[0, len(prompt) :] = 1
@@ -175,8 +177,7 @@ def test_the_reference_feature_is_one_reward_in_the_rm_stage_ppo_and_eval():
     on a left-padded rollout) and where the evaluator and best-of-n read it."""
     import jax
 
-    from experiments import rm as rm_stage
-    from gptjax import ppo, reward_model
+    from gptjax import reward_model, rm_eval, rollout
     from gptjax.data import chat
     from gptjax.data.iterators import comparison_example
     from gptjax.model import Model
@@ -186,13 +187,13 @@ def test_the_reference_feature_is_one_reward_in_the_rm_stage_ppo_and_eval():
     lm = Model(tiny_model_config())
     sft_params = lm.init(jax.random.key(0))
     rm = Model(tiny_model_config(head="scalar"))
-    rm_params = rm_stage.with_scalar_head(rm, sft_params, ref_weight=0.7)
+    rm_params = reward_model.with_scalar_head(rm, sft_params, ref_weight=0.7)
     assert float(rm_params["score_logp"]) == pytest.approx(0.7)
     rm_params["score_w"] = 0.1 * jax.random.normal(jax.random.key(1), rm_params["score_w"].shape)
     records = [{"prompt": "2+3?", "responses": ["5", "it is 6"], "ended": [True, False]}]
     records[0]["ranks"] = [0, 1]
 
-    attached = rm_stage.with_ref_logp(lm, sft_params, tok, records)
+    attached = rm_eval.with_ref_logp(lm, sft_params, tok, records)
     example = comparison_example(attached[0], tok, seq_len=24, k_max=2)
     stage = np.asarray(
         reward_model.rewards(rm, rm_params, {k: v[None] for k, v in example.items()})
@@ -214,7 +215,7 @@ def test_the_reference_feature_is_one_reward_in_the_rm_stage_ppo_and_eval():
     with pytest.raises(ValueError, match="SFT model's log-probs"):
         evaluate.rm_rewards((rm, rm_params), tok, records, replies, protocol)
 
-    prompt = evaluate.prompt_ids(records[0], tok, "chat")
+    prompt = evaluate.chat_prompt_ids(records[0], tok)
     p, n = len(prompt) + 2, max(map(len, reply_ids)) + 1  # room for left and right padding
     tokens, seg, mask = (np.zeros((2, p + n), np.int32) for _ in range(3))
     for k, ids in enumerate(reply_ids):
@@ -227,7 +228,7 @@ def test_the_reference_feature_is_one_reward_in_the_rm_stage_ppo_and_eval():
         "positions": np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32),
         "response_mask": mask[:, p:].astype(np.float32),
     }
-    scored = np.asarray(ppo.score_rollout(rm, rm_params, lm, sft_params, batch)["scores"])
+    scored = np.asarray(rollout.score_rollout(rm, rm_params, lm, sft_params, batch)["scores"])
 
     np.testing.assert_allclose(evaluated, stage, atol=1e-4)
     np.testing.assert_allclose(scored, stage, atol=1e-4)

@@ -11,7 +11,8 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import ppo, sharding, train_steps
+from gptjax import ppo, ppo_step, sharding, train_steps
+from gptjax import rollout as rollout_lib
 from gptjax.model import Model
 from gptjax.sharding import MeshConfig
 from tests.helpers import tiny_model_config
@@ -169,13 +170,13 @@ def make_step(mesh, cfg, tx, value_head=False, seed=0):
     params = policy.init(jax.random.key(seed))
     value_params = value.init(jax.random.key(seed + 1))
     value_params["score_w"] = 0.1 * jax.random.normal(jax.random.key(seed + 2), (32,))
-    value_params = ppo.initial_value_params(value, value_params, value_head)
-    shardings = ppo.state_shardings(policy, value, value_head, tx, mesh)
+    value_params = ppo_step.initial_value_params(value, value_params, value_head)
+    shardings = ppo_step.state_shardings(policy, value, value_head, tx, mesh)
     state = jax.jit(
-        functools.partial(ppo.init_state, tx=tx, kl_coef=cfg.kl_coef), out_shardings=shardings
+        functools.partial(ppo_step.init_state, tx=tx, kl_coef=cfg.kl_coef), out_shardings=shardings
     )(params, value_params)
     step = functools.partial(
-        ppo.ppo_train_step,
+        ppo_step.ppo_train_step,
         policy=policy,
         value=value,
         tx=tx,
@@ -192,7 +193,9 @@ def one_device():
 
 @pytest.mark.parametrize("value_head", [False, True])
 def test_first_minibatch_has_ratio_one_and_no_clipping(value_head):
-    cfg = ppo.PPOConfig(epochs=2, minibatches=4, clip_ratio=0.2, value_head=value_head)
+    cfg = ppo.PPOConfig(
+        epochs=2, minibatches=4, clip_ratio=0.2, value_from="head" if value_head else "rm"
+    )
     state, step = make_step(one_device(), cfg, optax.adam(1e-2), value_head)
     batch = random_rollout(np.random.default_rng(0), 16)
     state, metrics = step(state, batch, jax.random.key(0))
@@ -252,21 +255,26 @@ def test_one_step_bandit_converges_to_the_kl_regularised_optimum():
     cfg = ppo.PPOConfig(epochs=4, minibatches=4, kl_coef=beta, gamma=1.0, lam=1.0)
     tx = optax.adam(optax.linear_schedule(1e-2, 0.0, iterations * 16))
     mesh = one_device()
-    shardings = ppo.state_shardings(policy, value, False, tx, mesh)
+    shardings = ppo_step.state_shardings(policy, value, False, tx, mesh)
     state = jax.jit(
-        functools.partial(ppo.init_state, tx=tx, kl_coef=beta), out_shardings=shardings
+        functools.partial(ppo_step.init_state, tx=tx, kl_coef=beta), out_shardings=shardings
     )(ref_params, value.init(jax.random.key(1)))
     step = train_steps.jit_train_step(
         functools.partial(
-            ppo.ppo_train_step, policy=policy, value=value, tx=tx, schedule=lambda s: 0.0, cfg=cfg
+            ppo_step.ppo_train_step,
+            policy=policy,
+            value=value,
+            tx=tx,
+            schedule=lambda s: 0.0,
+            cfg=cfg,
         ),
         mesh,
         shardings,
     )
     rollout = jax.jit(
-        functools.partial(ppo.rollout, policy, max_new_tokens=1, eos_id=-1, temperature=1.0)
+        functools.partial(rollout_lib.rollout, policy, max_new_tokens=1, eos_id=-1, temperature=1.0)
     )
-    ref_logprobs = jax.jit(lambda p, batch: ppo.response_logprobs(policy, p, batch)[0])
+    ref_logprobs = jax.jit(lambda p, batch: rollout_lib.response_logprobs(policy, p, batch)[0])
     prompt, prompt_mask = np.full((b, 1), 3, np.int32), np.ones((b, 1), np.int32)
 
     def probs(params):
@@ -294,8 +302,7 @@ def tiny_workdir(workdir):
     """A tiny world, its tokenizer, and stand-in SFT / RM checkpoints (random init; the
     RM is the SFT trunk with a random scalar head), as the earlier stages would leave."""
     from configs import pipeline
-    from configs.ppo import ppo_section
-    from experiments import common
+    from experiments import sources
     from gptjax import checkpoint as ckpt_lib
 
     config = pipeline.get_config("tiny")
@@ -316,9 +323,9 @@ def tiny_workdir(workdir):
         n_ppo_prompts=40,
         n_eval_prompts=8,
     )
-    train_src, _ = common.pretrain_sources(config, str(workdir))
-    tokenizer = common.get_tokenizer(config, str(workdir), corpus=train_src)
-    policy = Model(common.model_config(config, tokenizer))
+    train_src, _ = sources.pretrain_sources(config, str(workdir))
+    tokenizer = sources.get_tokenizer(config, str(workdir), corpus=train_src)
+    policy = Model(sources.model_config(config, tokenizer))
     params = policy.init(jax.random.key(0))
     rm_params = {
         **params,
@@ -332,8 +339,7 @@ def tiny_workdir(workdir):
         )
         ckpt.save(1, {"params": tree}, {"tokenizer_hash": tokenizer.hash})
         ckpt.close()
-    section = ppo_section("tiny", ptx=True)
-    section.update(
+    config.ppo_ptx.update(
         iterations=4,
         prompts_per_iteration=8,
         epochs=2,
@@ -345,27 +351,28 @@ def tiny_workdir(workdir):
         eval_prompts=0,  # the world's eval prompts do not fit max_len=32
         checkpoint_every=100,
     )
-    config.ppo_ptx = section
     return config
 
 
 def test_resume_mid_ppo_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch):
-    from experiments import common
-    from experiments import ppo as ppo_stage
+    from experiments import pipeline
     from experiments.loop import StageStopped
+    from experiments.stages import ppo as ppo_stage
     from gptjax.metrics import read_jsonl
+    from gptjax.rollout import RolloutInputs
 
-    # One device: the stage's mesh is the config's, over every (here 8 simulated) device.
-    monkeypatch.setattr(
-        common, "make_mesh", lambda config: sharding.make_mesh(MeshConfig(), jax.devices()[:1])
-    )
+    def run(workdir):
+        # One device: the stage's mesh is the config's, over every (8 simulated) device.
+        ctx = pipeline.context(config, str(workdir), "ppo_ptx", jax.devices()[:1])
+        return ppo_stage.run(ctx)
+
     config = tiny_workdir(tmp_path / "straight")
-    straight = ppo_stage.run_ppo_stage(config, str(tmp_path / "straight"), "ppo_ptx")
+    straight = run(tmp_path / "straight")
     assert straight["steps_run"] == 4
 
     resumed = tmp_path / "resumed"
     tiny_workdir(resumed)
-    real_next, calls = ppo_stage.RolloutInputs.__next__, []
+    real_next, calls = RolloutInputs.__next__, []
 
     def next_then_sigterm(self):
         calls.append(1)
@@ -373,11 +380,11 @@ def test_resume_mid_ppo_reproduces_the_uninterrupted_run_bitwise(tmp_path, monke
             os.kill(os.getpid(), signal.SIGTERM)
         return real_next(self)
 
-    monkeypatch.setattr(ppo_stage.RolloutInputs, "__next__", next_then_sigterm)
+    monkeypatch.setattr(RolloutInputs, "__next__", next_then_sigterm)
     with pytest.raises(StageStopped, match="received SIGTERM at step 3"):
-        ppo_stage.run_ppo_stage(config, str(resumed), "ppo_ptx")
-    monkeypatch.setattr(ppo_stage.RolloutInputs, "__next__", real_next)
-    again = ppo_stage.run_ppo_stage(config, str(resumed), "ppo_ptx")
+        run(resumed)
+    monkeypatch.setattr(RolloutInputs, "__next__", real_next)
+    again = run(resumed)
     assert again["resumed_from"] == 3 and again["steps_run"] == 1
 
     def per_step(workdir):

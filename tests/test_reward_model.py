@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import losses, reward_model, sharding, train_steps
+from gptjax import losses, reward_model, rm_eval, sharding, train_steps
 from gptjax.model import Model
 from gptjax.sharding import MeshConfig
 from tests.helpers import tiny_model_config
@@ -136,7 +136,8 @@ def test_rm_step_on_8_devices_equals_single_device():
     tx = optax.sgd(1.0)  # update = -grad: compares gradients exactly
 
     def run(mesh):
-        state, shardings = train_steps.create_state(model, tx, mesh, jax.random.key(0))
+        init, shardings = train_steps.jit_init(model, tx, mesh)
+        state = init(jax.random.key(0))
         state["params"]["score_w"] = jax.device_put(
             jax.random.normal(jax.random.key(1), (32,)), shardings["params"]["score_w"]
         )
@@ -171,7 +172,8 @@ def test_rm_learns_a_planted_preference():
     rng = np.random.default_rng(0)
     tx = optax.adam(3e-3)
     mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
-    state, shardings = train_steps.create_state(model, tx, mesh, jax.random.key(0))
+    init, shardings = train_steps.jit_init(model, tx, mesh)
+    state = init(jax.random.key(0))
     step = train_steps.jit_train_step(
         functools.partial(reward_model.rm_train_step, model=model, tx=tx, schedule=lambda s: 3e-3),
         mesh,
@@ -190,5 +192,5 @@ def test_rm_learns_a_planted_preference():
         state, metrics = step(state, planted(rng), jax.random.key(0))
     held = planted(np.random.default_rng(99), b=64)
     r = reward_model.rewards(model, state["params"], held)
-    acc, _, n = reward_model.pair_stats(np.asarray(r), held["ranks"], held["valid"])
+    acc, _, n = rm_eval.pair_stats(np.asarray(r), held["ranks"], held["valid"])
     assert n > 0 and acc > 0.9, acc

@@ -11,11 +11,14 @@ import numpy as np
 import pytest
 
 from configs import pipeline
-from experiments import common, compare, rm
-from gptjax import evaluate
+from experiments import pipeline as pipeline_lib
+from experiments import sources
+from experiments.stages import compare
+from gptjax import evaluate, reward_model, rm_eval
 from gptjax.data import chat, formats
 from gptjax.errors import ConfigError
 from gptjax.world import generate, labeler
+from gptjax.world import probe as world_probe
 from tests.helpers import (
     SFT_CLI,
     TINY_CLI,
@@ -96,7 +99,7 @@ def sft_workdir(tmp_path_factory):
     a small world's text, so that its tokenizer fits the world's prompts (which compare
     samples replies to) in T = 32; as user data, it skips the world's gates."""
     tmp = tmp_path_factory.mktemp("rm")
-    world = generate(common.world_config(config_from_flags(SMALL_WORLD_CLI)))
+    world = generate(sources.world_config(config_from_flags(SMALL_WORLD_CLI)))
     corpus = tmp / "corpus.txt"
     write_text_corpus(corpus, n_paragraphs=60)
     # World text first; the short bigram paragraphs last, where the held-out split (and
@@ -144,8 +147,8 @@ def test_rm_from_a_user_hh_file_end_to_end(sft_workdir):
     # The stage's output contract: the normalised RM, loadable by later stages, gives the
     # demonstrations (the first 50 of the user's demos) a mean reward of 0.
     config = config_from_flags(flags)
-    tok = common.get_tokenizer(config, str(workdir))
-    model, params = common.load_stage_params(config, str(workdir), "rm", tok, head="scalar")
+    tok = sources.get_tokenizer(config, str(workdir))
+    model, params = sources.load_stage_params(config, str(workdir), "rm", tok, head="scalar")
     assert float(params["score_logp"]) != 0.0  # the tiny preset's RM reads SFT log-probs
     records, replies = [], []
     for i, line in enumerate(open(demos).read().splitlines()[:50]):
@@ -153,7 +156,7 @@ def test_rm_from_a_user_hh_file_end_to_end(sft_workdir):
         ids = (*chat.encode_reply(messages[-1]["content"], tok), tok.eos_id)
         records.append({"messages": messages[:-1]})
         replies.append(evaluate.Reply(i, 0, messages[-1]["content"], True, len(ids), ids))
-    sft_model, sft_params = common.load_stage_params(config, str(workdir), "sft", tok)
+    sft_model, sft_params = sources.load_stage_params(config, str(workdir), "sft", tok)
     protocol = evaluate.Protocol(batch_size=64)
     ref_logp, _ = evaluate.score_replies(sft_model, sft_params, tok, records, replies, protocol)
     rewards = evaluate.rm_rewards((model, params), tok, records, replies, protocol, ref_logp)
@@ -184,7 +187,8 @@ def test_compare_with_a_plugged_in_labeler(sft_workdir):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "labeler: tests.test_rm_stage:length_labeler" in out.stdout
     done = json.load(open(workdir / "compare" / "done.json"))
-    records = {s: list(formats.read_comparisons(p)) for s, p in compare.paths(workdir).items()}
+    paths = sources.compare_paths(workdir / "compare")
+    records = {s: list(formats.read_comparisons(p)) for s, p in paths.items()}
     assert len(records["heldout"]) <= 3 and len(records["train"]) <= 9
     assert done["comparisons"] == {s: len(r) for s, r in records.items()}
     assert sum(done["comparisons"].values()) + done["dropped_all_tied"] == 12
@@ -198,10 +202,10 @@ def test_compare_with_a_plugged_in_labeler(sft_workdir):
         assert meta["gold_ranks"] == compare.gold_ranks(meta["gold_scores"])
 
     # Same settings: the finished files are reused, not sampled again.
-    mtime = os.path.getmtime(compare.paths(workdir)["train"])
+    mtime = os.path.getmtime(paths["train"])
     again = _main(workdir, "--stages=compare", *flags)
     assert again.returncode == 0 and "== compare: reused" in again.stdout
-    assert os.path.getmtime(compare.paths(workdir)["train"]) == mtime
+    assert os.path.getmtime(paths["train"]) == mtime
 
     # An RM on these world comparisons (in a copy: the user-file RM test owns rm/) gets
     # the probe of what it knows, one group per kind of held-out prompt.
@@ -210,20 +214,21 @@ def test_compare_with_a_plugged_in_labeler(sft_workdir):
     out = _main(probe_dir, "--stages=rm", *flags, *RM_CLI)
     assert out.returncode == 0, out.stderr[-3000:]
     probe = json.load(open(probe_dir / "rm" / "metrics.json"))["heldout"]["probe"]
-    groups = {rm.probe_group(r["meta"]["task"]) for r in records["heldout"]}
+    groups = {world_probe.probe_group(r["meta"]["task"]) for r in records["heldout"]}
     assert set(probe) == groups
     assert sum(g["n"] for g in probe.values()) == len(records["heldout"])
     for group, stats in probe.items():
-        assert set(stats) - {"n"} == {f"{a}>{b}" for a, b in rm.PROBE_ORDERS[group]}
+        assert set(stats) - {"n"} == {f"{a}>{b}" for a, b in world_probe.PROBE_ORDERS[group]}
         assert all(0 <= v <= 1 for k, v in stats.items() if k != "n")
     assert "probe on" in out.stdout
 
 
 def test_probe_replies_are_what_the_gold_labeler_says_they_are():
-    world = generate(common.world_config(config_from_flags(SMALL_WORLD_CLI)))
+    world = generate(sources.world_config(config_from_flags(SMALL_WORLD_CLI)))
     tasks_ = list(world["eval_prompts"]) + list(world["ppo_prompts"])
-    records = rm.probe_records(tasks_)
-    assert {rm.probe_group(t) for t in tasks_} == set(rm.PROBE_ORDERS)  # every group made
+    records = world_probe.probe_records(tasks_)
+    # Every group is made.
+    assert {world_probe.probe_group(t) for t in tasks_} == set(world_probe.PROBE_ORDERS)
     for rec in records:
         task, (true, wrong, idk) = rec["task"], rec["responses"]
         unknown = task["answer"] is None
@@ -245,7 +250,7 @@ def test_probe_metrics_on_hand_made_rewards():
     rewards_Nx3 = np.array(  # columns: true, wrong, idk
         [[1.0, -1.0, 0.0], [0.0, 0.0, 1.0], [5.0, -1.0, 0.0], [0.0, 1.0, 2.0]]
     )
-    got = rm.probe_metrics(records, rewards_Nx3)
+    got = world_probe.probe_metrics(records, rewards_Nx3)
     assert got["fact_known"] == {"true>idk": 0.5, "idk>wrong": 1.0, "true>wrong": 0.75, "n": 2}
     assert got["fact_unknown"] == {"idk>wrong": 1.0, "n": 1}
     assert got["arithmetic"] == {"true>idk": 0.0, "idk>wrong": 1.0, "true>wrong": 0.0, "n": 1}
@@ -266,7 +271,8 @@ def test_metrics_noise_ceiling_max_accuracy_and_baselines():
         }
     ]
     rewards = np.array([[2.0, 1.0, 0.0]])
-    m = rm.rm_metrics(records, rewards, k_max=3)
+    baselines = {"shorter": rm_eval.shorter, "not_idk": world_probe.not_idk}
+    m = rm_eval.rm_metrics(records, rewards, 3, baselines)
     # Label pairs: b>a (RM wrong), b>c (right), a>c (right).
     assert m["accuracy"] == pytest.approx(2 / 3) and m["pairs"] == 3
     # Gold pairs a>b, a>c: the RM gets both; the labels agree on a>c only.
@@ -286,7 +292,7 @@ def test_scalar_head_from_lm_params_keeps_the_trunk():
     lm = Model(tiny_model_config())
     lm_params = lm.init(jax.random.key(0))
     scalar = Model(tiny_model_config(head="scalar"))
-    params = rm.with_scalar_head(scalar, lm_params)
+    params = reward_model.with_scalar_head(scalar, lm_params)
     assert jax.tree.structure(params) == jax.tree.structure(scalar.abstract_params)
     np.testing.assert_array_equal(params["embed"], lm_params["embed"])
     assert float(np.abs(params["score_w"]).sum()) == 0.0
@@ -299,7 +305,7 @@ def test_k_outside_2_to_9_names_the_field(k, tmp_path):
     config = pipeline.get_config("tiny")
     config.compare.k = k
     with pytest.raises(ConfigError, match=rf"config\.compare\.k: must be in 2\.\.9, got {k}"):
-        compare.run(config, str(tmp_path))
+        compare.run(pipeline_lib.context(config, str(tmp_path), "compare"))
 
 
 @pytest.mark.parametrize(
@@ -330,13 +336,13 @@ def test_malformed_comparisons_line_names_file_and_line(tmp_path):
     config = pipeline.get_config("tiny")
     config.data.comparisons = f"comparisons:{path}"
     with pytest.raises(ConfigError, match=rf"config\.data\.comparisons: {path}:3: missing field"):
-        rm.comparison_sources(config, str(tmp_path))
+        sources.comparison_sources(config, str(tmp_path), str(tmp_path / "compare"))
 
 
 def test_rm_without_compare_output_says_what_to_run(tmp_path):
     config = pipeline.get_config("tiny")
     with pytest.raises(FileNotFoundError, match=r"run --stages=compare first"):
-        rm.comparison_sources(config, str(tmp_path))
+        sources.comparison_sources(config, str(tmp_path), str(tmp_path / "compare"))
     config.data.comparisons = "/path/without/kind.jsonl"
     with pytest.raises(ConfigError, match=r"config\.data\.comparisons: expected 'compare'"):
-        rm.comparison_sources(config, str(tmp_path))
+        sources.comparison_sources(config, str(tmp_path), str(tmp_path / "compare"))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import pipeline
-from experiments import sft
+from experiments import pipeline as pipeline_lib
+from experiments.stages import sft
 from gptjax.data import packing
 from tests.helpers import SFT_CLI, TINY_CLI, subprocess_env, write_demos, write_text_corpus
 
@@ -60,12 +61,13 @@ def test_sft_stage_masks_exactly_the_responses_and_eos(sft_run):
         for part in rest[:-1]:
             target = target[part]
         target[rest[-1]] = type(target[rest[-1]])(value)
-    parts = sft.build(config, str(workdir))
+    ctx = pipeline_lib.context(config, str(workdir), "sft")
+    parts = sft.build(ctx)
     tok = parts["tokenizer"]
     import json
 
     responses = [json.loads(line)["response"] for line in open(demos)]
-    n_ptx = sft.ptx_rows(config, config.sft.batch_size)
+    n_ptx = sft.ptx_rows(ctx, config.sft.batch_size, ctx.mesh())
     assert n_ptx == 2  # sft.ptx_fraction 0.25 of 8 rows: pretraining text
     seen = 0
     for _ in range(5):

@@ -21,7 +21,8 @@ def _sgd_step(model, mesh):
     # SGD with lr 1: the param update is exactly -grad, so comparing updated params compares
     # gradients (Adam would amplify 1e-7 noise near zero gradients by lr/eps).
     tx = optax.sgd(1.0)
-    state, shardings = train_steps.create_state(model, tx, mesh, jax.random.key(0))
+    init, shardings = train_steps.jit_init(model, tx, mesh)
+    state = init(jax.random.key(0))
     step = functools.partial(train_steps.lm_train_step, model=model, tx=tx, schedule=lambda s: 1.0)
     return state, train_steps.jit_train_step(step, mesh, shardings)
 
@@ -73,7 +74,8 @@ def test_sharded_init_shards_the_large_weights():
     # Nothing with more than a vector's worth of bytes is left replicated.
     assert sharding.replicated_params(p, min_bytes=512) == []
     # Adam-like state mirrors the params' sharding.
-    opt_state, _ = train_steps.create_state(model, optax.adam(1e-3), mesh, jax.random.key(0))
+    init, _ = train_steps.jit_init(model, optax.adam(1e-3), mesh)
+    opt_state = init(jax.random.key(0))
     mu = opt_state["opt_state"][0].mu
     assert mu["embed"].sharding.spec == p["embed"].sharding.spec
 

@@ -96,8 +96,8 @@ def test_sweep_runner_skips_finished_cells(tmp_path, monkeypatch):
     class FakeTokenizer:
         hash = "f" * 64
 
-    monkeypatch.setattr(sweep_lib.pipeline_stages, "run_stages", fake_run_stages)
-    monkeypatch.setattr(sweep_lib.common, "get_tokenizer", lambda config, wd: FakeTokenizer())
+    monkeypatch.setattr(sweep_lib.pipeline, "run_stages", fake_run_stages)
+    monkeypatch.setattr(sweep_lib.sources, "get_tokenizer", lambda config, wd: FakeTokenizer())
     out = sweep_lib.run_sweep(sweep, "ptx", str(workdir), shared_from=str(shared))
     assert sorted(ran) == [
         ("cells/ppo/seed1", ("ppo", "eval"), 1),

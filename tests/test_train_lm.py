@@ -44,7 +44,8 @@ def test_tiny_lm_beats_unigram_entropy_by_a_nat():
     steps, b, t = 300, 16, 32
     tx, schedule = make_optimizer(optim, steps)
     mesh = sharding.make_mesh(MeshConfig(), devices=jax.devices()[:1])
-    state, shardings = train_steps.create_state(model, tx, mesh, jax.random.key(0))
+    init, shardings = train_steps.jit_init(model, tx, mesh)
+    state = init(jax.random.key(0))
     step = train_steps.jit_train_step(
         functools.partial(train_steps.lm_train_step, model=model, tx=tx, schedule=schedule),
         mesh,

@@ -1,9 +1,10 @@
 """Calibration gates of the world: is it learnable, and does each stage have headroom?
 
 The world sits near the tiny model's capacity cliff (see config.py), so every change to
-the world or the tiny configs is checked against these gates. experiments/calibrate.py
-trains and measures; this module defines the gates and writes the report (markdown +
-JSON) from what was measured.
+the world or the tiny configs is checked against these gates. This module defines the
+gates, measures them on trained models (`base_fact_completion`, `sft_gates`) and writes
+the report (markdown + JSON); experiments/calibrate.py and the pipeline's gates
+(experiments/gates.py) call it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,14 @@ import json
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
+from gptjax import evaluate, sampling
 from gptjax.world.documents import probe_hit
+from gptjax.world.evaluation import METRICS
+from gptjax.world.labeler import gold_score
+
+BEST_OF = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,3 +110,54 @@ def write_report(directory: str, rows: list[dict], details: dict) -> tuple[str, 
     with open(md_path, "w") as f:
         f.write("\n".join(lines))
     return md_path, json_path
+
+
+def base_fact_completion(model, params, tokenizer, probes: Sequence[dict]) -> dict:
+    """Greedy completion of every held-out fact probe by a base model."""
+    completions = sampling.greedy_completions(
+        model, params, tokenizer, [p["prefix"] for p in probes], 4
+    )
+    facts = fact_completion(probes, completions)
+    facts["examples"] = [
+        {"prefix": p["prefix"], "answer": p["answer"], "completion": c}
+        for p, c in list(zip(probes, completions))[:8]
+    ]
+    return facts
+
+
+def sft_gates(model, params, tokenizer, records: Sequence[dict], protocol) -> dict:
+    """An SFT model's greedy accuracy on known people absent from the demos, and its T=1
+    gold reward over best-of-16's (by the gold labeler) on the eval prompts `records`."""
+    unseen = [r for r in records if r["skill"] == "fact" and r["known"] and not r["in_demos"]]
+    greedy = evaluate.generate_replies(
+        model,
+        params,
+        tokenizer,
+        unseen,
+        mode=evaluate.CHAT,
+        temperature=0.0,
+        samples=1,
+        protocol=protocol,
+    )
+    accuracy = evaluate.summarize(unseen, greedy, METRICS, protocol.bootstrap)["accuracy"]["mean"]
+    samples = evaluate.generate_replies(
+        model,
+        params,
+        tokenizer,
+        records,
+        mode=evaluate.CHAT,
+        temperature=protocol.temperature,
+        samples=BEST_OF,
+        protocol=protocol,
+    )
+    gold = np.zeros((len(records), BEST_OF))
+    for r in samples:
+        gold[r.index, r.sample] = gold_score(records[r.index], r.text, r.ended)
+    mean, best = float(gold.mean()), float(gold.max(axis=1).mean())
+    return {
+        "sft_unseen_people_accuracy": accuracy,
+        "sft_gold_t1": mean,
+        f"best_of_{BEST_OF}_gold": best,
+        # Rewards can be negative: the ratio is of the gain over the worst score (-1).
+        "sft_over_best_of_16": (mean + 1.0) / (best + 1.0),
+    }

@@ -29,19 +29,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from experiments import common
+from experiments import sources
+from experiments.rundir import StageContext, write_json, write_text
 from gptjax import evaluate
 from gptjax.errors import ConfigError
 from gptjax.world import gold_score, noisy_ranking
 
-STAGE = "compare"
 K_RANGE = (2, 9)
-SPLITS = ("train", "heldout")
-
-
-def paths(workdir: str) -> dict[str, str]:
-    d = common.stage_dir(workdir, STAGE)
-    return {split: os.path.join(d, f"{split}.jsonl") for split in SPLITS}
+SPLITS = sources.COMPARE_SPLITS
 
 
 def load_labeler(spec: str) -> Callable:
@@ -78,31 +73,31 @@ def gold_ranks(scores: list[float]) -> list[int]:
     return [distinct.index(s) for s in scores]
 
 
-def check_config(config) -> None:
-    c = config.compare
+def settings(ctx: StageContext) -> dict:
+    """Validates the section (no data is read); the labeler must load."""
+    c, name = ctx.section, ctx.name
     lo, hi = K_RANGE
     if not lo <= c.k <= hi:
-        raise ConfigError("compare.k", f"must be in {lo}..{hi}, got {c.k}")
+        raise ConfigError(f"{name}.k", f"must be in {lo}..{hi}, got {c.k}")
     if not 0 < c.heldout_fraction < 1:
         raise ConfigError(
-            "compare.heldout_fraction", f"must be in (0, 1), got {c.heldout_fraction}"
+            f"{name}.heldout_fraction", f"must be in (0, 1), got {c.heldout_fraction}"
         )
     for field in ("n_prompts", "max_new_tokens", "batch_size"):
         if c[field] < (0 if field == "n_prompts" else 1):
-            raise ConfigError(f"compare.{field}", f"out of range: {c[field]}")
+            raise ConfigError(f"{name}.{field}", f"out of range: {c[field]}")
     if c.temperature <= 0:
-        raise ConfigError("compare.temperature", f"must be > 0 to sample, got {c.temperature}")
+        raise ConfigError(f"{name}.temperature", f"must be > 0 to sample, got {c.temperature}")
+    return {"labeler": load_labeler(c.labeler) if c.labeler else None}
 
 
-def fingerprint(config, workdir: str, tokenizer) -> dict:
+def fingerprint(ctx: StageContext, tokenizer) -> dict:
     """Everything the comparisons depend on: equal fingerprints, equal files."""
-    sft_dir = config.compare.init_from or os.path.join(
-        common.stage_dir(workdir, "sft"), "checkpoints"
-    )
+    config, sft_dir = ctx.config, ctx.checkpoints("init")
     steps = [int(d) for d in os.listdir(sft_dir) if d.isdigit()] if os.path.isdir(sft_dir) else []
     return {
-        "compare": config.compare.to_dict(),
-        "world_hash": common.world_config(config).content_hash(),
+        "compare": ctx.section.to_dict(),
+        "world_hash": sources.world_config(config).content_hash(),
         "seed": config.seeds.sampling,
         "tokenizer_hash": tokenizer.hash,
         "sft": [os.path.abspath(sft_dir), max(steps, default=None)],
@@ -111,7 +106,7 @@ def fingerprint(config, workdir: str, tokenizer) -> dict:
 
 def label(records, replies, k: int, labeler: Callable | None, config) -> list[dict]:
     """Ranked comparisons (with gold meta) from K replies per record."""
-    world = common.world_config(config)
+    world = sources.world_config(config)
     out = []
     for i, task in enumerate(records):
         texts = [r.text for r in replies[i * k : (i + 1) * k]]
@@ -139,30 +134,29 @@ def label(records, replies, k: int, labeler: Callable | None, config) -> list[di
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
-    common.write_text(
+    write_text(
         path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
     )
 
 
-def run(config, workdir: str) -> dict:
-    check_config(config)
-    c = config.compare
-    labeler = load_labeler(c.labeler) if c.labeler else None
-    tokenizer = common.get_tokenizer(config, workdir)
-    out_dir = common.stage_dir(workdir, STAGE)
+def run(ctx: StageContext) -> dict:
+    labeler = settings(ctx)["labeler"]
+    config, workdir, c = ctx.config, ctx.workdir, ctx.section
+    tokenizer = sources.get_tokenizer(config, workdir)
+    out_dir = ctx.dir
     done_path = os.path.join(out_dir, "done.json")
-    fp = fingerprint(config, workdir, tokenizer)
+    fp = fingerprint(ctx, tokenizer)
     if os.path.exists(done_path):
         with open(done_path) as f:
             done = json.load(f)
         if done["fingerprint"] == fp:
-            return {"stage": STAGE, "text": _text(done, out_dir, reused=True), **done}
+            return {"stage": ctx.name, "text": _text(ctx.name, done, out_dir, reused=True), **done}
 
-    source = common.world_data(config, workdir)["ppo_prompts"]
+    source = sources.world_data(config, workdir)["ppo_prompts"]
     n = len(source) if not c.n_prompts else min(c.n_prompts, len(source))
     records = [source[i] for i in range(n)]
-    model, params = common.load_stage_params(
-        config, workdir, "sft", tokenizer, directory=c.init_from or None
+    model, params = sources.load_stage_params(
+        config, workdir, ctx.inputs["init"], tokenizer, directory=ctx.checkpoints("init")
     )
     protocol = evaluate.Protocol(
         max_new_tokens=c.max_new_tokens, seed=config.seeds.sampling, batch_size=c.batch_size
@@ -172,7 +166,7 @@ def run(config, workdir: str) -> dict:
         params,
         tokenizer,
         records,
-        mode="chat",
+        mode=evaluate.CHAT,
         temperature=c.temperature,
         samples=c.k,
         protocol=protocol,
@@ -189,7 +183,7 @@ def run(config, workdir: str) -> dict:
         ),
     }
     os.makedirs(out_dir, exist_ok=True)
-    for split, path in paths(workdir).items():
+    for split, path in sources.compare_paths(out_dir).items():
         _write_jsonl(path, comparisons[split])
     all_replies = [r for split in SPLITS for rec in comparisons[split] for r in rec["responses"]]
     done = {
@@ -203,8 +197,8 @@ def run(config, workdir: str) -> dict:
         "eos_rate": float(np.mean([r.ended for r in replies])),
         "mean_reply_words": float(np.mean([len(t.split()) for t in all_replies])),
     }
-    common.write_json(done_path, done)
-    return {"stage": STAGE, "text": _text(done, out_dir, reused=False), **done}
+    write_json(done_path, done)
+    return {"stage": ctx.name, "text": _text(ctx.name, done, out_dir, reused=False), **done}
 
 
 def _distinct_frac(comparisons) -> float:
@@ -213,9 +207,9 @@ def _distinct_frac(comparisons) -> float:
     return float(np.mean(fracs)) if fracs else float("nan")
 
 
-def _text(done: dict, out_dir: str, reused: bool) -> str:
+def _text(name: str, done: dict, out_dir: str, reused: bool) -> str:
     n = done["comparisons"]
-    head = "== compare: reused" if reused else "== compare:"
+    head = f"== {name}: reused" if reused else f"== {name}:"
     return (
         f"{head} {n['train']} train + {n['heldout']} held-out comparisons of K={done['k']} "
         f"replies ({done['prompts']} prompts, {done['dropped_all_tied']} dropped as all tied) "

@@ -11,22 +11,30 @@ GPTJAX_COORDINATOR_ADDRESS=host0:8476 GPTJAX_NUM_PROCESSES=2 GPTJAX_PROCESS_ID=1
 
 from __future__ import annotations
 
-from experiments import common
-from gptjax import sharding
+from experiments import sections, sources
+from experiments.loop import run_trainer
+from experiments.rundir import StageContext
+from gptjax import sampling, sharding
 from gptjax.data.iterators import lm_batches
+from gptjax.trainer import LMTrainer, check_fits
 
-STAGE = "pretrain"
+
+def settings(ctx: StageContext) -> dict:
+    """The stage's typed configs, validated (no data is read)."""
+    train, optim, loop = sections.train_config(ctx.section, ctx.name)
+    mesh = ctx.mesh()
+    check_fits(mesh, train, optim, sources.model_config(ctx.config, None), ctx.name)
+    return dict(train=train, optim=optim, loop=loop, mesh=mesh)
 
 
-def build(config, workdir: str):
+def build(ctx: StageContext) -> dict:
     """Everything the stage needs, validated and built before anything compiles."""
-    train_cfg, optim_cfg, loop_cfg = common.stage_train_config(config.pretrain, STAGE)
-    mesh = common.make_mesh(config)
-    train_src, heldout_src = common.pretrain_sources(config, workdir)
-    tokenizer = common.get_tokenizer(config, workdir, corpus=train_src)
-    model_cfg = common.model_config(config, tokenizer)
-    common.check_fits(train_cfg, optim_cfg, model_cfg, mesh, STAGE)
-    trainer = common.LMTrainer.build(model_cfg, optim_cfg, train_cfg, mesh, config.seeds.init)
+    s = settings(ctx)
+    config, workdir, mesh, train_cfg = ctx.config, ctx.workdir, s["mesh"], s["train"]
+    train_src, heldout_src = sources.pretrain_sources(config, workdir)
+    tokenizer = sources.get_tokenizer(config, workdir, corpus=train_src)
+    model_cfg = sources.model_config(config, tokenizer)
+    trainer = LMTrainer.build(model_cfg, s["optim"], train_cfg, mesh, config.seeds.init)
     kw = dict(
         batch_size=train_cfg.batch_size,
         seq_len=train_cfg.seq_len,
@@ -34,11 +42,11 @@ def build(config, workdir: str):
     )
     batches = lm_batches(train_src, tokenizer, seed=config.seeds.data, **kw)
     heldout = lm_batches(heldout_src, tokenizer, seed=0, shuffle=False, **kw)
-    eval_batches = common.fixed_batches(heldout, config.pretrain.eval_batches)
+    eval_batches = sources.fixed_batches(heldout, ctx.section.eval_batches)
     return dict(
         trainer=trainer,
         tokenizer=tokenizer,
-        loop=loop_cfg,
+        loop=s["loop"],
         batches=batches,
         eval_batches=eval_batches,
         heldout_src=heldout_src,
@@ -46,17 +54,17 @@ def build(config, workdir: str):
 
 
 def sample_prompts(config, workdir: str, heldout_src, n: int = 4) -> list[str]:
-    if config.data.pretrain == common.WORLD:
-        probes = common.world_data(config, workdir)["fact_probes"]
+    if config.data.pretrain == sources.WORLD:
+        probes = sources.world_data(config, workdir)["fact_probes"]
         return [probes[i]["prefix"] for i in range(min(n, len(probes)))]
     return [" ".join(heldout_src[i]["text"].split()[:8]) for i in range(min(n, len(heldout_src)))]
 
 
-def run(config, workdir: str) -> dict:
-    parts = build(config, workdir)
-    result, summary = common.run_lm_stage(STAGE, config, workdir, parts)
-    prompts = sample_prompts(config, workdir, parts["heldout_src"])
-    completions = common.greedy_completions(
+def run(ctx: StageContext) -> dict:
+    parts = build(ctx)
+    result, summary = run_trainer(ctx, parts)
+    prompts = sample_prompts(ctx.config, ctx.workdir, parts["heldout_src"])
+    completions = sampling.greedy_completions(
         parts["trainer"].model, result.state["params"], parts["tokenizer"], prompts, 24, 8
     )
     return {**summary, "samples": list(zip(prompts, completions))}

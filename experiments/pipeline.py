@@ -1,0 +1,195 @@
+"""The declared pipeline: one table of stages, each naming its runner and the stages it
+reads, and running a list of them on one workdir.
+
+A row is a stage *instance*: its name is also its config section and its directory in
+the workdir, and `reads` maps each input role of its runner to the instance it reads
+(ppo and ppo_ptx are two instances of one runner). A config may declare more instances
+(`config.instances`, below). The table orders `--stages` and resolves each stage's inputs;
+stage runners never import each other (tests/test_layers.py).
+
+Every stage instance has a key: a hash of the config sections it reads and of its inputs'
+keys, recorded in `<workdir>/<stage>/stage.json` when it finishes. Two runs whose stage
+keys are equal computed that stage from the same settings and inputs; the sweep runner
+(experiments/sweep.py) shares such stages between cells through its stage cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping
+
+from experiments import calibrate, gates, report, show_data
+from experiments.loop import StageStopped
+from experiments.rundir import StageContext, on_process_0, stage_dir, write_json
+from experiments.stages import compare, evaluate, ppo, pretrain, rm, sft
+from gptjax import config as config_lib
+from gptjax.errors import CheckpointError, ConfigError
+
+# Sections every stage reads besides its own: what the data, tokenizer, model and mesh are.
+GLOBAL_SECTIONS = ("seeds", "world", "data", "tokenizer", "model", "mesh")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str  # the instance: its config section and its directory in the workdir
+    run: Callable[[StageContext], dict]
+    reads: Mapping[str, str] = dataclasses.field(default_factory=dict)  # role -> instance
+    # Roles the runner reads only if present (the eval stage evaluates what was trained).
+    optional: tuple[str, ...] = ()
+    # Validates the instance's config before any stage runs (no data is read).
+    check: Callable[[StageContext], object] | None = None
+    sections: tuple[str, ...] = ()  # config sections read besides GLOBAL_SECTIONS and its own
+    runner: str = ""  # the runner's name, for instances declared in a config
+
+
+def _report(ctx: StageContext) -> dict:
+    # Files only, no devices: one writer in a multi-host run.
+    written = on_process_0("report", functools.partial(report.run, ctx))
+    return written or {"text": "report: written by process 0"}
+
+
+TRAINED = {"base": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
+TABLE = (
+    Stage("show_data", show_data.run),
+    Stage("pretrain", pretrain.run, check=pretrain.settings),
+    Stage("sft", sft.run, {"init": "pretrain"}, check=sft.settings),
+    Stage("compare", compare.run, {"init": "sft"}, check=compare.settings),
+    Stage("rm", rm.run, {"init": "sft", "comparisons": "compare"}, ("comparisons",), rm.settings),
+    Stage("ppo", ppo.run, {"policy": "sft", "rm": "rm"}, check=ppo.settings, sections=("eval",)),
+    Stage(
+        "ppo_ptx", ppo.run, {"policy": "sft", "rm": "rm"}, check=ppo.settings, sections=("eval",)
+    ),
+    Stage("eval", evaluate.run, TRAINED, tuple(TRAINED), sections=("eval",)),
+    Stage("calibrate", calibrate.run, {"base": "pretrain", "sft": "sft"}, ("sft",)),
+    Stage("report", _report, {"eval": "eval"}, sections=("eval",)),
+)
+DEFAULT_STAGES = "pretrain,sft,compare,rm,ppo,ppo_ptx,eval,report"
+
+
+def table(config) -> dict[str, Stage]:
+    """The stage instances of a config: TABLE, plus `config.instances`, each
+    `{name: {"like": row, "reads": {role: instance}}}` (a config section `name` must exist),
+    e.g. a second comparison round {"compare_2": {"like": "compare", "reads": {"init": "ppo"}}}.
+    """
+    rows = {s.name: s for s in TABLE}
+    for name, spec in (config.get("instances") or {}).items():
+        like = spec.get("like", "")
+        if like not in rows:
+            raise ConfigError(f"instances.{name}.like", f"{like!r} is not a stage: {list(rows)}")
+        if name not in config:
+            raise ConfigError(f"instances.{name}", f"the config has no section {name!r}")
+        reads = {**rows[like].reads, **dict(spec.get("reads", {}))}
+        rows[name] = dataclasses.replace(rows[like], name=name, reads=reads, runner=like)
+    return rows
+
+
+def order(config, names: list[str]) -> list[str]:
+    """The requested stages in table order (every input before what reads it)."""
+    rows = table(config)
+    unknown = [n for n in names if n not in rows]
+    if unknown:
+        raise ConfigError("stages", f"unknown stage(s) {unknown}; known: {list(rows)}")
+    index = {name: i for i, name in enumerate(rows)}
+    return sorted(dict.fromkeys(names), key=index.__getitem__)
+
+
+def context(config, workdir: str, name: str, devices=None) -> StageContext:
+    """What stage `name` is given; devices: its mesh's (default every device)."""
+    row = table(config)[name]
+    return StageContext(config, workdir, name, dict(row.reads), devices)
+
+
+def stage_key(config, name: str, _seen=None) -> str:
+    """A hash of what stage `name` computes from: the config sections it reads and its
+    inputs' keys (an input given as a `<role>_from` directory counts by its path)."""
+    rows = table(config)
+    row = rows[name]
+    sections = (*GLOBAL_SECTIONS, name, *row.sections)
+    own = {s: config[s].to_dict() for s in sections if s in config}
+    inputs = {}
+    for role, source in row.reads.items():
+        override = config[name].get(f"{role}_from", "") if name in config else ""
+        inputs[role] = ("dir", os.path.abspath(override)) if override else stage_key(config, source)
+    text = json.dumps(
+        {"runner": row.runner or row.name, "config": own, "inputs": inputs},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def validate(config, workdir: str, names: list[str]) -> None:
+    """Every requested stage's config, checked before any stage computes."""
+    config_lib.check_paths(config)
+    rows = table(config)
+    for name in names:
+        if rows[name].check is not None:
+            rows[name].check(context(config, workdir, name))
+
+
+def print_summary(summary: dict) -> None:
+    if "text" in summary:
+        print(summary["text"])
+        return
+    print(
+        f"\n== {summary['stage']}: {summary['steps_run']} steps in {summary['wall_s']:.0f} s"
+        + (f" (resumed from step {summary['resumed_from']})" if summary["resumed_from"] else "")
+    )
+    parts = [
+        f"{label} {summary[key]:.4f}"
+        for key, label in (
+            ("heldout_loss", "held-out loss"),
+            ("heldout_accuracy", "token accuracy"),
+            ("train_loss", "train loss"),
+        )
+        if summary.get(key) is not None
+    ]
+    if parts:
+        print("  ".join(parts))
+    for prompt, completion in summary.get("samples", []):
+        print(f"  {prompt!r} -> {completion!r}")
+
+
+def run_stage(config, workdir: str, name: str) -> dict:
+    """Runs one stage: prints its summary and gates, records its wall time and key."""
+    ctx = context(config, workdir, name)
+    start = time.perf_counter()
+    summary = table(config)[name].run(ctx)
+    print_summary(summary)
+    seconds = time.perf_counter() - start
+    on_process_0("stage times", functools.partial(report.record_stage_time, workdir, name, seconds))
+    if os.path.isdir(stage_dir(workdir, name)):
+        write_json(
+            os.path.join(stage_dir(workdir, name), "stage.json"), {"key": stage_key(config, name)}
+        )
+    for row in gates.after_stage(ctx, summary):
+        print(report.gate_line(row))
+    return summary
+
+
+def run_stages(config, workdir: str, stages: list[str]) -> dict[str, dict]:
+    """Validates every requested stage, then runs them in table order on one workdir.
+    Returns the summaries by stage."""
+    stages = order(config, stages)
+    validate(config, workdir, stages)
+    return {name: run_stage(config, workdir, name) for name in stages}
+
+
+def run_guarded(config, workdir: str, stages: list[str]) -> int:
+    """Runs the stages; a bad config, data file or checkpoint, or a stop (signal,
+    non-finite values) is one line on stderr and a non-zero exit code."""
+    try:
+        run_stages(config, workdir, stages)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StageStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0

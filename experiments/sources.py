@@ -1,0 +1,279 @@
+"""Where every stage's data, tokenizer and model come from: the built-in world or the
+user's files (README: Using your own data), the workdir's tokenizer, and the trained
+params of the stages a stage reads. Errors name the config field or the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from experiments.rundir import initialize_distributed, make_mesh, process_0_first, stage_dir
+from gptjax import checkpoint as ckpt_lib
+from gptjax import config as config_lib
+from gptjax import evaluate, sharding
+from gptjax.data import builders, formats
+from gptjax.data import tokenizer as tok_lib
+from gptjax.errors import ConfigError
+from gptjax.model import Model, ModelConfig, from_pipeline
+from gptjax.world import WorldConfig, generate
+
+WORLD = "world"
+FROM_COMPARE = "compare"  # data.comparisons: this workdir's compare stage
+COMPARE_SPLITS = ("train", "heldout")
+
+
+def data_dir(config, workdir: str) -> str:
+    return config.data.data_dir or os.path.join(workdir, "data")
+
+
+def world_config(config) -> WorldConfig:
+    fields = config.world.to_dict()
+    fields["skill_mix"] = tuple(fields["skill_mix"])
+    fields["seed"] = config.seeds.world
+    try:
+        return config_lib.from_dict(WorldConfig, fields, "world")
+    except ValueError as e:  # WorldConfig.__post_init__ names the field
+        raise ConfigError("world", str(e)) from None
+
+
+def world_data(config, workdir: str) -> dict[str, Sequence[dict]]:
+    """The generated world as TFDS array_record splits (prepared once per content hash)."""
+    cfg = world_config(config)
+    initialize_distributed(config)
+    return process_0_first(
+        "world data",
+        lambda: builders.build_records(
+            "world",
+            lambda: generate(cfg),
+            {"world": cfg.to_dict(), "hash": cfg.content_hash()},
+            data_dir(config, workdir),
+        ),
+    )
+
+
+def pretrain_sources(config, workdir: str) -> tuple[Sequence, Sequence]:
+    """(train, held-out) pretraining documents from the world or the user's corpus."""
+    spec = config.data.pretrain
+    if spec == WORLD:
+        world = world_data(config, workdir)
+        return world["pretrain"], world["pretrain_heldout"]
+    return split_user_file(
+        "data.pretrain",
+        spec,
+        config.data.pretrain_heldout_fraction,
+        data_dir(config, workdir),
+        max_bad_fraction(config),
+    )
+
+
+def max_bad_fraction(config) -> float:
+    """data.max_bad_fraction: the share of malformed records of a user's file that are
+    dropped (each reported) rather than failing; 0 (the default) = none."""
+    value = config.data.get("max_bad_fraction", 0.0)
+    if not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError("data.max_bad_fraction", f"must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def split_user_file(
+    field: str, spec: str, heldout_fraction: float, ddir: str, max_bad_fraction: float = 0.0
+):
+    """(train, held-out) slices of a user's dataset; errors name the config field."""
+    if not 0 < heldout_fraction < 1:
+        raise ConfigError(f"{field}_heldout_fraction", f"must be in (0, 1), got {heldout_fraction}")
+    pct = max(1, round(100 * heldout_fraction))
+
+    def load():
+        train = builders.load_split(spec, f"train[:{100 - pct}%]", ddir)
+        return train, builders.load_split(spec, f"train[{100 - pct}%:]", ddir)
+
+    try:
+        with formats.drop_bad_records(max_bad_fraction) as dropped:
+            train, heldout = process_0_first(field, load)
+    except ValueError as e:
+        raise ConfigError(field, str(e)) from None
+    if dropped:
+        print(
+            f"{field}: dropped {len(dropped)} malformed records (data.max_bad_fraction="
+            f"{max_bad_fraction}), the first: {dropped[0]}",
+            file=sys.stderr,
+        )
+    if len(train) == 0 or len(heldout) == 0:
+        raise ConfigError(
+            field,
+            f"{spec} has too few records to hold out {pct}% for "
+            f"evaluation ({len(train)} train, {len(heldout)} held out)",
+        )
+    return train, heldout
+
+
+def _texts(source: Sequence, limit_chars: int = 20_000_000):
+    n = 0
+    for i in range(len(source)):
+        text = source[i]["text"] if isinstance(source[i], dict) else str(source[i])
+        yield text
+        n += len(text)
+        if n >= limit_chars:
+            return
+
+
+def get_tokenizer(config, workdir: str, corpus: Sequence | None = None) -> tok_lib.Tokenizer:
+    """Loads config.tokenizer.path, or the workdir's, or trains one on the corpus (process 0
+    first); every process of a multi-host run must end up with the same one."""
+    initialize_distributed(config)
+    tokenizer = process_0_first(
+        "tokenizer", lambda: _load_or_train_tokenizer(config, workdir, corpus)
+    )
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.assert_equal(
+            np.frombuffer(bytes.fromhex(tokenizer.hash), np.uint8),
+            f"processes loaded different tokenizers (this one: {tokenizer.hash[:12]})",
+        )
+    return tokenizer
+
+
+def _load_or_train_tokenizer(config, workdir: str, corpus: Sequence | None):
+    if config.tokenizer.path:
+        if not os.path.exists(config.tokenizer.path):
+            raise ConfigError("tokenizer.path", f"no such file: {config.tokenizer.path}")
+        return tok_lib.load_tokenizer(config.tokenizer.path)
+    path = os.path.join(workdir, "tokenizer", "spm.model")
+    if corpus is None:
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"no tokenizer at {path}: run the pretrain stage first, "
+                f"or set --config.tokenizer.path"
+            )
+        return tok_lib.load_tokenizer(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return tok_lib.train_tokenizer(
+        _texts(corpus), path, config.tokenizer.vocab_size, model_type=config.tokenizer.model_type
+    )
+
+
+def model_config(config, tokenizer: tok_lib.Tokenizer | None, head: str = "lm") -> ModelConfig:
+    """The model section with the vocab resolved from the tokenizer (padded). tokenizer
+    None (validation before one exists): the size it will be trained to."""
+    return from_pipeline(config, None if tokenizer is None else tokenizer.vocab_size, head)
+
+
+def load_stage_params(
+    config,
+    workdir: str,
+    stage: str,
+    tokenizer,
+    head: str = "lm",
+    directory: str | None = None,
+    mesh=None,
+):
+    """(Model, params) of a stage's final checkpoint, sharded over `mesh` (default this
+    run's).
+
+    directory: an explicit checkpoint directory (another run's output); default
+    `<workdir>/<stage>/checkpoints`.
+    """
+    model = Model(model_config(config, tokenizer, head))
+    mesh = make_mesh(config) if mesh is None else mesh
+    shardings = sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
+    directory = directory or os.path.join(stage_dir(workdir, stage), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"no {stage} checkpoints at {directory}: run --stages={stage} first (same --workdir)"
+        )
+    abstract = ckpt_lib.abstract_tree(model.abstract_params, shardings)
+    # load_params refuses a checkpoint trained with another tokenizer.
+    params, _, _ = ckpt_lib.load_params(directory, abstract, tokenizer_hash=tokenizer.hash)
+    return model, params
+
+
+def demo_sources(config, workdir: str):
+    """(train, held-out) demonstrations from the world or the user's file."""
+    spec = config.data.demos
+    if spec == WORLD:
+        world = world_data(config, workdir)
+        return world["demos"], world["demos_heldout"]
+    return split_user_file(
+        "data.demos",
+        spec,
+        config.data.demos_heldout_fraction,
+        data_dir(config, workdir),
+        max_bad_fraction(config),
+    )
+
+
+def compare_paths(compare_dir: str) -> dict[str, str]:
+    """The compare stage's output files, by split."""
+    return {split: os.path.join(compare_dir, f"{split}.jsonl") for split in COMPARE_SPLITS}
+
+
+def comparison_sources(config, workdir: str, compare_dir: str):
+    """(train, held-out) comparison records: the compare stage's files or the user's."""
+    spec = config.data.comparisons
+    if spec == FROM_COMPARE:
+        p = compare_paths(compare_dir)
+        if not os.path.exists(p["train"]):
+            raise FileNotFoundError(
+                f"no comparisons at {p['train']}: run --stages=compare first (same "
+                f"--workdir), or set --config.data.comparisons=comparisons:/path/file.jsonl"
+            )
+        return [list(formats.read_comparisons(p[s])) for s in COMPARE_SPLITS]
+    if not spec.startswith("comparisons:"):
+        raise ConfigError(
+            "data.comparisons",
+            f"expected {FROM_COMPARE!r} or comparisons:/path/file.jsonl, got {spec!r}",
+        )
+    return split_user_file(
+        "data.comparisons",
+        spec,
+        config.data.comparisons_heldout_fraction,
+        data_dir(config, workdir),
+        max_bad_fraction(config),
+    )
+
+
+def prompt_source(config, workdir: str, section, prefix: str):
+    """An RL stage's prompts: the world's ppo_prompts or the prompt turns of a file."""
+    spec = section.prompts
+    if spec == WORLD:
+        return world_data(config, workdir)["ppo_prompts"]
+    try:
+        return builders.load_split(spec, "train", data_dir(config, workdir))
+    except ValueError as e:
+        raise ConfigError(f"{prefix}.prompts", str(e)) from None
+
+
+def eval_records(config, workdir: str) -> list[dict]:
+    """The world's held-out eval prompts (the first eval.max_prompts of them)."""
+    if config.data.pretrain != WORLD:
+        raise ConfigError(
+            "data.pretrain",
+            "the gold evaluator scores the built-in world; it needs data.pretrain=world",
+        )
+    src = world_data(config, workdir)["eval_prompts"]
+    n = len(src) if not config.eval.max_prompts else min(config.eval.max_prompts, len(src))
+    return [src[i] for i in range(n)]
+
+
+def protocol(config) -> evaluate.Protocol:
+    """The evaluator's fixed protocol from the eval section."""
+    e = config.eval
+    return evaluate.Protocol(
+        max_new_tokens=e.max_new_tokens,
+        samples=e.samples,
+        temperature=e.temperature,
+        seed=e.seed,
+        batch_size=e.batch_size,
+        bootstrap=e.bootstrap,
+    )
+
+
+def fixed_batches(iterator, n: int) -> list[dict]:
+    return [next(iterator) for _ in range(n)]
+
