@@ -1,0 +1,75 @@
+"""The layers stay apart (DESIGN.md): gptjax/ imports nothing above it, a stage runner never
+imports another stage, a tool never imports a stage, aot and bench import only gptjax and
+configs. Checked on the source's import statements, so a violation fails here before it
+can make an import cycle or a hidden coupling."""
+
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGES_DIR = os.path.join(ROOT, "experiments", "stages")
+STAGES = sorted(f[:-3] for f in os.listdir(STAGES_DIR) if f.endswith(".py") and f != "__init__.py")
+TOOLS = ("aot", "aot_table", "bench", "calibrate", "chat", "report", "show_data", "sweep")
+
+
+def imported_modules(path: str) -> set[str]:
+    """Every module an `import` or `from ... import` names, with `from a import b` also
+    counted as a.b (b may be a submodule)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return out
+
+
+def stage_imports(path: str) -> set[str]:
+    return {m for m in imported_modules(path) if m.startswith("experiments.stages.")}
+
+
+def test_the_layers_are_found():
+    # A test that finds no stage or tool would pass vacuously.
+    assert {"pretrain", "sft", "compare", "rm", "ppo", "evaluate"} <= set(STAGES)
+    for tool in TOOLS:
+        assert os.path.exists(os.path.join(ROOT, "experiments", f"{tool}.py")), tool
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_stage_never_imports_another_stage(stage):
+    path = os.path.join(STAGES_DIR, f"{stage}.py")
+    assert stage_imports(path) <= {f"experiments.stages.{stage}"}, stage_imports(path)
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_tool_never_imports_a_stage(tool):
+    assert not stage_imports(os.path.join(ROOT, "experiments", f"{tool}.py"))
+
+
+@pytest.mark.parametrize("tool", ["aot", "aot_table", "bench"])
+def test_aot_and_bench_import_only_gptjax_and_configs(tool):
+    ours = {
+        m
+        for m in imported_modules(os.path.join(ROOT, "experiments", f"{tool}.py"))
+        if m.split(".")[0] in ("experiments", "configs", "gptjax")
+    }
+    # aot_table reads aot's own results (a tool of the same command).
+    allowed = ("gptjax", "configs", "experiments.aot")
+    assert all(m.startswith(allowed) for m in ours), sorted(ours)
+
+
+def test_the_library_imports_nothing_above_it():
+    for root, _, names in os.walk(os.path.join(ROOT, "gptjax")):
+        for name in names:
+            if name.endswith(".py"):
+                above = {
+                    m
+                    for m in imported_modules(os.path.join(root, name))
+                    if m.split(".")[0] in ("experiments", "configs", "tests")
+                }
+                assert not above, (name, above)
