@@ -3,18 +3,21 @@
     python -m experiments.sweep --config=configs/sweep.py:kl             # over-optimisation
     python -m experiments.sweep --config=configs/sweep.py:ptx --workdir=runs/sweep-ptx
     python -m experiments.sweep --config=configs/sweep.py:kl --shared_from=runs/tiny-...
+    python -m experiments.sweep --config=configs/sweep.py:kl --config.seed_all=True
 
-A sweep runs `shared_stages` once (seed 0, or reuses --shared_from, a finished pipeline
-workdir) and then, for every variant and seed, the `cell_stages` in the cell's own
-workdir, which links the shared stages' outputs. A cell's seed sets seeds.init,
-seeds.data and seeds.sampling of its stages, so the interval across seeds measures the
-variability of what the cell trains (not of the shared stages). Finished cells are not
-rerun. Fields:
+Every cell (variant x seed) runs `stages` through the sweep's stage cache
+(experiments/stage_cache.py): a stage whose settings and inputs are those of a stage
+already run is shared, the rest run. The stages in `seeded` take the cell's seed
+(seeds.init, seeds.data, seeds.sampling); the others keep the preset's seeds, so they are
+shared by every cell they do not differ in. `seed_all` seeds every stage: the intervals
+across seeds then describe the whole pipeline's variability, not only the seeded stages'.
+Fields:
 
   pipeline       the configs/pipeline.py preset arg ("tiny")
   overrides      [dotted key, value] config overrides for every run of the sweep
-  shared_stages  run once; cells link them
-  cell_stages    run per (variant, seed)
+  stages         the stages every cell runs (experiments/pipeline.py names)
+  seeded         the stages that take the cell's seed
+  seed_all       True: every stage takes the cell's seed
   variants       name -> [dotted key, value] overrides of that variant
   seeds          the cells' seeds
   eval_variants  the eval stage's variants in each cell (gptjax names: SFT, PPO, ...)
@@ -22,9 +25,11 @@ rerun. Fields:
                  (variant a, model a), (variant b, model b), predicted sign of a − b
 """
 
+import copy
+
 import ml_collections
 
-SHARED = ("pretrain", "sft", "compare", "rm")
+ALL = ("pretrain", "sft", "compare", "rm", "ppo", "eval")
 # Sweeps evaluate on fewer prompts than the default run: many cells, same protocol.
 SWEEP_OVERRIDES = {"eval.max_prompts": 256}
 
@@ -33,49 +38,25 @@ def _finding(name, metric, protocol, a, b, sign, why):
     return dict(name=name, metric=metric, protocol=protocol, a=a, b=b, sign=sign, why=why)
 
 
-def _sweep(variants, cell_stages, eval_variants, findings, shared=SHARED, overrides=None):
-    # Overrides are [dotted key, value] pairs (ConfigDict keys cannot contain dots).
-    pairs = lambda d: [[k, v] for k, v in d.items()]  # noqa: E731
-    return ml_collections.ConfigDict(
-        dict(
-            name="",
-            pipeline="tiny",
-            overrides=pairs({**SWEEP_OVERRIDES, **(overrides or {})}),
-            shared_stages=list(shared),
-            cell_stages=list(cell_stages),
-            variants={name: pairs(v) for name, v in variants.items()},
-            seeds=[0, 1, 2],
-            eval_variants=list(eval_variants),
-            findings=findings,
-        )
-    )
-
-
-def _from_compare(variants, findings):
-    """A sweep of a knob that acts from comparison collection on: pretrain and SFT are
-    shared; compare, RM, PPO and eval run per cell."""
-    return _sweep(
-        variants,
-        ["compare", "rm", "ppo", "eval"],
-        ["SFT", "PPO"],
-        findings,
-        shared=("pretrain", "sft"),
-    )
-
-
-def get_config(name: str = "kl") -> ml_collections.ConfigDict:
-    sweep = _preset(name)
-    sweep.name = name
-    return sweep
-
-
-def _preset(name: str) -> ml_collections.ConfigDict:
-    if name == "kl":
-        # Over-optimisation (Gao et al. 2022): as the KL penalty weakens, the policy moves
-        # further from SFT; the RM's reward keeps rising while gold reward peaks and falls.
-        coefs = {"beta_1": 1.0, "beta_3e-1": 0.3, "beta_1e-1": 0.1, "beta_3e-2": 0.03}
-        variants = {k: {"ppo.kl_coef": v} for k, v in coefs.items()}
-        findings = [
+# name -> (variants {variant: {dotted key: value}}, stages, seeded stages, eval variants,
+# findings)
+PRESETS = {
+    # Over-optimisation (Gao et al. 2022): as the KL penalty weakens, the policy moves
+    # further from SFT; the RM's reward keeps rising while gold reward peaks and falls.
+    "kl": (
+        {
+            name: {"ppo.kl_coef": beta}
+            for name, beta in (
+                ("beta_1", 1.0),
+                ("beta_3e-1", 0.3),
+                ("beta_1e-1", 0.1),
+                ("beta_3e-2", 0.03),
+            )
+        },
+        ALL,
+        ("ppo", "eval"),
+        ("SFT", "PPO"),
+        [
             _finding(
                 "RLHF beats SFT on gold reward",
                 "gold_reward",
@@ -121,13 +102,16 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 +1,
                 "the labeler prefers 'i don't know' on unknown people; demos under-use it",
             ),
-        ]
-        return _sweep(variants, ["ppo", "eval"], ["SFT", "PPO"], findings)
-    if name == "ptx":
-        # InstructGPT sec. 3.6 / fig. 34: mixing pretraining gradients into PPO reduces
-        # the alignment tax (here: held-out pretraining loss) at little cost in reward.
-        variants = {"ppo": {"ppo.ptx_coef": 0.0}, "ppo_ptx": {"ppo.ptx_coef": 1.0}}
-        findings = [
+        ],
+    ),
+    # InstructGPT sec. 3.6 / fig. 34: mixing pretraining gradients into PPO reduces the
+    # alignment tax (here: held-out pretraining loss) at little cost in reward.
+    "ptx": (
+        {"ppo": {"ppo.ptx_coef": 0.0}, "ppo_ptx": {"ppo.ptx_coef": 1.0}},
+        ALL,
+        ("ppo", "eval"),
+        ("base zero-shot", "SFT", "PPO"),
+        [
             _finding(
                 "RLHF pays an alignment tax",
                 "heldout_lm_loss",
@@ -155,11 +139,14 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 +1,
                 "PPO-ptx still beats SFT",
             ),
-        ]
-        return _sweep(variants, ["ppo", "eval"], ["base zero-shot", "SFT", "PPO"], findings)
-    if name == "best_of_n":
-        variants = {f"n{n}": {"eval.best_of_n": n} for n in (2, 4, 8, 16)}
-        findings = [
+        ],
+    ),
+    "best_of_n": (
+        {f"n{n}": {"eval.best_of_n": n} for n in (2, 4, 8, 16)},
+        ("pretrain", "sft", "compare", "rm", "eval"),
+        ("eval",),
+        ("SFT", "best-of-n"),
+        [
             _finding(
                 "best-of-n improves with n",
                 "gold_reward",
@@ -169,11 +156,15 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 +1,
                 "more RM-ranked samples, better replies (until the RM is exploited)",
             )
-        ]
-        return _sweep(variants, ["eval"], ["SFT", "best-of-n"], findings)
-    if name == "rm_data":
-        variants = {f"prompts_{n}": {"compare.n_prompts": n} for n in (256, 512, 1536)}
-        findings = [
+        ],
+    ),
+    # Knobs that act from comparison collection on: pretrain and SFT are shared.
+    "rm_data": (
+        {f"prompts_{n}": {"compare.n_prompts": n} for n in (256, 512, 1536)},
+        ALL,
+        ("compare", "rm", "ppo", "eval"),
+        ("SFT", "PPO"),
+        [
             _finding(
                 "more comparisons, better PPO",
                 "gold_reward",
@@ -183,13 +174,14 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 +1,
                 "a larger RM dataset gives a better proxy and a better policy",
             )
-        ]
-        return _from_compare(variants, findings)
-    if name == "label_noise":
-        variants = {
-            f"noise_{round(100 * n)}pct": {"world.label_noise": n} for n in (0.05, 0.25, 0.4)
-        }
-        findings = [
+        ],
+    ),
+    "label_noise": (
+        {f"noise_{round(100 * n)}pct": {"world.label_noise": n} for n in (0.05, 0.25, 0.4)},
+        ALL,
+        ("compare", "rm", "ppo", "eval"),
+        ("SFT", "PPO"),
+        [
             _finding(
                 "noisier labels, worse PPO",
                 "gold_reward",
@@ -199,13 +191,14 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 +1,
                 "label noise degrades the RM and what PPO learns from it",
             )
-        ]
-        return _from_compare(variants, findings)
-    if name == "code_frac":
-        variants = {
-            f"code_{round(100 * f)}pct": {"world.code_doc_frac": f} for f in (0.0, 0.15, 0.4)
-        }
-        findings = [
+        ],
+    ),
+    "code_frac": (
+        {f"code_{round(100 * f)}pct": {"world.code_doc_frac": f} for f in (0.0, 0.15, 0.4)},
+        ("pretrain", "sft", "eval"),
+        ("pretrain", "sft", "eval"),
+        ("SFT",),
+        [
             _finding(
                 "code in pretraining helps computing",
                 "accuracy_arithmetic",
@@ -215,11 +208,14 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 +1,
                 "code documents with computed results teach arithmetic and string skills",
             )
-        ]
-        return _sweep(variants, ["pretrain", "sft", "eval"], ["SFT"], findings, shared=())
-    if name == "verbosity":
-        variants = {"lw_0": {"world.length_weight": 0.0}, "lw_1e-1": {"world.length_weight": 0.1}}
-        findings = [
+        ],
+    ),
+    "verbosity": (
+        {"lw_0": {"world.length_weight": 0.0}, "lw_1e-1": {"world.length_weight": 0.1}},
+        ALL,
+        ("compare", "rm", "ppo", "eval"),
+        ("SFT", "PPO"),
+        [
             _finding(
                 "a labeler that rewards detail makes RLHF verbose",
                 "length_tokens",
@@ -229,11 +225,14 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 +1,
                 "the RM learns the length preference and PPO follows it",
             )
-        ]
-        return _from_compare(variants, findings)
-    if name == "abstention":
-        variants = {f"idk_{round(100 * r)}pct": {"world.demo_idk_rate": r} for r in (0.1, 0.5, 0.9)}
-        findings = [
+        ],
+    ),
+    "abstention": (
+        {f"idk_{round(100 * r)}pct": {"world.demo_idk_rate": r} for r in (0.1, 0.5, 0.9)},
+        ALL,
+        ("sft", "compare", "rm", "ppo", "eval"),
+        ("SFT", "PPO"),
+        [
             _finding(
                 "demos that abstain more make SFT abstain more",
                 "abstention_unknown",
@@ -252,15 +251,29 @@ def _preset(name: str) -> ml_collections.ConfigDict:
                 +1,
                 "the labeler prefers abstaining on unknown people",
             ),
-        ]
-        return _sweep(
-            variants,
-            ["sft", "compare", "rm", "ppo", "eval"],
-            ["SFT", "PPO"],
-            findings,
-            shared=("pretrain",),
+        ],
+    ),
+}
+
+
+def get_config(name: str = "kl") -> ml_collections.ConfigDict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown sweep {name!r}; presets: {', '.join(PRESETS)}")
+    # A copy: a caller may change its config, never the presets.
+    variants, stages, seeded, eval_variants, findings = copy.deepcopy(PRESETS[name])
+    # Overrides are [dotted key, value] pairs (ConfigDict keys cannot contain dots).
+    pairs = lambda d: [[k, v] for k, v in d.items()]  # noqa: E731
+    return ml_collections.ConfigDict(
+        dict(
+            name=name,
+            pipeline="tiny",
+            overrides=pairs(SWEEP_OVERRIDES),
+            stages=list(stages),
+            seeded=list(seeded),
+            seed_all=False,
+            variants={v: pairs(o) for v, o in variants.items()},
+            seeds=[0, 1, 2],
+            eval_variants=list(eval_variants),
+            findings=findings,
         )
-    raise ValueError(
-        f"unknown sweep {name!r}; presets: kl, ptx, best_of_n, rm_data, label_noise, "
-        "code_frac, verbosity, abstention"
     )

@@ -22,7 +22,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 from experiments import calibrate, gates, report, show_data
 from experiments.loop import StageStopped
@@ -46,6 +46,7 @@ class Stage:
     check: Callable[[StageContext], object] | None = None
     sections: tuple[str, ...] = ()  # config sections read besides GLOBAL_SECTIONS and its own
     runner: str = ""  # the runner's name, for instances declared in a config
+    outputs: tuple[str, ...] = ()  # workdir entries it writes besides its own directory
 
 
 def _report(ctx: StageContext) -> dict:
@@ -57,7 +58,7 @@ def _report(ctx: StageContext) -> dict:
 TRAINED = {"base": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
 TABLE = (
     Stage("show_data", show_data.run),
-    Stage("pretrain", pretrain.run, check=pretrain.settings),
+    Stage("pretrain", pretrain.run, check=pretrain.settings, outputs=("tokenizer",)),
     Stage("sft", sft.run, {"init": "pretrain"}, check=sft.settings),
     Stage("compare", compare.run, {"init": "sft"}, check=compare.settings),
     Stage("rm", rm.run, {"init": "sft", "comparisons": "compare"}, ("comparisons",), rm.settings),
@@ -90,13 +91,21 @@ def table(config) -> dict[str, Stage]:
 
 
 def order(config, names: list[str]) -> list[str]:
-    """The requested stages in table order (every input before what reads it)."""
+    """The requested stages, each after the requested stages it reads (table order
+    otherwise)."""
     rows = table(config)
     unknown = [n for n in names if n not in rows]
     if unknown:
         raise ConfigError("stages", f"unknown stage(s) {unknown}; known: {list(rows)}")
     index = {name: i for i, name in enumerate(rows)}
-    return sorted(dict.fromkeys(names), key=index.__getitem__)
+    todo, out = sorted(set(names), key=index.__getitem__), []
+    while todo:  # the first stage whose requested inputs are all placed
+        ready = next(
+            n for n in todo if all(s in out or s not in todo for s in rows[n].reads.values())
+        )
+        out.append(ready)
+        todo.remove(ready)
+    return out
 
 
 def context(config, workdir: str, name: str, devices=None) -> StageContext:
@@ -105,17 +114,29 @@ def context(config, workdir: str, name: str, devices=None) -> StageContext:
     return StageContext(config, workdir, name, dict(row.reads), devices)
 
 
-def stage_key(config, name: str, _seen=None) -> str:
+def stage_key(
+    config,
+    name: str,
+    config_for: Callable[[str], object] | None = None,
+    present: Collection[str] | None = None,
+) -> str:
     """A hash of what stage `name` computes from: the config sections it reads and its
-    inputs' keys (an input given as a `<role>_from` directory counts by its path)."""
-    rows = table(config)
-    row = rows[name]
+    inputs' keys (an input given as a `<role>_from` directory counts by its path).
+    config_for(stage): the config each stage runs with (default `config` for all; a sweep
+    gives shared stages other seeds than the cell's own). present: the stages of the run;
+    an optional input (the eval stage's) outside it is not read, and not in the key."""
+    config_for = config_for or (lambda _: config)
+    own_config = config_for(name)
+    row = table(own_config)[name]
     sections = (*GLOBAL_SECTIONS, name, *row.sections)
-    own = {s: config[s].to_dict() for s in sections if s in config}
+    own = {s: own_config[s].to_dict() for s in sections if s in own_config}
     inputs = {}
     for role, source in row.reads.items():
-        override = config[name].get(f"{role}_from", "") if name in config else ""
-        inputs[role] = ("dir", os.path.abspath(override)) if override else stage_key(config, source)
+        override = own_config[name].get(f"{role}_from", "") if name in own_config else ""
+        if override:
+            inputs[role] = ("dir", os.path.abspath(override))
+        elif present is None or source in present or role not in row.optional:
+            inputs[role] = stage_key(config, source, config_for, present)
     text = json.dumps(
         {"runner": row.runner or row.name, "config": own, "inputs": inputs},
         sort_keys=True,
@@ -156,8 +177,9 @@ def print_summary(summary: dict) -> None:
         print(f"  {prompt!r} -> {completion!r}")
 
 
-def run_stage(config, workdir: str, name: str) -> dict:
-    """Runs one stage: prints its summary and gates, records its wall time and key."""
+def run_stage(config, workdir: str, name: str, key: str | None = None) -> dict:
+    """Runs one stage: prints its summary and gates, records its wall time and its key
+    (default stage_key(config, name))."""
     ctx = context(config, workdir, name)
     start = time.perf_counter()
     summary = table(config)[name].run(ctx)
@@ -165,9 +187,8 @@ def run_stage(config, workdir: str, name: str) -> dict:
     seconds = time.perf_counter() - start
     on_process_0("stage times", functools.partial(report.record_stage_time, workdir, name, seconds))
     if os.path.isdir(stage_dir(workdir, name)):
-        write_json(
-            os.path.join(stage_dir(workdir, name), "stage.json"), {"key": stage_key(config, name)}
-        )
+        key = key or stage_key(config, name)
+        write_json(os.path.join(stage_dir(workdir, name), "stage.json"), {"key": key})
     for row in gates.after_stage(ctx, summary):
         print(report.gate_line(row))
     return summary
@@ -178,7 +199,10 @@ def run_stages(config, workdir: str, stages: list[str]) -> dict[str, dict]:
     Returns the summaries by stage."""
     stages = order(config, stages)
     validate(config, workdir, stages)
-    return {name: run_stage(config, workdir, name) for name in stages}
+    return {
+        name: run_stage(config, workdir, name, stage_key(config, name, present=stages))
+        for name in stages
+    }
 
 
 def run_guarded(config, workdir: str, stages: list[str]) -> int:

@@ -276,4 +276,3 @@ def protocol(config) -> evaluate.Protocol:
 
 def fixed_batches(iterator, n: int) -> list[dict]:
     return [next(iterator) for _ in range(n)]
-

@@ -1,14 +1,19 @@
-"""Ablation sweeps: variants x seeds, reusing shared stages, resumable, with a report.
+"""Ablation sweeps: variants x seeds through one stage cache, resumable, with a report.
 
     python -m experiments.sweep --config=configs/sweep.py:kl
     python -m experiments.sweep --config=configs/sweep.py:ptx --workdir=runs/sweep-ptx
     python -m experiments.sweep --config=configs/sweep.py:kl --shared_from=runs/tiny-20261122
 
 Layout of a sweep workdir:
-  shared/                     the shared stages (or --shared_from, used read-only)
-  cells/<variant>/seed<k>/    a pipeline workdir linking the shared stages' outputs;
+  stages/<stage>/<key>/       the stage cache (experiments/stage_cache.py): each stage run
+                              once per distinct key, shared by every cell it serves
+  data/                       prepared datasets (named by content hash), shared
+  cells/<variant>/seed<k>/    a pipeline workdir linking its stages' cache entries;
                               DONE.json marks a finished cell (never rerun)
   report/                     report.md, results.csv, provenance.json, PNG plots
+
+--shared_from: a finished pipeline workdir whose stages are linked instead of run where
+their recorded key matches (e.g. the default run's pretrain..rm for the kl sweep).
 
 Verdicts (one per finding of the preset): the effect a − b is computed per seed (paired:
 same seed, same shared stages) and a t-interval (95%) is taken across seeds; the
@@ -29,7 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import pipeline as pipeline_configs
-from experiments import pipeline, report, sources
+from experiments import report, sources, stage_cache
 from gptjax.errors import ConfigError
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "..", "configs", "sweep.py")
@@ -38,10 +43,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (default runs/sweep-<preset>).")
 _SHARED_FROM = flags.DEFINE_string(
-    "shared_from", None, "A finished pipeline workdir whose shared stages the cells reuse."
+    "shared_from", None, "A finished pipeline workdir whose stages the cells reuse by key."
 )
-# Outputs of a stage a later stage reads, besides <workdir>/<stage>.
-_SHARED_FILES = ("tokenizer", "data")
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 
 
@@ -60,30 +63,24 @@ def set_dotted(config, key: str, value) -> None:
     node[leaf] = type(old)(value) if isinstance(old, (int, float, str, bool)) else value
 
 
-def cell_config(sweep, variant: list | None, seed: int):
+def cell_config(sweep, variant: list | None, seed: int, stage: str = "eval"):
+    """The config `stage` runs with in a cell: the preset, the sweep's and the variant's
+    overrides, and the cell's seed if the stage is seeded (else the preset's seeds)."""
     config = pipeline_configs.get_config(sweep.pipeline)
     for key, value in [*sweep.overrides, *(variant or [])]:
         set_dotted(config, key, value)
-    config.seeds.init = config.seeds.data = config.seeds.sampling = seed
-    if "eval" in sweep.cell_stages:
+    if sweep.seed_all or stage in sweep.seeded:
+        config.seeds.init = config.seeds.data = config.seeds.sampling = seed
+    if "eval" in sweep.stages:
         config.eval.variants = ",".join(sweep.eval_variants)
     return config
-
-
-def link_shared(shared: str, cell: str, stages) -> None:
-    """Symlinks the shared stages' outputs (and tokenizer, data) into the cell."""
-    os.makedirs(cell, exist_ok=True)
-    for name in (*stages, *_SHARED_FILES):
-        src, dst = os.path.join(os.path.abspath(shared), name), os.path.join(cell, name)
-        if os.path.exists(src) and not os.path.lexists(dst):
-            os.symlink(src, dst)
 
 
 def cell_dir(workdir: str, variant: str, seed: int) -> str:
     return os.path.join(workdir, "cells", variant, f"seed{seed}")
 
 
-def run_cell(sweep, workdir: str, shared: str, variant: str, seed: int) -> dict:
+def run_cell(sweep, workdir: str, variant: str, seed: int, shared_from=None) -> dict:
     """Runs one (variant, seed) cell unless its DONE.json exists; returns its results."""
     directory = cell_dir(workdir, variant, seed)
     done = os.path.join(directory, "DONE.json")
@@ -92,9 +89,15 @@ def run_cell(sweep, workdir: str, shared: str, variant: str, seed: int) -> dict:
         with open(done) as f:
             return json.load(f)
     print(f"== cell {variant}/seed{seed}")
-    config = cell_config(sweep, sweep.variants[variant], seed)
-    link_shared(shared, directory, [s for s in sweep.shared_stages if s not in sweep.cell_stages])
-    summaries = pipeline.run_stages(config, directory, list(sweep.cell_stages))
+    overrides = sweep.variants[variant]
+    summaries = stage_cache.run_cached(
+        lambda stage: cell_config(sweep, overrides, seed, stage),
+        directory,
+        list(sweep.stages),
+        os.path.join(workdir, "stages"),
+        data_dir=os.path.join(workdir, "data"),
+        shared_from=shared_from,
+    )
     out = {"variant": variant, "seed": seed, "variants": summaries["eval"]["variants"]}
     with open(done + ".tmp", "w") as f:
         json.dump(out, f, default=float)
@@ -283,21 +286,14 @@ def check_findings(sweep) -> None:
 
 def run_sweep(sweep, sweep_name: str, workdir: str, shared_from: str | None = None) -> dict:
     check_findings(sweep)
-    shared = shared_from or os.path.join(workdir, "shared")
-    if shared_from is None and sweep.shared_stages:
-        print(f"== shared stages {list(sweep.shared_stages)} in {shared}")
-        pipeline.run_stages(cell_config(sweep, None, 0), shared, list(sweep.shared_stages))
-    elif shared_from is not None:
-        for stage in sweep.shared_stages:
-            if not os.path.isdir(os.path.join(shared, stage)):
-                raise FileNotFoundError(f"--shared_from={shared} has no {stage} stage")
     cells = [
-        run_cell(sweep, workdir, shared, variant, seed)
+        run_cell(sweep, workdir, variant, seed, shared_from)
         for variant in sweep.variants
         for seed in sweep.seeds
     ]
     config = cell_config(sweep, None, 0)
-    tokenizer = sources.get_tokenizer(config, shared)
+    first = cell_dir(workdir, next(iter(sweep.variants)), sweep.seeds[0])
+    tokenizer = sources.get_tokenizer(config, first)
     world_hash = sources.world_config(config).content_hash()
     prov = report.provenance(config, world_hash, tokenizer.hash)
     prov["sweep"] = {"name": sweep_name, **sweep.to_dict()}

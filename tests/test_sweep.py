@@ -73,44 +73,98 @@ def test_findings_are_judged_on_paired_seeds():
     assert v["seeds"] == 3 and v["lo"] == pytest.approx(0.2)  # paired: no variance
 
 
+def _fake_stages(monkeypatch, ran):
+    """pipeline.run_stage as a recorder: (cell, stage, seed) of every stage actually run."""
+
+    def fake_run_stage(config, workdir, name, key=None):
+        cell = os.path.relpath(workdir, os.path.dirname(os.path.dirname(os.path.dirname(workdir))))
+        ran.append((cell, name, config.seeds.init))
+        if name == "eval":
+            variant = os.path.basename(os.path.dirname(workdir))
+            return {"variants": _cell(variant, config.seeds.init, 0.4)["variants"]}
+        return {"stage": name}
+
+    class FakeTokenizer:
+        hash = "f" * 64
+
+    monkeypatch.setattr(sweep_lib.stage_cache.pipeline, "run_stage", fake_run_stage)
+    monkeypatch.setattr(sweep_lib.stage_cache.pipeline, "validate", lambda *a: None)
+    monkeypatch.setattr(sweep_lib.sources, "get_tokenizer", lambda config, wd: FakeTokenizer())
+
+
 def test_sweep_runner_skips_finished_cells(tmp_path, monkeypatch):
     sweep = sweep_configs.get_config("ptx")
     with sweep.unlocked():
         sweep.seeds = [0, 1]
-    shared = tmp_path / "shared"
-    for stage in sweep.shared_stages:
-        (shared / stage).mkdir(parents=True)
     workdir = tmp_path / "sweep"
     done = sweep_lib.cell_dir(str(workdir), "ppo", 0)
     os.makedirs(done)
     with open(os.path.join(done, "DONE.json"), "w") as f:
         json.dump(_cell("ppo", 0, 0.5), f)
-
     ran = []
-
-    def fake_run_stages(config, directory, stages):
-        ran.append((os.path.relpath(directory, workdir), tuple(stages), config.seeds.init))
-        variant = os.path.basename(os.path.dirname(directory))
-        return {"eval": _cell(variant, config.seeds.init, 0.4)}
-
-    class FakeTokenizer:
-        hash = "f" * 64
-
-    monkeypatch.setattr(sweep_lib.pipeline, "run_stages", fake_run_stages)
-    monkeypatch.setattr(sweep_lib.sources, "get_tokenizer", lambda config, wd: FakeTokenizer())
-    out = sweep_lib.run_sweep(sweep, "ptx", str(workdir), shared_from=str(shared))
-    assert sorted(ran) == [
-        ("cells/ppo/seed1", ("ppo", "eval"), 1),
-        ("cells/ppo_ptx/seed0", ("ppo", "eval"), 0),
-        ("cells/ppo_ptx/seed1", ("ppo", "eval"), 1),
-    ]
-    # The cells link the shared stages they do not rerun.
-    assert os.path.islink(workdir / "cells/ppo/seed1/sft")
-    assert not os.path.lexists(workdir / "cells/ppo/seed1/ppo")
+    _fake_stages(monkeypatch, ran)
+    out = sweep_lib.run_sweep(sweep, "ptx", str(workdir))
+    # The stages before ppo are not seeded: run once, shared by every cell; ppo (whose
+    # ptx_coef the variants set) and eval run per cell.
+    shared = [("cells/ppo/seed1", s, 0) for s in ("pretrain", "sft", "compare", "rm")]
+    assert sorted(ran) == sorted(
+        [
+            *shared,
+            ("cells/ppo/seed1", "ppo", 1),
+            ("cells/ppo/seed1", "eval", 1),
+            ("cells/ppo_ptx/seed0", "ppo", 0),
+            ("cells/ppo_ptx/seed0", "eval", 0),
+            ("cells/ppo_ptx/seed1", "ppo", 1),
+            ("cells/ppo_ptx/seed1", "eval", 1),
+        ]
+    )
+    # Cells link their stages' cache entries: the shared ones are the same entry.
+    a, b = (workdir / f"cells/{v}/seed1/sft" for v in ("ppo", "ppo_ptx"))
+    assert os.path.islink(a) and os.path.realpath(a) == os.path.realpath(b)
+    a, b = (workdir / f"cells/{v}/seed1/ppo" for v in ("ppo", "ppo_ptx"))
+    assert os.path.realpath(a) != os.path.realpath(b)
     assert os.path.exists(out["report"])
     ran.clear()
-    sweep_lib.run_sweep(sweep, "ptx", str(workdir), shared_from=str(shared))
+    sweep_lib.run_sweep(sweep, "ptx", str(workdir))
     assert ran == []  # every cell finished: nothing reruns
+
+
+def test_seed_all_reruns_the_whole_pipeline_per_seed_and_shares_it_across_variants(
+    tmp_path, monkeypatch
+):
+    sweep = sweep_configs.get_config("ptx")
+    with sweep.unlocked():
+        sweep.seeds, sweep.seed_all = [0, 1], True
+    ran = []
+    _fake_stages(monkeypatch, ran)
+    sweep_lib.run_sweep(sweep, "ptx", str(tmp_path / "sweep"))
+    for stage in ("pretrain", "sft", "compare", "rm"):  # once per seed, whatever the variant
+        assert sorted(seed for _, s, seed in ran if s == stage) == [0, 1]
+    assert sorted(seed for _, s, seed in ran if s == "ppo") == [0, 0, 1, 1]
+
+
+def test_a_finished_run_shares_the_stages_whose_key_matches(tmp_path, monkeypatch):
+    from experiments import pipeline
+
+    sweep = sweep_configs.get_config("ptx")
+    with sweep.unlocked():
+        sweep.seeds = [0]
+    base = sweep_lib.cell_config(sweep, None, 0, "pretrain")
+    shared = tmp_path / "default"
+    for stage in ("pretrain", "sft", "compare", "rm"):
+        (shared / stage).mkdir(parents=True)
+        # The default run's stages record their keys; the RM's was made with other settings.
+        key = pipeline.stage_key(base, stage, present=sweep.stages)
+        key = "other" if stage == "rm" else key
+        (shared / stage / "stage.json").write_text(json.dumps({"key": key}))
+    (shared / "tokenizer").mkdir()
+    ran = []
+    _fake_stages(monkeypatch, ran)
+    sweep_lib.run_sweep(sweep, "ptx", str(tmp_path / "sweep"), shared_from=str(shared))
+    assert sorted(s for _, s, _ in ran) == ["eval", "eval", "ppo", "ppo", "rm"]
+    cell = tmp_path / "sweep" / "cells" / "ppo" / "seed0"
+    assert os.path.realpath(cell / "sft") == str(shared / "sft")
+    assert os.path.realpath(cell / "tokenizer") == str(shared / "tokenizer")
 
 
 PRESETS = (
