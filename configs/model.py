@@ -20,9 +20,7 @@ CPU_PRESETS = ("tiny", "small_cpu", "gpt2_4l")
 # name -> model fields (everything not named takes ModelConfig's default).
 MODELS = {
     # ~0.85M params: learns the built-in world in minutes on 2 CPU cores. Rotary
-    # positions: with a learned position table the facts were stored with the absolute
-    # position of a bio's opening name and QA about them failed (13-31% vs 59% with
-    # RoPE on the same data; see gptjax/world/documents.py).
+    # positions: with a learned table, QA about facts failed (docs/notes.md).
     "tiny": dict(
         vocab_size=512,
         d_model=128,

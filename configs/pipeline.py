@@ -62,17 +62,9 @@ def _stage(
     return c
 
 
-def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    name, opts = model_presets.parse_arg(arg)
-    unknown = set(opts) - {"mesh"}
-    if unknown:
-        raise ValueError(f"unknown config arg options {sorted(unknown)} in {arg!r}; known: mesh")
-    c = ml_collections.ConfigDict()
-    c.preset = name
-    c.seeds = ml_collections.ConfigDict(dict(world=0, init=0, data=0, sampling=0))
-    c.world = config_lib.section(WorldConfig())
-    del c.world["seed"]  # seeds.world
-    c.data = ml_collections.ConfigDict(
+def _data() -> ml_collections.ConfigDict:
+    """Where each stage's data comes from."""
+    return ml_collections.ConfigDict(
         dict(
             pretrain="world",  # "world" | text:/f.txt | lines:/f.txt | jsonl:/f.jsonl | tfds:NAME
             data_dir="",  # prepared datasets; empty = <workdir>/data
@@ -88,6 +80,37 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             max_bad_fraction=0.0,
         )
     )
+
+
+def _compare() -> ml_collections.ConfigDict:
+    """Comparison collection (experiments/stages/compare.py)."""
+    return ml_collections.ConfigDict(
+        dict(
+            k=4,  # replies sampled per prompt, 2..9 (InstructGPT ranked 4 to 9)
+            n_prompts=0,  # first n of the world's ppo_prompts; 0 = all
+            heldout_fraction=0.15,  # of the prompts: the RM's held-out comparisons
+            temperature=1.0,
+            max_new_tokens=16,
+            batch_size=512,  # sampled replies per generate call
+            # Who ranks the replies: "" = the world's noisy gold labeler (label_noise), or
+            # "module:function" taking (prompt_record, replies) -> ranks (0 best, ties ok).
+            labeler="",
+            init_from="",  # an SFT checkpoint dir to sample; empty = <workdir>/sft/checkpoints
+        )
+    )
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    name, opts = model_presets.parse_arg(arg)
+    unknown = set(opts) - {"mesh"}
+    if unknown:
+        raise ValueError(f"unknown config arg options {sorted(unknown)} in {arg!r}; known: mesh")
+    c = ml_collections.ConfigDict()
+    c.preset = name
+    c.seeds = ml_collections.ConfigDict(dict(world=0, init=0, data=0, sampling=0))
+    c.world = config_lib.section(WorldConfig())
+    del c.world["seed"]  # seeds.world
+    c.data = _data()
     c.tokenizer = ml_collections.ConfigDict(
         dict(
             path="",  # an existing .model to load, or empty to train one into the workdir
@@ -127,20 +150,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # fine-tuning on a few thousand demos does not erase pretraining knowledge; 0 = off.
     c.sft.ptx_fraction = 0.0
 
-    c.compare = ml_collections.ConfigDict(
-        dict(
-            k=4,  # replies sampled per prompt, 2..9 (InstructGPT ranked 4 to 9)
-            n_prompts=0,  # first n of the world's ppo_prompts; 0 = all
-            heldout_fraction=0.15,  # of the prompts: the RM's held-out comparisons
-            temperature=1.0,
-            max_new_tokens=16,
-            batch_size=512,  # sampled replies per generate call
-            # Who ranks the replies: "" = the world's noisy gold labeler (label_noise), or
-            # "module:function" taking (prompt_record, replies) -> ranks (0 best, ties ok).
-            labeler="",
-            init_from="",  # an SFT checkpoint dir to sample; empty = <workdir>/sft/checkpoints
-        )
-    )
+    c.compare = _compare()
     # batch_size in prompts (each with its K replies).
     c.rm = _stage(2000, 64, seq_len, 9e-6, 50, 500, 500)
     c.rm.k_max = 0  # responses per batch element; 0 = the most any comparison has

@@ -35,10 +35,7 @@ MFU), MFU 40%: a projection, not a measurement (the decode loop is bandwidth-bou
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import importlib.util
-import math
 import os
 import re
 import sys
@@ -52,19 +49,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
+from experiments.aot_programs import STAGES, Program, bytes_per_chip, stage_programs  # noqa: E402
 from gptjax import config as config_lib  # noqa: E402
-from gptjax import ppo, reward_model, sharding  # noqa: E402
+from gptjax import sharding  # noqa: E402
 from gptjax.errors import ConfigError  # noqa: E402
-from gptjax.flops import forward_flops, matmul_flops, train_flops  # noqa: E402
-from gptjax.model import Model, from_pipeline  # noqa: E402
-from gptjax.optim import OptimConfig  # noqa: E402
-from gptjax.ppo_trainer import PPOTrainer  # noqa: E402
-from gptjax.rollout import rollout_config  # noqa: E402
-from gptjax.trainer import LMTrainer, check_fits, section_configs  # noqa: E402
+from gptjax.flops import matmul_flops  # noqa: E402
 
-STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
 # Per chip, by the topology name's prefix: HBM (GiB) and peak bf16 TFLOP/s (Cloud TPU docs).
 HBM_GIB = {"v5e": 16, "v5p": 95, "v4": 32, "v6e": 32}
 PEAK_TFLOPS = {"v5e": 197, "v5p": 459, "v4": 275, "v6e": 918}
@@ -93,44 +84,7 @@ def topology_devices(topology: str) -> list:
     return list(desc.devices)
 
 
-# ----------------------------------------------------------------- abstract arrays
-
-
-def with_shardings(tree, shardings):
-    """ShapeDtypeStructs of `tree`'s shapes carrying `shardings` (a tree or one sharding)."""
-    if not isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
-        )
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
-
-
-def abstract_params(model: Model, mesh):
-    return with_shardings(
-        model.abstract_params,
-        sharding.param_shardings(mesh, model.logical_axes, model.abstract_params),
-    )
-
-
-def abstract_rng(mesh):
-    return with_shardings(jax.eval_shape(lambda: jax.random.key(0)), sharding.replicated(mesh))
-
-
-def abstract_batch(mesh, shapes: dict[str, tuple[tuple[int, ...], object]]):
-    return {
-        k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh))
-        for k, (shape, dtype) in shapes.items()
-    }
-
-
-def bytes_per_chip(tree) -> int:
-    """Bytes one chip holds of `tree` (ShapeDtypeStructs with shardings)."""
-    return sum(
-        math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree)
-    )
-
-
-# -------------------------------------------------------------------- programs
+# --------------------------------------------------------------------- the slice
 
 
 def hosts_per_block(mesh) -> int:
@@ -139,155 +93,6 @@ def hosts_per_block(mesh) -> int:
     ConfigError, as a run on the slice would, for a mesh no input pipeline can feed)."""
     blocks = sharding.host_blocks(mesh)
     return len(blocks) // len(set(blocks.values()))
-
-
-@dataclasses.dataclass
-class Program:
-    """One jitted function of a stage, its abstract arguments, and what else is resident."""
-
-    stage: str
-    name: str
-    fn: object  # jitted
-    args: tuple
-    resident: object = None  # abstract arrays live on the chips meanwhile, not arguments
-    analytic_flops: float = 0.0
-    while_trips: int = 1
-
-
-def _lm_programs(config, stage: str, mesh) -> list[Program]:
-    """pretrain / sft / rm: the stage's LMTrainer, built as the stage builds it."""
-    train_cfg, optim_cfg = section_configs(config[stage], stage)
-    head = "scalar" if stage == "rm" else "lm"
-    model_cfg = from_pipeline(config, None, head)
-    check_fits(mesh, train_cfg, optim_cfg, model_cfg, stage)
-    model = Model(model_cfg)
-    make_steps = None
-    if stage == "rm":
-        make_steps = functools.partial(
-            reward_model.make_steps, grad_accum_steps=optim_cfg.grad_accum_steps
-        )
-    # Every stage may start from given params (SFT and the RM do); pretraining's random
-    # init differs only in init_state, which is not compiled here.
-    trainer = LMTrainer.build(
-        model_cfg,
-        optim_cfg,
-        train_cfg,
-        mesh,
-        config.seeds.init,
-        init_params=abstract_params(model, mesh),
-        make_steps=make_steps,
-    )
-    state = with_shardings(jax.eval_shape(trainer.init_state), trainer.shardings)
-    b, t = train_cfg.batch_size, train_cfg.seq_len
-    i32, f32 = jnp.int32, jnp.float32
-    if stage == "rm":
-        k = config.rm.k_max or config.compare.k
-        batch = abstract_batch(
-            mesh,
-            {
-                "tokens": ((b, k, t), i32),
-                "segment_ids": ((b, k, t), i32),
-                "positions": ((b, k, t), i32),
-                "reward_index": ((b, k), i32),
-                "ranks": ((b, k), i32),
-                "valid": ((b, k), f32),
-                "ref_logp": ((b, k), f32),
-            },
-        )
-        flops = train_flops(model, b * k, t)
-    else:
-        names = ("tokens", "segment_ids", "positions")
-        batch = abstract_batch(
-            mesh, {**{n: ((b, t), i32) for n in names}, "loss_mask": ((b, t), f32)}
-        )
-        flops = train_flops(model, b, t)
-    step = Program(stage, "train_step", trainer.train_step, (state, batch, abstract_rng(mesh)))
-    step.analytic_flops = flops
-    return [step]
-
-
-def _ppo_programs(config, stage: str, mesh) -> list[Program]:
-    """ppo / ppo_ptx: the stage's PPOTrainer with abstract SFT and RM params."""
-    section = config[stage]
-    cfg = ppo.from_section(section, stage)
-    shape = rollout_config(section, stage)
-    optim = config_lib.from_dict(OptimConfig, section.optim, f"{stage}.optim")
-    policy = Model(from_pipeline(config, None))
-    rm = Model(from_pipeline(config, None, "scalar"))
-    shape.check(mesh, policy.cfg, cfg.minibatches, cfg.ptx_coef > 0, stage)
-    sft_params, rm_params = abstract_params(policy, mesh), abstract_params(rm, mesh)
-    trainer = PPOTrainer.build(
-        policy,
-        sft_params,
-        rm,
-        rm_params,
-        cfg,
-        optim,
-        mesh,
-        iterations=section.iterations,
-        max_new_tokens=shape.max_new_tokens,
-        eos_id=1,  # any id: the sampler only compares tokens against it
-        sampling_seed=config.seeds.sampling,
-    )
-    state = with_shardings(jax.eval_shape(trainer.init_state), trainer.shardings)
-    b, p, n = shape.prompts_per_iteration, shape.max_prompt_len, shape.max_new_tokens
-    prompts = abstract_batch(mesh, {"tokens": ((b, p), jnp.int32), "mask": ((b, p), jnp.int32)})
-    seeds = abstract_batch(mesh, {"s": ((b,), jnp.int32)})["s"]
-    rollout_args = (state["params"], prompts["tokens"], prompts["mask"], seeds)
-    rollout = jax.eval_shape(trainer.rollout, *rollout_args)
-    rollout = with_shardings(rollout, sharding.batch_sharding(mesh))
-    frozen = (rm_params, sft_params)
-    scores = with_shardings(
-        jax.eval_shape(trainer.score, *frozen, rollout), sharding.batch_sharding(mesh)
-    )
-    batch = {**rollout, **scores}
-    t = p + n
-    ptx_flops = 0.0
-    if cfg.ptx_coef > 0:
-        r, s = shape.ptx_batch_size, shape.ptx_seq_len
-        names = ("tokens", "segment_ids", "positions")
-        batch["ptx"] = abstract_batch(
-            mesh, {**{k: ((r, s), jnp.int32) for k in names}, "loss_mask": ((r, s), jnp.float32)}
-        )
-        ptx_flops = cfg.epochs * train_flops(policy, r, s)
-    value = rm if not cfg.value_head else None  # a value head rides on the policy's trunk
-    both = [policy] + ([value] if value is not None else [])
-    update_flops = (
-        sum(forward_flops(m, b, t) + cfg.epochs * train_flops(m, b, t) for m in both) + ptx_flops
-    )
-    not_params = {k: v for k, v in state.items() if k != "params"}
-    update = Program(stage, "update", trainer.update, (state, batch, abstract_rng(mesh)), frozen)
-    update.analytic_flops = update_flops
-    if stage == "ppo_ptx":  # rollout and scoring are ppo's
-        return [update]
-    return [
-        Program(
-            stage,
-            "rollout",
-            trainer.rollout,
-            rollout_args,
-            (not_params, frozen),
-            forward_flops(policy, b, t, keys=t),
-            while_trips=n,
-        ),
-        Program(
-            stage,
-            "score",
-            trainer.score,
-            (*frozen, rollout),
-            state,
-            forward_flops(rm, b, t) + forward_flops(policy, b, t),
-        ),
-        update,
-    ]
-
-
-def stage_programs(config, stage: str, mesh) -> list[Program]:
-    if stage not in STAGES:
-        raise ConfigError("stage", f"{stage!r} not in {'|'.join(STAGES)}")
-    if stage in ("ppo", "ppo_ptx"):
-        return _ppo_programs(config, stage, mesh)
-    return _lm_programs(config, stage, mesh)
 
 
 def topology_mesh(config, devices):

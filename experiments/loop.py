@@ -18,7 +18,6 @@ device just to log.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from tqdm import tqdm
 
+from experiments.resume import resume_conflict
 from experiments.rundir import resolved_config_json
 from gptjax import checkpoint as ckpt_lib
 from gptjax.config import need
@@ -38,28 +38,6 @@ from gptjax.errors import CheckpointError
 from gptjax.metrics import MetricsWriter, to_python
 
 NONFINITE_POLICIES = ("skip", "stop")
-# Config fields (dotted prefixes of the saved config) a resume must not change: they
-# decide the tokens and the order the data iterator's saved position refers to. "STAGE"
-# is the stage's own section. Steps, learning rate and checkpoint/eval cadence may change.
-RESUME_KEYS = (
-    "world.",
-    "seeds.",
-    "tokenizer.vocab_size",
-    "tokenizer.model_type",
-    "tokenizer.pad_vocab_to",
-    "data.pretrain",
-    "data.demos",
-    "data.comparisons",
-    "STAGE.batch_size",
-    "STAGE.seq_len",
-    "STAGE.packed",
-    "STAGE.k_max",
-    "STAGE.prompts",
-    "STAGE.max_prompt_len",
-    "STAGE.ptx_batch_size",
-    "STAGE.ptx_fraction",
-    "STAGE.ptx_seq_len",
-)
 
 
 class StageStopped(RuntimeError):
@@ -164,31 +142,110 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+class _Progress:
+    """What happens to a step's metrics once they are on the host: the non-finite and
+    stop_on policies, metrics.jsonl and TensorBoard rows, tokens/s and the progress bar.
+    The loop hands over step n's metrics while step n+1 runs (nanodo)."""
+
+    def __init__(self, name: str, stage_dir: str, loop: LoopConfig, start: int, ckpt):
+        self.name, self.loop, self.ckpt = name, loop, ckpt
+        self.writer = MetricsWriter(stage_dir, enabled=jax.process_index() == 0)
+        self.bar = tqdm(
+            total=loop.steps,
+            initial=start,
+            desc=name,
+            disable=not loop.progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            mininterval=0.5,
+        )
+        self.last, self.nonfinite = {}, 0
+        self.t_start = self.t_last = time.perf_counter()
+
+    def _stop(self, step: int, what: str, detail: str = "", policy: str = ""):
+        self.writer.write(step, self.last)
+        raise StageStopped(
+            f"{self.name}: {what} at step {step}{detail}; stopped, the last good checkpoint "
+            f"is {self.ckpt.latest_step()}{policy}"
+        )
+
+    def consume(self, step: int, device_metrics) -> None:
+        loop, last = self.loop, to_python(device_metrics)
+        self.last = last
+        if last.get("nonfinite", 0.0) > 0:
+            self.nonfinite += 1
+            self.writer.write(step, {"nonfinite_step": 1.0})
+            if loop.nonfinite == "stop":
+                self._stop(step, "non-finite loss or gradient", policy=" (policy nonfinite=stop)")
+        for key in loop.stop_on:
+            if last.get(key, 0.0) > 0:
+                self._stop(step, key, " (update discarded)")
+        now = time.perf_counter()
+        if loop.tokens_per_step:
+            last["tokens_per_s"] = loop.tokens_per_step / max(now - self.t_last, 1e-9)
+        self.t_last = now
+        if step % loop.log_every == 0 or step == loop.steps:
+            self.writer.write(step, last)
+        postfix = {"loss": f"{last.get('loss', float('nan')):.3f}"}
+        if "tokens_per_s" in last:
+            postfix["tok/s"] = f"{last['tokens_per_s']:.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
 
 
-def resume_conflict(saved: dict, current: dict) -> str | None:
-    """Why a checkpoint with meta `saved` must not be resumed under meta `current` (another
-    tokenizer, or a RESUME_KEYS config field changed), or None."""
-    a, b = saved.get("tokenizer_hash"), current.get("tokenizer_hash")
-    if a and b and a != b:
-        return f"it was trained with tokenizer {a[:12]}, this run has {b[:12]}"
-    if "config" not in saved or "config" not in current:
-        return None
-    stage = current.get("stage", "")
-    keys = tuple(k.replace("STAGE.", f"{stage}.") for k in RESUME_KEYS)
-    old, new = _flat(json.loads(saved["config"])), _flat(json.loads(current["config"]))
-    for key in sorted(set(old) | set(new)):
-        if key.startswith(keys) and old.get(key) != new.get(key):
-            return f"config.{key} was {old.get(key)!r}, now {new.get(key)!r}"
-    return None
+def _restore_or_init(name, ckpt, abstract_items, meta, init_state, state_shardings, batches,
+                     extra_state):  # fmt: skip
+    """(state, resumed_from): the newest good checkpoint's state, with the batch iterator
+    and extra state at their saved positions, or a fresh state (resumed_from None)."""
+
+    def check_meta(saved_meta, where):
+        conflict = resume_conflict(saved_meta, meta or {})
+        if conflict:
+            raise CheckpointError(
+                f"{name}: refusing to resume from {where}: {conflict}; use a new --workdir "
+                f"or restore the old setting"
+            )
+
+    restored = ckpt.restore_latest_good(abstract_items, check_meta)
+    for bad in ckpt.rejected:
+        print(
+            f"{name}: checkpoint {bad.step} is unusable ({bad.reason}); moved to {bad.moved_to}",
+            file=sys.stderr,
+        )
+    if restored is None:
+        return init_state(), None
+    resumed_from, items, saved_meta = restored
+    if ckpt.rejected:
+        print(f"{name}: resuming from checkpoint {resumed_from}", file=sys.stderr)
+    step = jax.device_put(jnp.asarray(resumed_from, jnp.int32), state_shardings["step"])
+    batches.set_state(saved_meta["data"])
+    if extra_state is not None:
+        extra_state.set_state(saved_meta["extra"])
+    logging.info("%s: resumed from step %d", name, resumed_from)
+    return {**items, "step": step}, resumed_from
+
+
+def _save(name: str, ckpt, step: int, state: dict, meta: dict) -> None:
+    """Checkpoints the state, unless a value of it is not finite: then it stops the stage
+    rather than push good checkpoints out of the keep-last-K window."""
+    if not bool(_all_finite(_items(state))):
+        raise StageStopped(
+            f"{name}: the state at step {step} has non-finite values; not checkpointed "
+            f"(last good checkpoint: {ckpt.latest_step()})"
+        )
+    ckpt.save(step, _items(state), meta)
+
+
+def _stopped_by(name: str, received: int, step: int) -> StageStopped:
+    return StageStopped(
+        f"{name}: received {signal.Signals(received).name} at step {step}; "
+        f"saved checkpoint {step}, rerun the same command to resume",
+        exit_code=128 + received,
+    )
 
 
 def run_stage(
@@ -215,155 +272,66 @@ def run_stage(
     """
     os.makedirs(stage_dir, exist_ok=True)
     abstract = jax.eval_shape(init_state)
-    item_names = tuple(_items(abstract))
     ckpt = ckpt_lib.Checkpointer(
-        os.path.join(stage_dir, "checkpoints"), item_names, keep=loop.keep_checkpoints
+        os.path.join(stage_dir, "checkpoints"), tuple(_items(abstract)), keep=loop.keep_checkpoints
     )
     abstract_items = ckpt_lib.abstract_tree(_items(abstract), _items(state_shardings))
-
-    def check_meta(saved_meta, where):
-        conflict = resume_conflict(saved_meta, meta or {})
-        if conflict:
-            raise CheckpointError(
-                f"{name}: refusing to resume from {where}: {conflict}; use a new --workdir "
-                f"or restore the old setting"
-            )
-
     try:
-        restored = ckpt.restore_latest_good(abstract_items, check_meta)
+        state, resumed_from = _restore_or_init(
+            name, ckpt, abstract_items, meta, init_state, state_shardings, batches, extra_state
+        )
     except BaseException:
         ckpt.close()
         raise
-    for bad in ckpt.rejected:
-        print(
-            f"{name}: checkpoint {bad.step} is unusable ({bad.reason}); moved to {bad.moved_to}",
-            file=sys.stderr,
-        )
-    if restored is None:
-        resumed_from = None
-        state = init_state()
-    else:
-        resumed_from, items, saved_meta = restored
-        if ckpt.rejected:
-            print(f"{name}: resuming from checkpoint {resumed_from}", file=sys.stderr)
-        state = {
-            **items,
-            "step": jax.device_put(
-                jax.numpy.asarray(resumed_from, jax.numpy.int32), state_shardings["step"]
-            ),
-        }
-        batches.set_state(saved_meta["data"])
-        if extra_state is not None:
-            extra_state.set_state(saved_meta["extra"])
-        logging.info("%s: resumed from step %d", name, resumed_from)
     start = int(state["step"])
 
     def save(step: int):
-        if not bool(_all_finite(_items(state))):
-            raise StageStopped(
-                f"{name}: the state at step {step} has non-finite values; not checkpointed "
-                f"(last good checkpoint: {ckpt.latest_step()})"
-            )
-        data = {
-            "data": batches.get_state(),
-            "rng": ckpt_lib.key_to_json(rng),
-            "extra": extra_state.get_state() if extra_state is not None else None,
-            **(meta or {}),
-        }
-        ckpt.save(step, _items(state), data)
+        positions = {"data": batches.get_state(), "rng": ckpt_lib.key_to_json(rng)}
+        positions["extra"] = extra_state.get_state() if extra_state is not None else None
+        _save(name, ckpt, step, state, {**positions, **(meta or {})})
 
-    writer = MetricsWriter(stage_dir, enabled=jax.process_index() == 0)
-    bar = tqdm(
-        total=loop.steps,
-        initial=start,
-        desc=name,
-        disable=not loop.progress,
-        dynamic_ncols=True,
-        file=sys.stderr,
-        mininterval=0.5,
-    )
-    last, eval_metrics, nonfinite, evaluated_at = {}, {}, 0, None
-    t_start = t_last = time.perf_counter()
-    pending = None
-
-    def consume(step: int, device_metrics):
-        nonlocal last, nonfinite, t_last
-        last = to_python(device_metrics)
-        if last.get("nonfinite", 0.0) > 0:
-            nonfinite += 1
-            writer.write(step, {"nonfinite_step": 1.0})
-            if loop.nonfinite == "stop":
-                writer.write(step, last)
-                raise StageStopped(
-                    f"{name}: non-finite loss or gradient at step {step}; stopped, the last "
-                    f"good checkpoint is {ckpt.latest_step()} (policy nonfinite=stop)"
-                )
-        for key in loop.stop_on:
-            if last.get(key, 0.0) > 0:
-                writer.write(step, last)
-                raise StageStopped(
-                    f"{name}: {key} at step {step} (update discarded); stopped, the last "
-                    f"good checkpoint is {ckpt.latest_step()}"
-                )
-        now = time.perf_counter()
-        if loop.tokens_per_step:
-            last["tokens_per_s"] = loop.tokens_per_step / max(now - t_last, 1e-9)
-        t_last = now
-        if step % loop.log_every == 0 or step == loop.steps:
-            writer.write(step, last)
-        postfix = {"loss": f"{last.get('loss', float('nan')):.3f}"}
-        if "tokens_per_s" in last:
-            postfix["tok/s"] = f"{last['tokens_per_s']:.0f}"
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-
+    progress = _Progress(name, stage_dir, loop, start, ckpt)
+    eval_metrics, evaluated_at, pending = {}, None, None
     try:
         with _Signals() as signals:
             for step in range(start + 1, loop.steps + 1):
                 state, metrics = train_step(state, next(batches), rng)
                 ckpt.poll()  # raises a failed async save early (manifests need no poll)
                 if pending is not None:
-                    consume(*pending)
+                    progress.consume(*pending)
                 pending = (step, metrics)
                 received = signals.at(step)
                 if received is not None:
-                    consume(*pending)
-                    pending = None
+                    progress.consume(*pending)
                     save(step)
                     ckpt.wait()
-                    signame = signal.Signals(received).name
-                    raise StageStopped(
-                        f"{name}: received {signame} at step {step}; saved "
-                        f"checkpoint {step}, rerun the same command to resume",
-                        exit_code=128 + received,
-                    )
+                    raise _stopped_by(name, received, step)
                 if step % loop.checkpoint_every == 0 and step != loop.steps:
-                    consume(*pending)
+                    progress.consume(*pending)
                     pending = None
                     save(step)
                 if eval_fn is not None and loop.eval_every and step % loop.eval_every == 0:
                     eval_metrics = eval_fn(state["params"])
-                    writer.write(step, eval_metrics, prefix="eval/")
+                    progress.writer.write(step, eval_metrics, prefix="eval/")
                     evaluated_at = step
             if pending is not None:
-                consume(*pending)
+                progress.consume(*pending)
             if start < loop.steps or resumed_from is None:
                 save(loop.steps)
             if eval_fn is not None and evaluated_at != loop.steps:  # not twice for the last step
                 eval_metrics = eval_fn(state["params"])
-                writer.write(loop.steps, eval_metrics, prefix="eval/")
+                progress.writer.write(loop.steps, eval_metrics, prefix="eval/")
     finally:
-        bar.close()
+        progress.close()
         ckpt.close()
-        writer.close()
     return StageResult(
         state,
-        last,
+        progress.last,
         eval_metrics,
         resumed_from,
-        time.perf_counter() - t_start,
+        time.perf_counter() - progress.t_start,
         loop.steps - start,
-        nonfinite,
+        progress.nonfinite,
     )
 
 

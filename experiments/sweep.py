@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import pipeline as pipeline_configs
-from experiments import report, sources, stage_cache
+from experiments import plots, report, sources, stage_cache
 from gptjax.errors import ConfigError
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "..", "configs", "sweep.py")
@@ -189,7 +189,7 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
         json.dump(prov, f, indent=2, sort_keys=True)
     verdicts = judge([dict(f) for f in sweep.findings], cells)
     agg = aggregate(cells)
-    plots = sweep_plots(directory, agg)
+    figures = sweep_plots(directory, agg)
     lines = [f"# Sweep `{sweep_name}`", "", "## Provenance", "", *report.provenance_md(prov)]
     lines += [f"- cells: {len(cells)} ({len(sweep.variants)} variants x seeds {list(sweep.seeds)})"]
     lines += ["", "## Findings", "", "Rule: " + RULE, ""]
@@ -216,11 +216,11 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
             stat = agg.get((variant, model, "sample", m))
             cells_md.append("—" if stat is None else _fmt(stat))
         lines.append(f"| {variant} / {model} | " + " | ".join(cells_md) + " |")
-    lines += [""] + [f"![{name}]({os.path.basename(p)})" for name, p in plots.items()]
+    lines += [""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures.items()]
     path = os.path.join(directory, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    return {"report": path, "verdicts": verdicts, "plots": plots}
+    return {"report": path, "verdicts": verdicts, "plots": figures}
 
 
 RULE = (
@@ -237,7 +237,7 @@ def _fmt(stat) -> str:
 
 def sweep_plots(directory: str, agg: dict) -> dict[str, str]:
     """Gold and RM reward against sqrt(KL); entropy and diversity; alignment tax."""
-    plots = {}
+    out = {}
     points = []
     for (variant, model, protocol, metric), (mean, *_) in agg.items():
         if protocol != "sample" or metric != "kl_to_sft" or model == "SFT":
@@ -258,16 +258,16 @@ def sweep_plots(directory: str, agg: dict) -> dict[str, str]:
             }
         )
     if points:
-        plots["reward vs KL"] = os.path.join(directory, "reward_vs_kl.png")
-        report.plot_reward_vs_kl(plots["reward vs KL"], points, "gold and RM reward vs KL to SFT")
+        out["reward vs KL"] = os.path.join(directory, "reward_vs_kl.png")
+        plots.plot_reward_vs_kl(out["reward vs KL"], points, "gold and RM reward vs KL to SFT")
     for name, protocol, metrics in (
         ("diversity", "sample", ("entropy", "distinct_2", "unique_rate")),
         ("alignment tax", "model", ("heldout_lm_loss",)),
     ):
         if any(k[2] == protocol and k[3] in metrics for k in agg):
-            plots[name] = os.path.join(directory, name.replace(" ", "_") + ".png")
-            report.plot_metric_bars(plots[name], agg, protocol, metrics, name)
-    return plots
+            out[name] = os.path.join(directory, name.replace(" ", "_") + ".png")
+            plots.plot_metric_bars(out[name], agg, protocol, metrics, name)
+    return out
 
 
 def check_findings(sweep) -> None:

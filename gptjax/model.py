@@ -32,6 +32,18 @@ from flax import nnx
 from gptjax.config import from_dict, need
 from gptjax.data import tokenizer as tok_lib
 from gptjax.errors import ConfigError
+from gptjax.layers import (
+    DTYPES,
+    Norm,
+    apply_dropout,
+    attend,
+    attention_mask,
+    dense,
+    gelu_tanh,
+    param_const,
+    param_normal,
+    rope,
+)
 
 Params = dict[str, Any]
 
@@ -42,7 +54,6 @@ REMAT_POLICIES = {
     # Keep matmul outputs, recompute the cheap elementwise ops (MaxText's common choice).
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,120 +134,6 @@ class ModelConfig:
         need(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} not in {list(REMAT_POLICIES)}")
 
 
-def _normal(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
-    assert len(shape) == len(axes), (shape, axes)
-    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=tuple(axes))
-
-
-def _const(shape, axes, value: float, dtype) -> nnx.Param:
-    return nnx.Param(jnp.full(shape, value, dtype), logical_axes=tuple(axes))
-
-
-class Norm(nnx.Module):
-    """LayerNorm or RMSNorm, computed in float32 whatever the compute dtype."""
-
-    def __init__(self, cfg: ModelConfig, lead_shape=(), lead_axes=()):
-        pdt = DTYPES[cfg.param_dtype]
-        self.kind, self.eps = cfg.norm, cfg.norm_eps
-        self.scale = _const((*lead_shape, cfg.d_model), (*lead_axes, "embed"), 1.0, pdt)
-        if cfg.norm == "layernorm":
-            self.bias = _const((*lead_shape, cfg.d_model), (*lead_axes, "embed"), 0.0, pdt)
-
-    def __call__(self, x_BxTxD):
-        x = x_BxTxD.astype(jnp.float32)
-        if self.kind == "layernorm":
-            x = x - x.mean(-1, keepdims=True)
-        y = x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + self.eps)
-        y = y * self.scale[...].astype(jnp.float32)
-        if self.kind == "layernorm":
-            y = y + self.bias[...].astype(jnp.float32)
-        return y.astype(x_BxTxD.dtype)
-
-
-def rope(x_BxTxNxH, positions_BxT, theta: float):
-    """Rotary position embedding (Su et al. 2021, eq. 34), half-split layout as in LLaMA."""
-    h = x_BxTxNxH.shape[-1]
-    inv_freq_H2 = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-    angle_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H2
-    sin, cos = jnp.sin(angle_BxTxH2)[:, :, None], jnp.cos(angle_BxTxH2)[:, :, None]
-    x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x_BxTxNxH.dtype)
-
-
-def attention_mask(q_segment_BxT, k_segment_BxS, q_index_BxT, k_index_BxS):
-    """True where query t may attend to key s: causal in row index, same segment.
-
-    Segment 0 (padding) attends only to padding, so fully padded rows stay finite.
-    """
-    causal = q_index_BxT[:, :, None] >= k_index_BxS[:, None, :]
-    same_doc = q_segment_BxT[:, :, None] == k_segment_BxS[:, None, :]
-    return causal & same_doc
-
-
-def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
-    """Softmax attention with grouped KV heads; logits and softmax in float32."""
-    b, t, n, h = q_BxTxNxH.shape
-    k = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, k, n // k, h)
-    logits = jnp.einsum(
-        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
-    ) * (h**-0.5)
-    logits = jnp.where(mask_BxTxS[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v_BxSxKxH.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
-    return out.reshape(b, t, n, h)
-
-
-@jax.custom_vjp
-def gelu_tanh(x):
-    """GELU, tanh approximation (Hendrycks & Gimpel 2016, sec. 2): jax.nn.gelu(x, True).
-
-    The custom backward saves only x and recomputes the derivative from it. Autodiff of
-    jax.nn.gelu saves five [B, T, F] intermediates per layer, and XLA:CPU fuses their
-    combination into the loop that also transposes the gradient for the weight-gradient
-    dot: that one loop took longer than all the MLP's matmuls.
-    """
-    return jax.nn.gelu(x, approximate=True)
-
-
-def _gelu_tanh_fwd(x):
-    return gelu_tanh(x), x
-
-
-def _gelu_tanh_bwd(x, g):
-    # d/dx x/2 (1 + tanh u), u = c (x + a x^3):  (1 + t)/2 + x/2 (1 - t^2) c (1 + 3 a x^2).
-    c, a = math.sqrt(2 / math.pi), 0.044715
-    x = x.astype(jnp.float32)
-    x2 = x * x
-    t = jnp.tanh(c * x * (1 + a * x2))
-    dgelu = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * a * x2)
-    return ((g.astype(jnp.float32) * dgelu).astype(g.dtype),)
-
-
-gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
-
-
-def _dense(x, w, dt, n_in: int = 1):
-    """x @ w contracting x's last n_in axes with w's first n_in, as one 2-D matmul.
-
-    The einsum ("btd,df->btf", "btnh,nhd->btd") on flat [B*T, D] rows: from 3-D activations
-    XLA:CPU computes each weight gradient through a transposed copy of the activation
-    gradient, a strided loop slower than the matmul itself; from 2-D ones, as a plain dot.
-    """
-    k = math.prod(w.shape[:n_in])
-    lead = x.shape[: x.ndim - n_in]
-    y = x.reshape(-1, k) @ w.astype(dt).reshape(k, -1)
-    return y.reshape(*lead, *w.shape[n_in:])
-
-
-def _dropout(x, rate: float, rng):
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
 class Block(nnx.Module):
     """Pre-norm transformer block. Built with a leading `layers` axis of size n_layers;
     called on one layer's slice of its params (see Transformer._blocks)."""
@@ -256,15 +153,15 @@ class Block(nnx.Module):
         out_std = std / math.sqrt(2 * L)
         self.cfg = cfg
         self.attn_norm = Norm(cfg, (L,), ("layers",))
-        self.wq = _normal(rngs, (L, D, N, H), ("layers", "embed", "heads", "kv"), std, pdt)
-        self.wk = _normal(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "kv"), std, pdt)
-        self.wv = _normal(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "kv"), std, pdt)
-        self.wo = _normal(rngs, (L, N, H, D), ("layers", "heads", "kv", "embed"), out_std, pdt)
+        self.wq = param_normal(rngs, (L, D, N, H), ("layers", "embed", "heads", "kv"), std, pdt)
+        self.wk = param_normal(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "kv"), std, pdt)
+        self.wv = param_normal(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "kv"), std, pdt)
+        self.wo = param_normal(rngs, (L, N, H, D), ("layers", "heads", "kv", "embed"), out_std, pdt)
         self.mlp_norm = Norm(cfg, (L,), ("layers",))
         if cfg.mlp == "swiglu":
-            self.w_gate = _normal(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pdt)
-        self.w_up = _normal(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pdt)
-        self.w_down = _normal(rngs, (L, F, D), ("layers", "mlp", "embed"), out_std, pdt)
+            self.w_gate = param_normal(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pdt)
+        self.w_up = param_normal(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pdt)
+        self.w_down = param_normal(rngs, (L, F, D), ("layers", "mlp", "embed"), out_std, pdt)
 
     def __call__(
         self, x_BxTxD, mask_BxTxS, positions_BxT, rng=None, kv_cache=None, cache_index=None
@@ -274,9 +171,9 @@ class Block(nnx.Module):
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
         h = self.attn_norm(x_BxTxD)
-        q = _dense(h, self.wq[...], dt)
-        k = _dense(h, self.wk[...], dt)
-        v = _dense(h, self.wv[...], dt)
+        q = dense(h, self.wq[...], dt)
+        k = dense(h, self.wk[...], dt)
+        v = dense(h, self.wv[...], dt)
         if cfg.positions == "rope":
             q, k = rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta)
         if kv_cache is not None:
@@ -287,18 +184,18 @@ class Block(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
             kv_cache = (k, v)
         a = attend(q, k, v, mask_BxTxS)
-        x_BxTxD = x_BxTxD + _dropout(_dense(a, self.wo[...], dt, n_in=2), cfg.dropout, rng_attn)
+        x_BxTxD = x_BxTxD + apply_dropout(dense(a, self.wo[...], dt, n_in=2), cfg.dropout, rng_attn)
 
         h = self.mlp_norm(x_BxTxD)
-        up_BxTxF = _dense(h, self.w_up[...], dt)
+        up_BxTxF = dense(h, self.w_up[...], dt)
         if cfg.mlp == "swiglu":
-            gate = _dense(h, self.w_gate[...], dt)
+            gate = dense(h, self.w_gate[...], dt)
             up_BxTxF = jax.nn.silu(gate) * up_BxTxF
         else:
             # tanh approximation: on XLA:CPU exact erf costs about half the MLP throughput.
             up_BxTxF = gelu_tanh(up_BxTxF)
-        out = _dense(up_BxTxF, self.w_down[...], dt)
-        x_BxTxD = x_BxTxD + _dropout(out, cfg.dropout, rng_mlp)
+        out = dense(up_BxTxF, self.w_down[...], dt)
+        x_BxTxD = x_BxTxD + apply_dropout(out, cfg.dropout, rng_mlp)
         return x_BxTxD if kv_cache is None else (x_BxTxD, kv_cache)
 
 
@@ -306,26 +203,26 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         pdt = DTYPES[cfg.param_dtype]
         self.cfg = cfg
-        self.embed = _normal(
+        self.embed = param_normal(
             rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt
         )
         if cfg.positions == "learned":
-            self.pos_embed = _normal(
+            self.pos_embed = param_normal(
                 rngs, (cfg.max_len, cfg.d_model), ("pos", "embed"), cfg.init_std, pdt
             )
         self.blocks = Block(cfg, rngs)
         self.final_norm = Norm(cfg)
         if cfg.head == "lm" and not cfg.tie_embeddings:
-            self.unembed = _normal(
+            self.unembed = param_normal(
                 rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt
             )
         if cfg.head == "scalar":
-            self.score_w = _const((cfg.d_model,), ("embed",), 0.0, pdt)
-            self.score_b = _const((), (), 0.0, pdt)
+            self.score_w = param_const((cfg.d_model,), ("embed",), 0.0, pdt)
+            self.score_b = param_const((), (), 0.0, pdt)
             # Weight of an input the head does not compute itself: a reward model may add
             # score_logp x (the reference model's mean log-prob of the reply), see
             # gptjax/reward_model.py. Zero, and so inert, unless an RM is trained with it.
-            self.score_logp = _const((), (), 0.0, pdt)
+            self.score_logp = param_const((), (), 0.0, pdt)
 
     def _blocks(self, x_BxTxD, mask_BxTxS, positions_BxT, rng):
         cfg = self.cfg
@@ -356,7 +253,7 @@ class Transformer(nnx.Module):
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
         if cfg.positions == "learned":
             x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(dt)
-        return _dropout(x_BxTxD, cfg.dropout, rng)
+        return apply_dropout(x_BxTxD, cfg.dropout, rng)
 
     def _head(self, x_BxTxD):
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]

@@ -328,6 +328,13 @@ def ppo_train_step(
     new_beta = jnp.where(keep, new_beta, beta)
     new_state = {**trainable, "kl": {"beta": new_beta}, "step": state["step"] + 1}
 
+    rollout = dict(kl=kl, rewards=rewards, entropy=old_entropy, values=old_values, returns=returns)
+    return new_state, step_metrics(stats_ExK, guard, finite, batch, mask, beta, rollout)
+
+
+def step_metrics(stats_ExK, guard, finite, batch, mask, beta, rollout):
+    """An update's metrics: means over its E·K minibatches, the first minibatch's ratio
+    check, the KL guard's, and the rollout's (RM score, KL, rewards, entropy, values)."""
     metrics = {key: jnp.mean(v) for key, v in stats_ExK.items()}
     metrics.update(guard)
     metrics["nonfinite"] = jnp.maximum(
@@ -337,16 +344,17 @@ def ppo_train_step(
     metrics["first_clipfrac"] = stats_ExK["clipfrac"][0, 0]
     del metrics["ratio_dev_max"]
     lengths = jnp.sum(mask, axis=1)
+    values, returns = rollout["values"], rollout["returns"]
     metrics.update(
         score=jnp.mean(batch["scores"]),
-        kl=kl_per_reply,
+        kl=jnp.mean(jnp.sum(rollout["kl"], axis=1)),
         kl_coef=beta,
-        reward=jnp.mean(jnp.sum(rewards, axis=1)),
-        policy_entropy=ppo.masked_mean(old_entropy, mask),
-        explained_variance=ppo.explained_variance(old_values, returns, mask),
-        value_mean=ppo.masked_mean(old_values, mask),
+        reward=jnp.mean(jnp.sum(rollout["rewards"], axis=1)),
+        policy_entropy=ppo.masked_mean(rollout["entropy"], mask),
+        explained_variance=ppo.explained_variance(values, returns, mask),
+        value_mean=ppo.masked_mean(values, mask),
         return_mean=ppo.masked_mean(returns, mask),
         response_length=jnp.mean(lengths),
         eos_fraction=jnp.mean(batch["ended"]),
     )
-    return new_state, metrics
+    return metrics

@@ -5,7 +5,7 @@ import functools
 import numpy as np
 import pytest
 
-from gptjax import evaluate, world
+from gptjax import eval_stats, evaluate, world
 from gptjax.evaluate import Reply
 from gptjax.world.evaluation import JUDGES, METRICS
 
@@ -19,7 +19,7 @@ def test_bootstrap_interval_contains_the_mean_and_shrinks_with_n():
     rng = np.random.default_rng(0)
     widths = []
     for n in (20, 200, 2000):
-        mean, lo, hi = evaluate.bootstrap_ci(rng.normal(1.0, 1.0, size=n), n_boot=500)
+        mean, lo, hi = eval_stats.bootstrap_ci(rng.normal(1.0, 1.0, size=n), n_boot=500)
         assert lo < mean < hi
         widths.append(hi - lo)
     assert widths[0] > 2 * widths[1] > 4 * widths[2]  # ~1/sqrt(n)
@@ -39,7 +39,7 @@ def test_metrics_on_replies_with_known_categories():
         replies.append(Reply(i, 0, text, True, 4))
     for k, i in enumerate(arith):  # all right, but half never end
         replies.append(Reply(i, 0, records[i]["answer"], k % 2 == 0, 3))
-    m = evaluate.summarize(records, replies, METRICS, n_boot=200)
+    m = eval_stats.summarize(records, replies, METRICS, n_boot=200)
     assert m["accuracy_fact"]["mean"] == pytest.approx(0.6)
     assert m["idk_known"]["mean"] == pytest.approx(0.4)
     assert m["abstention_unknown"]["mean"] == pytest.approx(0.3)
@@ -53,24 +53,24 @@ def test_samples_of_a_prompt_are_averaged_before_bootstrapping():
     records = eval_records()
     i = next(i for i, r in enumerate(records) if r["skill"] == "arithmetic")
     replies = [Reply(i, j, records[i]["answer"] if j < 3 else "0", True, 1) for j in range(4)]
-    m = evaluate.summarize(records, replies, METRICS, n_boot=50)
+    m = eval_stats.summarize(records, replies, METRICS, n_boot=50)
     assert m["accuracy"]["n"] == 1 and m["accuracy"]["mean"] == pytest.approx(0.75)
 
 
 def test_distinct_n_and_unique_rate_on_known_texts():
-    assert evaluate.distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
-    assert evaluate.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # ab, ba, ab
-    assert evaluate.distinct_n(["a b", "a b"], 2) == pytest.approx(1 / 2)
-    assert evaluate.distinct_n(["a"], 2) is None
+    assert eval_stats.distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert eval_stats.distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # ab, ba, ab
+    assert eval_stats.distinct_n(["a b", "a b"], 2) == pytest.approx(1 / 2)
+    assert eval_stats.distinct_n(["a"], 2) is None
     records = eval_records()
     i = next(i for i, r in enumerate(records) if r["skill"] == "arithmetic")
     same = [Reply(i, j, "it is 5.", True, 4) for j in range(4)]
     varied = [Reply(i, j, t, True, 2) for j, t in enumerate(["1", "2", "3", "4"])]
-    assert evaluate.summarize(records, same, METRICS, n_boot=10)["unique_rate"]["mean"] == 0.25
-    assert evaluate.summarize(records, same, METRICS, n_boot=10)["distinct_1"]["mean"] == 0.25
-    assert evaluate.summarize(records, varied, METRICS, n_boot=10)["unique_rate"]["mean"] == 1.0
+    assert eval_stats.summarize(records, same, METRICS, n_boot=10)["unique_rate"]["mean"] == 0.25
+    assert eval_stats.summarize(records, same, METRICS, n_boot=10)["distinct_1"]["mean"] == 0.25
+    assert eval_stats.summarize(records, varied, METRICS, n_boot=10)["unique_rate"]["mean"] == 1.0
     # One reply per prompt (greedy): no diversity to measure.
-    assert evaluate.summarize(records, same[:1], METRICS, n_boot=10)["unique_rate"]["n"] == 0
+    assert eval_stats.summarize(records, same[:1], METRICS, n_boot=10)["unique_rate"]["n"] == 0
 
 
 def test_win_rate_against_a_reference_counts_ties_as_half():
@@ -82,7 +82,7 @@ def test_win_rate_against_a_reference_counts_ties_as_half():
     ours = evaluate.with_extra(ours, "rm_reward", [1.0, 2.0, 0.0, 0.0])
     theirs = evaluate.with_extra(theirs, "rm_reward", [0.0, 0.0, 1.0, 0.0])
     compared = evaluate.compare_to(records, ours, theirs, JUDGES)
-    m = evaluate.summarize(records, compared, METRICS, n_boot=10)
+    m = eval_stats.summarize(records, compared, METRICS, n_boot=10)
     # gold: tie (both right), win, win, tie (both wrong) -> (0.5 + 1 + 1 + 0.5) / 4
     assert m["win_rate_gold_vs_sft"]["mean"] == pytest.approx(0.75)
     # rm: win, win, loss, tie -> 2.5 / 4

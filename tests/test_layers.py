@@ -11,7 +11,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES_DIR = os.path.join(ROOT, "experiments", "stages")
 STAGES = sorted(f[:-3] for f in os.listdir(STAGES_DIR) if f.endswith(".py") and f != "__init__.py")
-TOOLS = ("aot", "aot_table", "bench", "calibrate", "chat", "report", "show_data", "sweep")
+TOOLS = (
+    "aot",
+    "aot_programs",
+    "aot_table",
+    "bench",
+    "calibrate",
+    "chat",
+    "plots",
+    "report",
+    "show_data",
+    "sweep",
+)
 
 
 def imported_modules(path: str) -> set[str]:
@@ -51,7 +62,7 @@ def test_a_tool_never_imports_a_stage(tool):
     assert not stage_imports(os.path.join(ROOT, "experiments", f"{tool}.py"))
 
 
-@pytest.mark.parametrize("tool", ["aot", "aot_table", "bench"])
+@pytest.mark.parametrize("tool", ["aot", "aot_programs", "aot_table", "bench"])
 def test_aot_and_bench_import_only_gptjax_and_configs(tool):
     ours = {
         m
@@ -59,7 +70,7 @@ def test_aot_and_bench_import_only_gptjax_and_configs(tool):
         if m.split(".")[0] in ("experiments", "configs", "gptjax")
     }
     # aot_table reads aot's own results (a tool of the same command).
-    allowed = ("gptjax", "configs", "experiments.aot")
+    allowed = ("gptjax", "configs", "experiments.aot")  # aot, aot_programs, aot_table
     assert all(m.startswith(allowed) for m in ours), sorted(ours)
 
 

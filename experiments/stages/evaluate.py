@@ -24,7 +24,7 @@ import jax
 
 from experiments import sources
 from experiments.rundir import StageContext, write_json
-from gptjax import evaluate, train_steps
+from gptjax import eval_stats, evaluate, train_steps
 from gptjax.data.iterators import lm_batches
 from gptjax.world import evaluation as world_eval
 
@@ -74,7 +74,7 @@ def heldout_lm_loss(config, workdir: str, model, params, tokenizer) -> dict:
     for b in sources.fixed_batches(batches, config.eval.lm_batches):
         out = jax.device_get(_lm_eval_step(params, b, model=model))
         per_batch.append(float(out["loss_sum"]) / max(float(out["count"]), 1.0))
-    mean, lo, hi = evaluate.bootstrap_ci(per_batch, config.eval.bootstrap)
+    mean, lo, hi = eval_stats.bootstrap_ci(per_batch, config.eval.bootstrap)
     return {"mean": mean, "lo": lo, "hi": hi, "n": len(per_batch)}
 
 
@@ -199,7 +199,7 @@ def evaluate_all(ctx: StageContext) -> dict:
         )
         per_model[v.role] = {
             "heldout_lm_loss": heldout_lm_loss(config, workdir, model, params, tokenizer),
-            "fewshot_accuracy": evaluate.summarize(
+            "fewshot_accuracy": eval_stats.summarize(
                 records, fewshot, world_eval.METRICS, proto.bootstrap
             )["accuracy"],
         }
@@ -210,7 +210,7 @@ def evaluate_all(ctx: StageContext) -> dict:
             r = replies[v.name, name]
             if ("SFT", name) in replies:
                 r = evaluate.compare_to(records, r, replies["SFT", name], world_eval.JUDGES)
-            results[v.name][name] = evaluate.summarize(
+            results[v.name][name] = eval_stats.summarize(
                 records, r, world_eval.METRICS, proto.bootstrap
             )
     return {"records": len(records), "variants": results}
@@ -221,7 +221,7 @@ def run(ctx: StageContext) -> dict:
     os.makedirs(ctx.dir, exist_ok=True)
     path = os.path.join(ctx.dir, "results.json")
     write_json(path, out, default=float)
-    text = f"results: {path}\n" + evaluate.format_results(
+    text = f"results: {path}\n" + eval_stats.format_results(
         out, world_eval.TABLE_METRICS, world_eval.MODEL_METRICS
     )
     return {"stage": ctx.name, "text": text, **out}

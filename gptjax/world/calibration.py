@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from gptjax import evaluate, sampling
+from gptjax import eval_stats, evaluate, sampling
 from gptjax.world.documents import probe_hit
 from gptjax.world.evaluation import METRICS
 from gptjax.world.labeler import gold_score
@@ -139,7 +139,7 @@ def sft_gates(model, params, tokenizer, records: Sequence[dict], protocol) -> di
         samples=1,
         protocol=protocol,
     )
-    accuracy = evaluate.summarize(unseen, greedy, METRICS, protocol.bootstrap)["accuracy"]["mean"]
+    accuracy = eval_stats.summarize(unseen, greedy, METRICS, protocol.bootstrap)["accuracy"]["mean"]
     samples = evaluate.generate_replies(
         model,
         params,

@@ -8,7 +8,7 @@ unknown people.
 
 from __future__ import annotations
 
-from gptjax import evaluate
+from gptjax import eval_stats, evaluate
 from gptjax.data import chat
 from gptjax.world.documents import parse_fewshot_completion
 from gptjax.world.labeler import classify, gold_score
@@ -57,7 +57,7 @@ def _category_is(*names):
     return lambda rec, r: float(classify(rec, r.text, r.ended) in names)
 
 
-# metric -> (which prompts, value of one reply), as evaluate.REPLY_METRICS.
+# metric -> (which prompts, value of one reply), as eval_stats.REPLY_METRICS.
 GOLD_METRICS = {
     "gold_reward": (lambda rec: True, gold_judge),
     "accuracy": (_answerable, _category_is(*CORRECT)),
@@ -77,8 +77,8 @@ JUDGES = {"gold": gold_judge, "rm": evaluate.rm_judge}
 # Every metric of a world evaluation: gold, then the generic ones, then the win rates.
 METRICS = {
     **GOLD_METRICS,
-    **evaluate.REPLY_METRICS,
-    **evaluate.win_rate_metrics(tuple(JUDGES)),
+    **eval_stats.REPLY_METRICS,
+    **eval_stats.win_rate_metrics(tuple(JUDGES)),
 }
 # The columns of the printed tables: per reply set, and per model.
 TABLE_METRICS = (

@@ -1,0 +1,105 @@
+"""The PNG plots of a run's and a sweep's report (matplotlib, files only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on a TPU VM or in CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bars(path: str, variants: dict, metric: str, title: str) -> None:
+    """One bar per variant and protocol, with the bootstrap interval."""
+    plt = _pyplot()
+    names = list(variants)
+    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.2))
+    width = 0.38
+    for k, protocol in enumerate(("greedy", "sample")):
+        stats = [variants[n][protocol][metric] for n in names]
+        mean = np.array([s["mean"] for s in stats])
+        err = np.array([[s["mean"] - s["lo"] for s in stats], [s["hi"] - s["mean"] for s in stats]])
+        x = np.arange(len(names)) + (k - 0.5) * width
+        ax.bar(x, mean, width, yerr=np.nan_to_num(err), capsize=3, label=protocol)
+    ax.set_xticks(np.arange(len(names)), names, rotation=20, ha="right")
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_metric_bars(path: str, agg: dict, protocol: str, metrics, title: str) -> None:
+    """Sweep bars: one group per variant/model, one bar per metric, t-interval over seeds.
+    agg: {(variant, model, protocol, metric): (mean, lo, hi, n)}."""
+    plt = _pyplot()
+    groups = sorted({(k[0], k[1]) for k in agg if k[2] == protocol and k[3] in metrics})
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics) + 1, 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        stats = [agg.get((v, m, protocol, metric), (np.nan,) * 4) for v, m in groups]
+        mean = np.array([s[0] for s in stats])
+        err = np.nan_to_num(np.array([[s[0] - s[1] for s in stats], [s[2] - s[0] for s in stats]]))
+        ax.bar(np.arange(len(groups)), mean, yerr=err, capsize=3)
+        ax.set_xticks(
+            np.arange(len(groups)),
+            [f"{v}/{m}" for v, m in groups],
+            rotation=30,
+            ha="right",
+            fontsize=7,
+        )
+        ax.set_title(metric)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reward_vs_kl(path: str, points: list[dict], title: str) -> None:
+    """Gold and RM reward against sqrt(KL to SFT): the over-optimisation picture of Gao
+    et al. 2022 (fig. 1). points: {"label", "kl", "gold", "gold_err", "rm", "rm_err"}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    pts = sorted(points, key=lambda p: p["kl"])
+    x = np.sqrt(np.maximum([p["kl"] for p in pts], 0.0))
+    for key, style in (("gold", "o-"), ("rm", "s--")):
+        y = [p[key] for p in pts]
+        ax.errorbar(x, y, yerr=[p.get(key + "_err", 0.0) for p in pts], fmt=style, label=key)
+    for xi, p in zip(x, pts):
+        ax.annotate(
+            p["label"], (xi, p["gold"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+        )
+    ax.set_xlabel("sqrt(KL to SFT) (nats^0.5, temperature-1 samples)")
+    ax.set_ylabel("reward")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def kl_points(variants: dict) -> list[dict]:
+    """Reward-vs-KL points of the variants that have a KL to SFT (sample protocol)."""
+    points = []
+    for name, res in variants.items():
+        s = res.get("sample", {})
+        if not s.get("kl_to_sft", {}).get("n"):
+            continue
+        gold, rm = s["gold_reward"], s["rm_reward"]
+        points.append(
+            {
+                "label": name,
+                "kl": s["kl_to_sft"]["mean"],
+                "gold": gold["mean"],
+                "gold_err": (gold["hi"] - gold["lo"]) / 2,
+                "rm": rm["mean"] if rm["n"] else float("nan"),
+                "rm_err": (rm["hi"] - rm["lo"]) / 2 if rm["n"] else 0.0,
+            }
+        )
+    return points

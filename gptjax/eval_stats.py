@@ -1,0 +1,143 @@
+"""Statistics of an evaluation: metrics of replies, their means over prompts with 95%
+percentile-bootstrap intervals (samples of one prompt are averaged first, so the interval
+reflects prompt-to-prompt variation), diversity among a prompt's samples (distinct-n,
+Li et al. 2016, and the share of unique replies), and the markdown tables.
+
+A metric is (which prompts, value of one reply): select(record) -> bool, value(record,
+reply) -> float or None (skipped). REPLY_METRICS need only the replies and what
+gptjax/evaluate.py scored them with; a world adds its own (gptjax/world/evaluation.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+
+def bootstrap_ci(
+    values: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """(mean, low, high): percentile bootstrap of the mean."""
+    x = np.asarray(values, np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(x.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def _per_prompt(records, replies, value_fn, select_fn) -> list[float]:
+    """Mean of value_fn over each selected prompt's replies (None values are skipped)."""
+    by_prompt: dict[int, list[float]] = {}
+    for r in replies:
+        rec = records[r.index]
+        if select_fn(rec):
+            value = value_fn(rec, r)
+            if value is not None:
+                by_prompt.setdefault(r.index, []).append(value)
+    return [float(np.mean(v)) for _, v in sorted(by_prompt.items())]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float | None:
+    """Unique word n-grams / all word n-grams over the texts (None if there are none)."""
+    grams = [
+        tuple(words[i : i + n])
+        for words in (t.split() for t in texts)
+        for i in range(len(words) - n + 1)
+    ]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+# Diversity among one prompt's samples (needs >= 2 samples of the prompt).
+PROMPT_METRICS = {
+    "distinct_1": lambda texts: distinct_n(texts, 1),
+    "distinct_2": lambda texts: distinct_n(texts, 2),
+    "unique_rate": lambda texts: len(set(texts)) / len(texts),
+}
+
+
+# name -> (which prompts, value of one reply); None values are skipped. Model-scored
+# metrics are present when the caller scored the replies (with_extra).
+REPLY_METRICS = {
+    "length_tokens": (lambda rec: True, lambda rec, r: float(r.n_tokens)),
+    "eos_rate": (lambda rec: True, lambda rec, r: float(r.ended)),
+    "rm_reward": (lambda rec: True, lambda rec, r: r.extra.get("rm_reward")),
+    "kl_to_sft": (lambda rec: True, lambda rec, r: r.extra.get("kl")),
+    "entropy": (lambda rec: True, lambda rec, r: r.extra.get("entropy")),
+}
+
+
+def win_rate_metrics(judges: Sequence[str], reference: str = "sft") -> dict:
+    """win_rate_<judge>_vs_<reference>: the share of replies that beat the reference's
+    (compare_to), ties one half."""
+    return {
+        f"win_rate_{name}_vs_{reference}": (
+            lambda rec: True,
+            lambda rec, r, key=f"win_{name}": r.extra.get(key),
+        )
+        for name in judges
+    }
+
+
+def summarize(
+    records: Sequence[dict],
+    replies: Sequence,
+    metrics: Mapping,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Each metric's mean over prompts with its bootstrap interval, then the diversity
+    metrics among each prompt's samples. metrics: name -> (select, value), e.g.
+    REPLY_METRICS plus a world's."""
+
+    def stat(per_prompt):
+        mean, lo, hi = bootstrap_ci(per_prompt, n_boot, seed)
+        return {"mean": mean, "lo": lo, "hi": hi, "n": len(per_prompt)}
+
+    out = {name: stat(_per_prompt(records, replies, v, s)) for name, (s, v) in metrics.items()}
+    texts: dict[int, list[str]] = {}
+    for r in replies:
+        texts.setdefault(r.index, []).append(r.text)
+    groups = [t for _, t in sorted(texts.items()) if len(t) > 1]
+    for name, fn in PROMPT_METRICS.items():
+        out[name] = stat([v for v in map(fn, groups) if v is not None])
+    return out
+
+
+def format_table(results: dict[str, dict], protocol_name: str, metrics: Sequence[str]) -> str:
+    """Markdown table: one row per model, `mean [lo, hi]` per metric."""
+    header = "| model | " + " | ".join(metrics) + " |"
+    lines = [header, "|" + "---|" * (len(metrics) + 1)]
+    for model_name, res in results.items():
+        cells = []
+        for m in metrics:
+            s = res[protocol_name][m]
+            cells.append("—" if not s["n"] else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]")
+        lines.append(f"| {model_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_results(out: dict, table_metrics, model_metrics) -> str:
+    """The tables of an evaluation: one per protocol (table_metrics), one per model."""
+    lines = [f"eval on {out['records']} held-out prompts"]
+    for proto_name in ("greedy", "sample"):
+        lines += [
+            "",
+            f"{proto_name}:",
+            format_table(out["variants"], proto_name, table_metrics),
+        ]
+    lines += ["", "per model:", format_model_table(out["variants"], model_metrics)]
+    return "\n".join(lines)
+
+
+def format_model_table(results: dict, metrics) -> str:
+    lines = ["| model | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, res in results.items():
+        cells = []
+        for m in metrics:
+            s = res["model"].get(m)
+            cells.append("—" if s is None else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
