@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import eval_stats, sampling
+from gptjax import eval_stats, losses, sampling
 from gptjax.data import chat
 from gptjax.errors import ConfigError
 
@@ -157,10 +157,8 @@ def _teacher_forced(model, params, tokens_BxT, lengths_B, reply_start_B):
         last = jnp.maximum(lengths_B - 1, 0)
         return jnp.take_along_axis(out, last[:, None], axis=1)[:, 0]
     # Target t is predicted from logits t-1 (losses.token_logprobs' convention).
-    logp_BxTxV = jax.nn.log_softmax(out[:, :-1].astype(jnp.float32), axis=-1)
     target = ((col >= reply_start_B[:, None]) & (col < lengths_B[:, None]))[:, 1:]
-    logp = jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_BxTxV) * logp_BxTxV, axis=-1)
+    logp, entropy = losses.reply_logprobs(out[:, :-1], tokens_BxT[:, 1:], target)
     return (
         jnp.sum(logp * target, axis=1),
         jnp.sum(entropy * target, axis=1),

@@ -29,10 +29,24 @@ def target_mask(segment_ids_BxT, loss_mask_BxT=None):
     return mask
 
 
-def token_logprobs(logits_BxTxV, tokens_BxT):
-    """log p(tokens[t] | tokens[<t]) in float32, aligned with tokens; column 0 is 0."""
-    logp_BxTxV = jax.nn.log_softmax(logits_BxTxV[:, :-1].astype(jnp.float32), axis=-1)
-    logp = jnp.take_along_axis(logp_BxTxV, tokens_BxT[:, 1:, None], axis=-1)[..., 0]
+def reply_logprobs(logits_BxNxV, targets_BxN, mask_BxN, temperature: float = 1.0):
+    """(logp_BxN, entropy_BxN): log p(target) and the entropy of the distribution at each
+    position, in float32, zero off the mask: the one place reply log-probs are computed
+    (PPO's policy, reference and old log-probs, KL, the evaluator, the RM's reference
+    feature). logits_BxNxV[:, i] are the logits that predict targets_BxN[:, i] (the column
+    before it); they are divided by the temperature the tokens were sampled at
+    (lm-human-preferences scores training batches as it sampled them)."""
+    logp_BxNxV = jax.nn.log_softmax(logits_BxNxV.astype(jnp.float32) / temperature, axis=-1)
+    logp = jnp.take_along_axis(logp_BxNxV, targets_BxN[..., None], axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logp_BxNxV) * logp_BxNxV, axis=-1)
+    return logp * mask_BxN, entropy * mask_BxN
+
+
+def token_logprobs(logits_BxTxV, tokens_BxT, mask_BxT=None):
+    """log p(tokens[t] | tokens[<t]) in float32, aligned with tokens (column 0, with nothing
+    before it, is 0), times mask_BxT if given."""
+    mask = jnp.ones(tokens_BxT[:, 1:].shape, jnp.float32) if mask_BxT is None else mask_BxT[:, 1:]
+    logp, _ = reply_logprobs(logits_BxTxV[:, :-1], tokens_BxT[:, 1:], mask)
     return jnp.pad(logp, ((0, 0), (1, 0)))
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import reward_model, sampling, sharding
+from gptjax import losses, reward_model, sampling, sharding
 from gptjax.config import from_dict, need
 from gptjax.data.iterators import BatchIterator
 from gptjax.errors import ConfigError
@@ -112,15 +111,12 @@ def response_logprobs(model: Model, params, batch, temperature: float = 1.0):
     The logits at column t predict token t + 1, so the N reply tokens (the last N columns)
     are scored by columns P-1 .. T-2. Log-softmax in float32 of logits / temperature: the
     distribution the sampler drew from (lm-human-preferences scales by the temperature in
-    training as in sampling). At temperature 1 logp equals `sequence_logprobs`.
+    training as in sampling). At temperature 1 logp equals `losses.token_logprobs`.
     """
     mask = batch["response_mask"]
     n = mask.shape[1]
     logits = model.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
-    logp_BxNxV = jax.nn.log_softmax(logits[:, -n - 1 : -1].astype(jnp.float32) / temperature)
-    logp = jnp.take_along_axis(logp_BxNxV, batch["tokens"][:, -n:, None], axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logp_BxNxV) * logp_BxNxV, axis=-1)
-    return logp * mask, entropy * mask
+    return losses.reply_logprobs(logits[:, -n - 1 : -1], batch["tokens"][:, -n:], mask, temperature)
 
 
 def response_values(model: Model, params, batch):

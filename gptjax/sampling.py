@@ -61,7 +61,7 @@ def choose(logits_BxV, keys_B, temperature: float, top_k: int, top_p: float):
 
     temperature 0 is greedy (log-probs at temperature 1). The log-probs are of the full
     temperature-scaled softmax, before top-k/top-p truncation, so at temperature 1 they
-    equal `sequence_logprobs` of the chosen tokens.
+    equal `losses.token_logprobs` of the chosen tokens.
     """
     logits_BxV = logits_BxV.astype(jnp.float32)
     if temperature == 0.0:

@@ -41,18 +41,6 @@ class TrainConfig:
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
 
 
-def sequence_logprobs(
-    model: Model, params, tokens_BxT, mask_BxT, segment_ids_BxT=None, positions_BxT=None
-):
-    """Per-token log p(tokens[t] | tokens[<t]) in float32, zero where mask_BxT is 0.
-
-    The one function that PPO (policy, reference, old log-probs), KL and evaluation use, so
-    they can never disagree on how a sequence is scored.
-    """
-    logits = model.apply(params, tokens_BxT, segment_ids_BxT, positions_BxT)
-    return losses.token_logprobs(logits, tokens_BxT) * mask_BxT
-
-
 def state_from_params(tx: optax.GradientTransformation, params) -> State:
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 

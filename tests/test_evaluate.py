@@ -137,7 +137,7 @@ def test_a_prompt_longer_than_the_model_names_max_len():
 def test_teacher_forced_scores_match_sequence_logprobs_and_rm_rewards():
     import jax
 
-    from gptjax import reward_model, train_steps
+    from gptjax import losses, reward_model
     from gptjax.model import Model
     from tests.helpers import tiny_model_config
 
@@ -156,7 +156,7 @@ def test_teacher_forced_scores_match_sequence_logprobs_and_rm_rewards():
         row = np.array([prompt + list(r.ids)], np.int32)
         mask = np.zeros_like(row, np.float32)
         mask[0, len(prompt) :] = 1
-        want = train_steps.sequence_logprobs(lm, params, row, mask).sum()
+        want = losses.token_logprobs(lm.apply(params, row), row, mask).sum()
         assert logp[k] == pytest.approx(float(want), abs=1e-4)
         assert 0 < entropy[k] <= np.log(64) + 1e-4
         batch = {

@@ -151,7 +151,8 @@ def test_sequence_logprobs_matches_manual_log_softmax():
     batch = random_batch(np.random.default_rng(0), 2, 8, 64)
     mask = np.ones((2, 8), np.float32)
     mask[:, :3] = 0
-    logp = train_steps.sequence_logprobs(model, params, batch["tokens"], mask)
+    logits = model.apply(params, batch["tokens"])
+    logp = losses.token_logprobs(logits, batch["tokens"], mask)
     logits = np.asarray(model.apply(params, batch["tokens"]), np.float64)
     ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     for b in range(2):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import sampling, train_steps
+from gptjax import losses, sampling
 from gptjax.model import Model
 from tests.helpers import tiny_model_config
 
@@ -107,8 +107,9 @@ def test_returned_logprobs_equal_sequence_logprobs():
     full = np.concatenate([tokens, np.asarray(out)], axis=1)
     seg = np.concatenate([mask, np.ones_like(out)], axis=1)
     positions = np.maximum(np.cumsum(seg, axis=1) - 1, 0)
-    ref = train_steps.sequence_logprobs(
-        model, params, full, np.concatenate([np.zeros_like(mask), out_mask], axis=1), seg, positions
+    logits = model.apply(params, full, seg, positions)
+    ref = losses.token_logprobs(
+        logits, full, np.concatenate([np.zeros_like(mask), out_mask], axis=1).astype(np.float32)
     )
     np.testing.assert_allclose(np.asarray(ref)[:, tokens.shape[1] :], logp, rtol=1e-5, atol=1e-5)
 
