@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import eval_stats, losses, sampling
+from gptjax import eval_stats, losses, reward_model, sampling
 from gptjax.data import chat
 from gptjax.errors import ConfigError
 
@@ -154,8 +154,7 @@ def _teacher_forced(model, params, tokens_BxT, lengths_B, reply_start_B):
     seg_BxT = (col < lengths_B[:, None]).astype(jnp.int32)
     out = model.apply(params, tokens_BxT, seg_BxT, col * seg_BxT)
     if model.cfg.head == "scalar":
-        last = jnp.maximum(lengths_B - 1, 0)
-        return jnp.take_along_axis(out, last[:, None], axis=1)[:, 0]
+        return reward_model.reward_at_last_token(out, jnp.maximum(lengths_B - 1, 0))
     # Target t is predicted from logits t-1 (losses.token_logprobs' convention).
     target = ((col >= reply_start_B[:, None]) & (col < lengths_B[:, None]))[:, 1:]
     logp, entropy = losses.reply_logprobs(out[:, :-1], tokens_BxT[:, 1:], target)
@@ -231,7 +230,8 @@ def add_reference(values, rm_params, replies, ref_logp=None) -> np.ndarray:
         return values
     if ref_logp is None:
         raise ValueError("this RM reads the SFT model's log-probs; none were given")
-    return values + float(rm_params["score_logp"]) * per_token(ref_logp, replies)
+    score_logp = float(rm_params["score_logp"])
+    return values + reward_model.reference_term(score_logp, per_token(ref_logp, replies))
 
 
 def with_extra(replies: Sequence[Reply], name: str, values) -> list[Reply]:

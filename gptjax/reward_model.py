@@ -50,16 +50,26 @@ def rewards(model: Model, params, batch) -> jax.Array:
     values_NxT = model.apply(
         params, flat(batch["tokens"]), flat(batch["segment_ids"]), flat(batch["positions"])
     )
-    index_N = batch["reward_index"].reshape(b * k)
-    head_BxK = jnp.take_along_axis(values_NxT, index_N[:, None], axis=1).reshape(b, k)
+    head_BxK = reward_at_last_token(values_NxT, batch["reward_index"].reshape(b * k))
+    head_BxK = head_BxK.reshape(b, k)
     if "ref_logp" not in batch:  # e.g. hand-built batches: the head alone
         return head_BxK
-    return head_BxK + reference_term(params, batch["ref_logp"])
+    score_logp = params["score_logp"].astype(jnp.float32)
+    return head_BxK + reference_term(score_logp, batch["ref_logp"].astype(jnp.float32))
 
 
-def reference_term(params, ref_logp):
-    """score_logp · (mean per-token log-prob of the response under the SFT model)."""
-    return params["score_logp"].astype(jnp.float32) * ref_logp.astype(jnp.float32)
+def reward_at_last_token(values_BxT, last_index_B):
+    """The scalar head at each sequence's last token (InstructGPT reads the reward at the
+    reply's EOS; the RM trains it there): the one place an RM's head becomes a reward (the
+    RM's batches, PPO's scoring, the evaluator)."""
+    return jnp.take_along_axis(values_BxT, last_index_B[:, None], axis=1)[:, 0]
+
+
+def reference_term(score_logp, mean_ref_logp):
+    """score_logp · (mean per-token log-prob of the reply under the SFT model): what an RM
+    trained with the reference feature adds to its head (module docstring). Plain
+    arithmetic, so host arrays (the evaluator's) and device arrays take the same path."""
+    return score_logp * mean_ref_logp
 
 
 def rm_train_step(

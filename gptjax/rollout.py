@@ -145,13 +145,14 @@ def score_rollout(rm: Model, rm_params, ref: Model, ref_params, batch, temperatu
     n = mask.shape[1]
     values_BxT = rm.apply(rm_params, batch["tokens"], batch["segment_ids"], batch["positions"])
     index_B = values_BxT.shape[1] - n + last_token_index(mask)
-    scores_B = jnp.take_along_axis(values_BxT, index_B[:, None], axis=1)[:, 0]
+    scores_B = reward_model.reward_at_last_token(values_BxT, index_B)
     ref_logp, _ = response_logprobs(ref, ref_params, batch, temperature)
     ref_logp_t1 = (
         ref_logp if temperature == 1.0 else response_logprobs(ref, ref_params, batch, 1.0)[0]
     )
     mean_ref_logp_B = jnp.sum(ref_logp_t1, axis=1) / jnp.maximum(jnp.sum(mask, axis=1), 1.0)
-    scores_B = scores_B + reward_model.reference_term(rm_params, mean_ref_logp_B)
+    score_logp = rm_params["score_logp"].astype(jnp.float32)
+    scores_B = scores_B + reward_model.reference_term(score_logp, mean_ref_logp_B)
     return {"scores": scores_B.astype(jnp.float32), "ref_logprobs": ref_logp}
 
 
