@@ -65,19 +65,6 @@ def labels(records, k_max: int, key: str | None = None):
     return ranks, valid
 
 
-def pair_agreement(pred_NxK, ranks_NxK, valid_NxK) -> float:
-    """Over pairs where ranks say w beats l: P(pred_w > pred_l), ties counting half."""
-    better = (
-        (ranks_NxK[:, :, None] < ranks_NxK[:, None, :])
-        & (valid_NxK[:, :, None] > 0)
-        & (valid_NxK[:, None, :] > 0)
-    )
-    diff = (pred_NxK[:, :, None] - pred_NxK[:, None, :])[better]
-    if diff.size == 0:
-        return float("nan")
-    return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
-
-
 def shorter(reply: str) -> float:
     """The length baseline: a shorter reply is better."""
     return -len(reply)
@@ -114,29 +101,31 @@ def rm_metrics(
         "accuracy": acc,
         "margin": margin,
         "pairs": n_pairs,
-        "baselines": {k: pair_agreement(v, ranks, valid) for k, v in features.items()},
+        "baselines": {k: pair_stats(v, ranks, valid, 0.5)[0] for k, v in features.items()},
         "calibration": calibration_bins(rewards_NxK, ranks, valid),
     }
     if all("gold_ranks" in (rec.get("meta") or {}) for rec in records):
         gold, _ = labels(records, k_max, "gold_ranks")
         out["gold_accuracy"] = pair_stats(rewards_NxK, gold, valid)[0]
-        out["noise_ceiling"] = pair_agreement(-ranks, gold, valid)
-        out["max_accuracy"] = pair_agreement(-gold, ranks, valid)
-        out["gold_baselines"] = {k: pair_agreement(v, gold, valid) for k, v in features.items()}
+        out["noise_ceiling"] = pair_stats(-ranks, gold, valid, 0.5)[0]
+        out["max_accuracy"] = pair_stats(-gold, ranks, valid, 0.5)[0]
+        out["gold_baselines"] = {k: pair_stats(v, gold, valid, 0.5)[0] for k, v in features.items()}
     return out
 
 
-def pair_stats(rewards_BxK: np.ndarray, ranks_BxK: np.ndarray, valid_BxK: np.ndarray):
-    """(accuracy, mean margin, n pairs) of host-side rewards against given ranks."""
-    r, ranks, valid = map(np.asarray, (rewards_BxK, ranks_BxK, valid_BxK))
+def pair_stats(pred_NxK, ranks_NxK, valid_NxK, tie: float = 0.0):
+    """(accuracy, mean margin, n pairs) of scores against ranks, over the pairs the ranks
+    order (w ranked above l, both valid): accuracy = P(pred_w > pred_l), an equal pair
+    counting `tie`. 0 for an RM (one that cannot tell two replies apart has not ranked
+    them); 0.5 for baselines and label agreement, whose many ties score at chance."""
+    pred, ranks, valid = map(np.asarray, (pred_NxK, ranks_NxK, valid_NxK))
     better = (
         (ranks[:, :, None] < ranks[:, None, :]) & (valid[:, :, None] > 0) & (valid[:, None, :] > 0)
     )
-    diff = r[:, :, None] - r[:, None, :]
-    n = int(better.sum())
-    if n == 0:
+    diff = (pred[:, :, None] - pred[:, None, :])[better]
+    if diff.size == 0:
         return float("nan"), float("nan"), 0
-    return float((diff[better] > 0).mean()), float(diff[better].mean()), n
+    return float(np.mean((diff > 0) + tie * (diff == 0))), float(diff.mean()), int(diff.size)
 
 
 def calibration_bins(rewards_BxK, ranks_BxK, valid_BxK, n_bins: int = 10):
