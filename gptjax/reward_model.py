@@ -35,11 +35,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from gptjax import losses
 from gptjax.model import Model
-from gptjax.train_steps import accumulate_grads, apply_update
+from gptjax.train_steps import accumulate_grads, finish_step
 
 
 def rewards(model: Model, params, batch) -> jax.Array:
@@ -94,14 +93,9 @@ def rm_train_step(
     (loss_sum, (count, aux)), grads = accumulate_grads(
         loss_fn, state["params"], batch, grad_accum_steps
     )
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    loss = loss_sum / denom
-    finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
-    state, metrics = apply_update(state, grads, tx, schedule, skip_nonfinite, finite)
+    state, metrics = finish_step(state, loss_sum, count, grads, tx, schedule, skip_nonfinite)
     pairs = jnp.maximum(aux["pairs"], 1.0)
     metrics.update(
-        loss=loss,
         accuracy=aux["correct_sum"] / pairs,
         margin=aux["margin_sum"] / pairs,
         pairs=aux["pairs"],

@@ -125,6 +125,19 @@ def apply_update(state: State, grads, tx, schedule, skip_nonfinite: bool, finite
     return new_state, metrics
 
 
+def finish_step(state: State, loss_sum, count, grads, tx, schedule, skip_nonfinite: bool):
+    """The end of every one-step-per-batch train step: the summed loss and gradients
+    divided by the count (so microbatches and hosts combine exactly), the finite check, the
+    optimizer update. Returns (state, metrics with the mean loss)."""
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    finite = jnp.isfinite(loss) & jnp.isfinite(_global_norm(grads))
+    state, metrics = apply_update(state, grads, tx, schedule, skip_nonfinite, finite)
+    metrics["loss"] = loss
+    return state, metrics
+
+
 def lm_train_step(
     state: State,
     batch,
@@ -156,14 +169,9 @@ def lm_train_step(
     (loss_sum, (count, aux)), grads = accumulate_grads(
         loss_fn, state["params"], batch, grad_accum_steps
     )
+    state, metrics = finish_step(state, loss_sum, count, grads, tx, schedule, skip_nonfinite)
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    loss = loss_sum / denom
-    finite = jnp.isfinite(loss) & jnp.isfinite(_global_norm(grads))
-    state, metrics = apply_update(state, grads, tx, schedule, skip_nonfinite, finite)
-    metrics.update(
-        loss=loss, nll=aux["nll_sum"] / denom, accuracy=aux["correct_sum"] / denom, tokens=count
-    )
+    metrics.update(nll=aux["nll_sum"] / denom, accuracy=aux["correct_sum"] / denom, tokens=count)
     return state, metrics
 
 
