@@ -36,7 +36,7 @@ from gptjax import losses, ppo, sharding
 from gptjax.model import Model
 from gptjax.ppo import PPOConfig
 from gptjax.rollout import response_logprobs, response_values
-from gptjax.train_steps import apply_update
+from gptjax.train_steps import apply_update, opt_state_shardings
 
 HEAD_KEYS = ("score_w", "score_b", "score_logp")  # the scalar head's params (model.Transformer)
 
@@ -76,17 +76,6 @@ def init_state(policy_params, value_params, tx, kl_coef: float):
     }
 
 
-def _opt_shardings(tx, abstract_params, param_sh, mesh):
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    return optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        abstract_opt,
-        param_sh,
-        transform_non_params=lambda _: sharding.replicated(mesh),
-    )
-
-
 def state_shardings(policy: Model, value: Model, value_head: bool, tx, mesh):
     """Shardings of the whole PPO state from shapes alone (the rule table decides)."""
     pick = (lambda t: {k: t[k] for k in HEAD_KEYS}) if value_head else (lambda t: t)
@@ -98,8 +87,8 @@ def state_shardings(policy: Model, value: Model, value_head: bool, tx, mesh):
         "params": policy_sh,
         "value": value_sh,
         "opt_state": {
-            "policy": _opt_shardings(tx, policy.abstract_params, policy_sh, mesh),
-            "value": _opt_shardings(tx, value_abstract, value_sh, mesh),
+            "policy": opt_state_shardings(tx, policy.abstract_params, policy_sh, mesh),
+            "value": opt_state_shardings(tx, value_abstract, value_sh, mesh),
         },
         "kl": {"beta": rep},
         "step": rep,

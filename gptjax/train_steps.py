@@ -49,21 +49,27 @@ def init_state(model: Model, tx: optax.GradientTransformation, rng) -> State:
     return state_from_params(tx, model.init(rng))
 
 
-def state_shardings(model: Model, tx: optax.GradientTransformation, mesh: Mesh):
-    """Shardings for the whole train state, from shapes alone (nothing is allocated).
-
-    Optimizer moments mirror the params; scalars (counts) are replicated.
-    """
-    param_sh = sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
-    abstract_opt = jax.eval_shape(tx.init, model.abstract_params)
-    opt_sh = optax.tree_map_params(
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param_sh, mesh: Mesh):
+    """Shardings of tx's state for params sharded as param_sh, from shapes alone: moments
+    mirror their params; scalars (counts) are replicated."""
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    return optax.tree_map_params(
         tx,
         lambda _, s: s,
         abstract_opt,
         param_sh,
         transform_non_params=lambda _: sharding.replicated(mesh),
     )
-    return {"params": param_sh, "opt_state": opt_sh, "step": sharding.replicated(mesh)}
+
+
+def state_shardings(model: Model, tx: optax.GradientTransformation, mesh: Mesh):
+    """Shardings for the whole train state, from shapes alone (nothing is allocated)."""
+    param_sh = sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
+    return {
+        "params": param_sh,
+        "opt_state": opt_state_shardings(tx, model.abstract_params, param_sh, mesh),
+        "step": sharding.replicated(mesh),
+    }
 
 
 def jit_init(model: Model, tx: optax.GradientTransformation, mesh: Mesh):
