@@ -44,8 +44,14 @@ from gptjax.layers import (
     param_normal,
     rope,
 )
+from gptjax.sharding import constrain
 
 Params = dict[str, Any]
+# Logical axes of the activations (gptjax/sharding.py RULES shards them).
+BTD = ("batch", "length", "embed")
+BTNH = ("batch", "length", "heads", "kv")
+BSKH = ("batch", "length", "kv_heads", "kv")
+BTF = ("batch", "length", "mlp")
 
 REMAT_POLICIES = {
     "none": None,
@@ -176,6 +182,7 @@ class Block(nnx.Module):
         v = dense(h, self.wv[...], dt)
         if cfg.positions == "rope":
             q, k = rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta)
+        q = constrain(q, BTNH)
         if kv_cache is not None:
             # In place inside the decode loop: XLA aliases a while-loop carry updated by
             # dynamic_update_slice, so no step copies the cache.
@@ -183,8 +190,10 @@ class Block(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
             v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
             kv_cache = (k, v)
-        a = attend(q, k, v, mask_BxTxS)
+        k, v = constrain(k, BSKH), constrain(v, BSKH)
+        a = constrain(attend(q, k, v, mask_BxTxS), BTNH)
         x_BxTxD = x_BxTxD + apply_dropout(dense(a, self.wo[...], dt, n_in=2), cfg.dropout, rng_attn)
+        x_BxTxD = constrain(x_BxTxD, BTD)
 
         h = self.mlp_norm(x_BxTxD)
         up_BxTxF = dense(h, self.w_up[...], dt)
@@ -194,8 +203,8 @@ class Block(nnx.Module):
         else:
             # tanh approximation: on XLA:CPU exact erf costs about half the MLP throughput.
             up_BxTxF = gelu_tanh(up_BxTxF)
-        out = dense(up_BxTxF, self.w_down[...], dt)
-        x_BxTxD = x_BxTxD + apply_dropout(out, cfg.dropout, rng_mlp)
+        out = dense(constrain(up_BxTxF, BTF), self.w_down[...], dt)
+        x_BxTxD = constrain(x_BxTxD + apply_dropout(out, cfg.dropout, rng_mlp), BTD)
         return x_BxTxD if kv_cache is None else (x_BxTxD, kv_cache)
 
 
@@ -253,18 +262,20 @@ class Transformer(nnx.Module):
         x_BxTxD = jnp.take(self.embed[...], tokens_BxT, axis=0).astype(dt)
         if cfg.positions == "learned":
             x_BxTxD = x_BxTxD + jnp.take(self.pos_embed[...], positions_BxT, axis=0).astype(dt)
-        return apply_dropout(x_BxTxD, cfg.dropout, rng)
+        return constrain(apply_dropout(x_BxTxD, cfg.dropout, rng), BTD)
 
     def _head(self, x_BxTxD):
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         h_BxTxD = self.final_norm(x_BxTxD)
         if cfg.head == "scalar":
             w = self.score_w[...].astype(jnp.float32)
-            return h_BxTxD.astype(jnp.float32) @ w + self.score_b[...].astype(jnp.float32)
+            values_BxT = h_BxTxD.astype(jnp.float32) @ w + self.score_b[...].astype(jnp.float32)
+            return constrain(values_BxT, ("batch", "length"))
         unembed_DxV = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
-        return jnp.einsum(
+        logits_BxTxV = jnp.einsum(
             "btd,dv->btv", h_BxTxD, unembed_DxV.astype(dt), preferred_element_type=jnp.float32
         )
+        return constrain(logits_BxTxV, ("batch", "length", "vocab"))
 
     def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, rng=None, cache=None):
         """Returns float32 logits_BxTxV (head='lm') or values_BxT (head='scalar').

@@ -98,18 +98,12 @@ def state_shardings(policy: Model, value: Model, value_head: bool, tx, mesh):
 # ------------------------------------------------------------------------ the update
 
 
-def _constrain(tree, mesh):
-    if mesh is None or tree is None:
-        return tree
-    return jax.lax.with_sharding_constraint(tree, sharding.batch_sharding(mesh))
-
-
-def old_logprobs_and_values(state, chunks, *, policy: Model, value: Model, cfg: PPOConfig, mesh):
+def old_logprobs_and_values(state, chunks, *, policy: Model, value: Model, cfg: PPOConfig):
     """(old_logp, old_entropy, old_values), each [B, N], of the rollout under the state's
     policy and value params, with the training forward pass in minibatch-sized chunks."""
 
     def old_pass(chunk):
-        chunk = _constrain(chunk, mesh)
+        chunk = sharding.constrain_batch(chunk)
         logp, entropy = response_logprobs(policy, state["params"], chunk, cfg.temperature)
         vals = response_values(
             value, value_tree(state["params"], state["value"], cfg.value_head), chunk
@@ -191,13 +185,13 @@ def ppo_loss(trainable, mb, ptx_mb, *, policy: Model, value: Model, cfg: PPOConf
 
 
 def update_minibatch(
-    carry, xs, *, data, policy: Model, value: Model, tx, schedule, cfg: PPOConfig, mesh,
+    carry, xs, *, data, policy: Model, value: Model, tx, schedule, cfg: PPOConfig,
     skip_nonfinite: bool,
 ):  # fmt: skip
     """One optimizer update of policy and value on the rows index_M of `data`."""
     index_M, ptx_mb, update_index = xs
-    mb = _constrain(jax.tree.map(lambda x: jnp.take(x, index_M, axis=0), data), mesh)
-    ptx_mb = _constrain(ptx_mb, mesh)
+    mb = sharding.constrain_batch(jax.tree.map(lambda x: jnp.take(x, index_M, axis=0), data))
+    ptx_mb = sharding.constrain_batch(ptx_mb)
     trainable = (carry["params"], carry["value"])
     loss_fn = functools.partial(ppo_loss, policy=policy, value=value, cfg=cfg)
     (loss, stats), (g_policy, g_value) = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -234,14 +228,14 @@ def update_epoch(carry, xs, *, ptx, step, cfg: PPOConfig, rows: int, minibatch_f
     return jax.lax.scan(minibatch_fn, carry, (perm_KxM, ptx, updates))
 
 
-def kl_guard(trainable, chunks, batch, mask, *, policy: Model, cfg: PPOConfig, mesh):
+def kl_guard(trainable, chunks, batch, mask, *, policy: Model, cfg: PPOConfig):
     """The updated policy's KL to the reference on this rollout's replies (one more forward
     pass) and whether it blew past cfg.kl_max: a blow-up is rolled back before it can be
     sampled from. NaN counts as a blow-up."""
     b, n = mask.shape
     new_logp = jax.lax.map(
         lambda c: response_logprobs(
-            policy, trainable["params"], _constrain(c, mesh), cfg.temperature
+            policy, trainable["params"], sharding.constrain_batch(c), cfg.temperature
         )[0],
         chunks,
     ).reshape(b, n)
@@ -259,7 +253,6 @@ def ppo_train_step(
     tx,
     schedule,
     cfg: PPOConfig,
-    mesh=None,
     skip_nonfinite: bool = True,
 ):
     """One PPO update on one rollout batch: `(state, batch, rng) -> (state, metrics)`.
@@ -279,7 +272,7 @@ def ppo_train_step(
     chunks = jax.tree.map(lambda x: x.reshape(k, b // k, *x.shape[1:]), seq)
     models = dict(policy=policy, value=value, cfg=cfg)
 
-    old_logp, old_entropy, old_values = old_logprobs_and_values(state, chunks, **models, mesh=mesh)
+    old_logp, old_entropy, old_values = old_logprobs_and_values(state, chunks, **models)
     beta = state["kl"]["beta"]
     finite = inputs_finite(batch, old_logp, old_values, mask)
     rewards, kl, adv, returns = advantages(batch, old_logp, old_values, mask, beta, cfg)
@@ -294,7 +287,6 @@ def ppo_train_step(
         data=data,
         tx=tx,
         schedule=schedule,
-        mesh=mesh,
         skip_nonfinite=skip_nonfinite,
         **models,
     )
@@ -308,9 +300,7 @@ def ppo_train_step(
     new_beta = ppo.kl_controller_update(beta, kl_per_reply, b, cfg.kl_target, cfg.kl_horizon)
     keep, guard = finite, {}
     if cfg.kl_max > 0:
-        kl_after, blown = kl_guard(
-            trainable, chunks, batch, mask, policy=policy, cfg=cfg, mesh=mesh
-        )
+        kl_after, blown = kl_guard(trainable, chunks, batch, mask, policy=policy, cfg=cfg)
         guard = {"kl_after": kl_after, "kl_blowup": (finite & blown).astype(jnp.float32)}
         keep = keep & ~blown
     trainable = jax.tree.map(lambda new, old: jnp.where(keep, new, old), trainable, before)

@@ -69,7 +69,6 @@ class PPOTrainer:
             tx=tx,
             schedule=schedule,
             cfg=cfg,
-            mesh=mesh,
         )
 
         def sample(params, prompt, mask, seeds):
@@ -96,8 +95,8 @@ class PPOTrainer:
             cfg,
             shardings,
             functools.partial(init, sft_params, value_init),
-            jax.jit(sample),
-            jax.jit(score),
+            jax.jit(sharding.with_mesh(sample, mesh)),
+            jax.jit(sharding.with_mesh(score, mesh)),
             train_steps.jit_train_step(step, mesh, shardings),
             (rm_params, sft_params),
             sampling_seed,

@@ -2,16 +2,22 @@
 
 Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with params and optimizer
 state sharded, ZeRO-3 style), `tensor` (Megatron-style: heads and MLP hidden split).
-Weights carry logical axis names (see gptjax/model.py); RULES maps each name to mesh
-axes. A name with no rule is an error: silently replicating a weight that was meant to be
-sharded is the bug that only shows as out-of-memory on a pod.
+Weights and activations carry logical axis names (see gptjax/model.py); RULES maps each
+name to mesh axes, for both. A name with no rule is an error, and so is a large weight
+that the rules leave replicated on a mesh that shards weights: silently replicating what
+was meant to be sharded is the bug that only shows as out-of-memory on a pod.
+
+Activations are constrained by name (`constrain`) inside functions traced under their
+mesh (`with_mesh`, used by every jitted train, scoring and sampling step): without them,
+XLA's propagation is free to keep whole microbatches' activations (logits, MLP hidden)
+on every chip of an FSDP mesh. The mesh's axes stay Auto (with Explicit axes,
+with_sharding_constraint raises); on a one-device mesh constraints are left out.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import os
 from collections.abc import Sequence
@@ -26,9 +32,12 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Batches are split over every data-parallel axis.
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis -> mesh axes (None = replicated). The whole sharding of the model.
+# Logical axis -> mesh axes (None = replicated). The whole sharding of the model, weights
+# and activations; a mesh axis shards only one dim of an array (the first that asks), so
+# activations [batch, length, embed] are split over the batch axes only.
 RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": BATCH_AXES,
+    "length": None,  # sequence positions of activations
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -163,6 +172,11 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     return Mesh(np.asarray(by_process).reshape(shape), MESH_AXES, axis_types=axis_types)
 
 
+# A weight of this many bytes or more, left replicated on a mesh that shards weights (fsdp
+# or tensor > 1), is a rule-table error (pure data parallelism replicates by design).
+REPLICATED_LIMIT_BYTES = 1 << 20
+
+
 def logical_to_spec(axes: Sequence[str | None], rules=None) -> PartitionSpec:
     rules = RULES if rules is None else rules
     spec, used = [], set()
@@ -188,30 +202,71 @@ def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(a, str) or a is None for a in x)
 
 
-def param_shardings(mesh: Mesh, logical_axes, abstract_params=None, rules=None):
-    """NamedSharding per param. With abstract_params, checks every sharded dim divides."""
+def param_shardings(mesh: Mesh, logical_axes, abstract_params=None, rules=None, limit=None):
+    """NamedSharding per param. With abstract_params, checks every sharded dim divides and
+    that no param of `limit` bytes or more is left replicated on a mesh that shards
+    weights (MaxText's guard against a rule-table bug that costs memory on every chip)."""
     specs = jax.tree.map(lambda ax: logical_to_spec(ax, rules), logical_axes, is_leaf=_is_axes)
-    if abstract_params is not None:
-        flat_specs = jax.tree_util.tree_leaves_with_path(
-            specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
-        )
-        flat_params = jax.tree.leaves(abstract_params)
-        for (path, spec), leaf in zip(flat_specs, flat_params):
-            for dim, axes in zip(leaf.shape, spec):
-                if axes is None:
-                    continue
-                size = math.prod(
-                    mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)
-                )
-                if dim % size:
-                    raise ConfigError(
-                        "mesh",
-                        f"param {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be "
-                        f"sharded {spec}: dim {dim} is not divisible by mesh size {size}",
-                    )
-    return jax.tree.map(
+    shardings = jax.tree.map(
         lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
+    if abstract_params is None:
+        return shardings
+    flat_specs = jax.tree_util.tree_leaves_with_path(
+        specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    flat_params = jax.tree.leaves(abstract_params)
+    for (path, spec), leaf in zip(flat_specs, flat_params):
+        for dim, axes in zip(leaf.shape, spec):
+            if axes is None:
+                continue
+            size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+            if dim % size:
+                raise ConfigError(
+                    "mesh",
+                    f"param {jax.tree_util.keystr(path)} of shape {leaf.shape} cannot be "
+                    f"sharded {spec}: dim {dim} is not divisible by mesh size {size}",
+                )
+    if mesh.shape["fsdp"] * mesh.shape["tensor"] > 1:
+        placed = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_params,
+            shardings,
+        )
+        limit = REPLICATED_LIMIT_BYTES if limit is None else limit
+        for path, shape, nbytes in replicated_params(placed, limit):
+            raise ConfigError(
+                "mesh",
+                f"param {path} of shape {shape} ({nbytes / 2**20:.1f} MiB) would be replicated "
+                f"on every device of mesh {dict(mesh.shape)}: no rule shards its axes",
+            )
+    return shardings
+
+
+def with_mesh(fn, mesh: Mesh):
+    """fn, traced under `mesh` (as the abstract mesh), so that `constrain` inside it binds
+    activations to that mesh. Wrap a function before jitting it."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced
+
+
+def constrain(x, logical_axes: Sequence[str | None]):
+    """Constrains an activation to the sharding its logical axes map to (RULES), on the
+    mesh it is traced under (`with_mesh`); unchanged without one or on a single device."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(logical_axes))
+
+
+def constrain_batch(tree):
+    """Every array of `tree` split over the batch axes along its leading dim."""
+    return jax.tree.map(lambda x: constrain(x, ("batch",) + (None,) * (x.ndim - 1)), tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -238,20 +293,17 @@ def check_batch(mesh: Mesh, rows: int, field: str, parts: int = 1, what: str = "
         raise ConfigError(field, f"{rows} is not divisible by {by} = {dp * parts}")
 
 
-def replicated_params(params, min_bytes: int = 1 << 20) -> list[tuple[str, int]]:
-    """(path, bytes) of arrays at least min_bytes that are fully replicated on >1 device.
-
-    MaxText-style guard: a large replicated weight is a rule-table bug that costs memory
-    on every chip.
-    """
+def replicated_params(params, min_bytes: int = REPLICATED_LIMIT_BYTES) -> list[tuple]:
+    """(path, shape, bytes) of the arrays (or ShapeDtypeStructs with shardings) of at least
+    min_bytes that are fully replicated on more than one device."""
     found = []
     for path, x in jax.tree_util.tree_leaves_with_path(params):
         sharding = getattr(x, "sharding", None)
-        nbytes = x.size * x.dtype.itemsize
+        nbytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
         if sharding is None or nbytes < min_bytes or len(sharding.device_set) == 1:
             continue
         if sharding.is_fully_replicated:
-            found.append((jax.tree_util.keystr(path), int(nbytes)))
+            found.append((jax.tree_util.keystr(path), tuple(x.shape), int(nbytes)))
     return found
 
 
@@ -339,8 +391,3 @@ def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax
         return jax.make_array_from_process_local_data(sharding, x, global_shape)
 
     return jax.tree.map(put, host_batch)
-
-
-def log_replicated(params, min_bytes: int = 1 << 20) -> None:
-    for path, nbytes in replicated_params(params, min_bytes):
-        logging.warning("param %s (%d bytes) is fully replicated", path, nbytes)

@@ -190,11 +190,12 @@ def lm_eval_step(params, batch, *, model: Model):
 
 
 def jit_train_step(step_fn: Callable, mesh: Mesh, shardings):
-    """jit with explicit in/out shardings (what pjit became) and the state donated."""
+    """jit with explicit in/out shardings (what pjit became), the state donated, and the
+    step traced under the mesh so that its activations are constrained by name."""
     batch_sh = sharding.batch_sharding(mesh)
     rep = sharding.replicated(mesh)
     return jax.jit(
-        step_fn,
+        sharding.with_mesh(step_fn, mesh),
         in_shardings=(shardings, batch_sh, rep),
         out_shardings=(shardings, rep),
         donate_argnums=0,
@@ -203,7 +204,7 @@ def jit_train_step(step_fn: Callable, mesh: Mesh, shardings):
 
 def jit_eval_step(eval_fn: Callable, mesh: Mesh, param_shardings):
     return jax.jit(
-        eval_fn,
+        sharding.with_mesh(eval_fn, mesh),
         in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
         out_shardings=sharding.replicated(mesh),
     )

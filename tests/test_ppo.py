@@ -182,7 +182,6 @@ def make_step(mesh, cfg, tx, value_head=False, seed=0):
         tx=tx,
         schedule=lambda s: 1.0,
         cfg=cfg,
-        mesh=mesh,
     )
     return state, train_steps.jit_train_step(step, mesh, shardings)
 

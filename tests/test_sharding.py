@@ -3,10 +3,12 @@
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec
+from jax.sharding import PartitionSpec as P
 
 from gptjax import sharding, train_steps
 from gptjax.errors import ConfigError
@@ -135,3 +137,64 @@ def test_one_process_feeds_every_row():
     assert sharding.host_block(mesh) == sharding.HostBlock(0, 1) == sharding.host_block()
     assert sharding.host_blocks(mesh) == {0: sharding.HostBlock(0, 1)}
     assert sharding.host_batch_slice(16, mesh) == slice(0, 16)
+
+
+def _trunk(model):
+    """The embedding and the blocks: the residual stream a block hands to the next."""
+    from flax import nnx
+
+    def hidden(params, tokens_BxT):
+        b, t = tokens_BxT.shape
+        net = nnx.merge(model.graphdef, params)
+        positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        mask = jnp.ones((b, t, t), bool)
+        return net._blocks(net._embed(tokens_BxT, positions), mask, positions, None)
+
+    return hidden
+
+
+def test_activations_compile_to_the_shardings_their_logical_names_map_to():
+    mesh = sharding.make_mesh(CPU8)
+    model = Model(tiny_model_config(n_kv_heads=2))
+    psh = sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
+    params = jax.jit(model.init, out_shardings=psh)(jax.random.key(0))
+    tokens = jax.device_put(np.ones((8, 16), np.int32), sharding.batch_sharding(mesh))
+
+    def out_spec(fn):
+        compiled = jax.jit(fn).lower(params, tokens).compile()
+        assert compiled.input_shardings[0][0]["embed"].spec == P("tensor", "fsdp")
+        return compiled.output_shardings.spec
+
+    batch = ("data", "fsdp")
+    # [batch, length, embed]: the batch over every data-parallel axis; fsdp, taken by the
+    # batch, does not shard embed too.
+    assert out_spec(sharding.with_mesh(_trunk(model), mesh)) == P(batch)
+    assert out_spec(sharding.with_mesh(model.apply, mesh)) == P(batch, None, "tensor")
+    # Unconstrained, propagation keeps whole microbatches on each fsdp shard instead.
+    assert out_spec(_trunk(model)) != P(batch)
+
+
+def test_a_large_parameter_left_replicated_is_a_named_error():
+    mesh = sharding.make_mesh(CPU8)
+    model = Model(tiny_model_config())
+    loose = {**sharding.RULES, "vocab": None, "embed": None}  # nothing shards the embedding
+    with pytest.raises(ConfigError, match=r"mesh: param \['embed'\] of shape \(64, 32\) .*"):
+        sharding.param_shardings(mesh, model.logical_axes, model.abstract_params, loose, 1024)
+    # The default rules shard it; pure data parallelism replicates every param by design.
+    sharding.param_shardings(mesh, model.logical_axes, model.abstract_params, limit=1024)
+    data = sharding.make_mesh(MeshConfig(data=8, fsdp=1))
+    sharding.param_shardings(data, model.logical_axes, model.abstract_params, loose, 1024)
+
+
+def test_the_trainer_refuses_a_replicated_parameter_at_init(monkeypatch):
+    from gptjax.optim import OptimConfig
+    from gptjax.train_steps import TrainConfig
+    from gptjax.trainer import LMTrainer
+
+    monkeypatch.setitem(sharding.RULES, "embed", None)
+    monkeypatch.setitem(sharding.RULES, "vocab", None)
+    monkeypatch.setattr(sharding, "REPLICATED_LIMIT_BYTES", 1024)
+    with pytest.raises(ConfigError, match=r"param \['embed'\] of shape \(64, 32\)"):
+        LMTrainer.build(
+            tiny_model_config(), OptimConfig(), TrainConfig(), sharding.make_mesh(CPU8), seed=0
+        )
