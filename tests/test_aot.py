@@ -96,8 +96,10 @@ def test_every_stage_compiles_and_reports_memory():
 @needs_libtpu
 def test_a_batch_too_big_for_hbm_does_not_fit():
     c = small_config()
-    # [B, T, V] float32 logits: 4096 x 16 x 65536 x 4 bytes = 16 GiB before any copy.
-    c.pretrain.batch_size, c.tokenizer.vocab_size = 4096, 65536
+    # [B, T, V] float32 logits split over the slice's 4 chips by their batch rows (the
+    # activation constraints): 16384 x 16 x 65536 x 4 bytes / 4 = 16 GiB per chip, before
+    # any copy.
+    c.pretrain.batch_size, c.tokenizer.vocab_size = 16384, 65536
     (row,) = aot.run_aot(c, TOPOLOGY, ["pretrain"], log=lambda _: None)
     assert not row["fits"] and row["total_gib"] > 16, row
     assert "HBM" in row["error"] or "memory" in row["error"], row
