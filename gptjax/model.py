@@ -172,8 +172,9 @@ class Block(nnx.Module):
     def __call__(
         self, x_BxTxD, mask_BxTxS, positions_BxT, rng=None, kv_cache=None, cache_index=None
     ):
-        """One layer. With kv_cache=(k_BxSxKxH, v_BxSxKxH), the new keys/values are written
-        at cache_index and attention runs over the whole cache; returns (x, new kv_cache)."""
+        """One layer. With kv_cache=(k_LxBxSxKxH, v_LxBxSxKxH, layer), this layer's new keys
+        and values are written into the stacked caches at (layer, cache_index) and attention
+        runs over the layer's whole cache; returns (x, (k, v) stacked caches) then."""
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
         h = self.attn_norm(x_BxTxD)
@@ -184,12 +185,15 @@ class Block(nnx.Module):
             q, k = rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta)
         q = constrain(q, BTNH)
         if kv_cache is not None:
-            # In place inside the decode loop: XLA aliases a while-loop carry updated by
+            # In place inside the decode loop: XLA aliases a loop carry updated by
             # dynamic_update_slice, so no step copies the cache.
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start)
-            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start)
-            kv_cache = (k, v)
+            k_all, v_all, layer = kv_cache
+            start = (layer, 0, cache_index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            kv_cache = (k_all, v_all)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
         k, v = constrain(k, BSKH), constrain(v, BSKH)
         a = constrain(attend(q, k, v, mask_BxTxS), BTNH)
         x_BxTxD = x_BxTxD + apply_dropout(dense(a, self.wo[...], dt, n_in=2), cfg.dropout, rng_attn)
@@ -303,8 +307,10 @@ class Transformer(nnx.Module):
     def _cached(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache):
         """Prefill (T = prompt length) or decode (T = 1) against the KV cache.
 
-        Layers run unrolled, each with its own cache array in the caller's loop carry, so
-        each step updates the caches in place rather than rebuilding a stacked array.
+        The cache is stacked over layers like the weights and applied the same way: one
+        lax.scan over layers (scan_layers; one compiled layer, so a 96-layer model's
+        sampler compiles like a 1-layer one) or an unrolled loop. Each layer writes its new
+        keys and values into the stacked cache in place (a loop carry).
         """
         b, t = tokens_BxT.shape
         index = cache["index"]
@@ -316,12 +322,23 @@ class Transformer(nnx.Module):
         mask = attention_mask(segment_ids_BxT, seg_BxS, q_index, k_index)
         x_BxTxD = self._embed(tokens_BxT, positions_BxT)
         graphdef, stacked = nnx.split(self.blocks)
-        new_kv = []
-        for i in range(self.cfg.n_layers):
-            layer = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], stacked))
-            x_BxTxD, kv = layer(x_BxTxD, mask, positions_BxT, None, cache["kv"][i], index)
-            new_kv.append(kv)
-        new_cache = {"kv": tuple(new_kv), "segment_ids": seg_BxS, "index": index + t}
+
+        def layer(carry, xs):
+            x, k_all, v_all = carry
+            layer_params, i = xs
+            block = nnx.merge(graphdef, layer_params)
+            x, (k_all, v_all) = block(x, mask, positions_BxT, None, (k_all, v_all, i), index)
+            return (x, k_all, v_all), None
+
+        carry = (x_BxTxD, cache["k"], cache["v"])
+        layers = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
+        if self.cfg.scan_layers:
+            carry, _ = jax.lax.scan(layer, carry, (stacked, layers))
+        else:
+            for i in range(self.cfg.n_layers):
+                carry, _ = layer(carry, (jax.tree.map(lambda a, i=i: a[i], stacked), layers[i]))
+        x_BxTxD, k_all, v_all = carry
+        new_cache = {"k": k_all, "v": v_all, "segment_ids": seg_BxS, "index": index + t}
         return self._head(x_BxTxD), new_cache
 
 
@@ -373,13 +390,14 @@ class Model:
         return model(tokens_BxT, segment_ids_BxT, positions_BxT, rng, cache)
 
     def init_cache(self, batch: int, length: int):
-        """An empty KV cache for `batch` rows of up to `length` tokens (prompt + new)."""
+        """An empty KV cache for `batch` rows of up to `length` tokens (prompt + new): keys
+        and values [L, B, S, K, H], stacked over layers like the weights."""
         cfg = self.cfg
-        shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
         dt = DTYPES[cfg.dtype]
-        kv = tuple((jnp.zeros(shape, dt), jnp.zeros(shape, dt)) for _ in range(cfg.n_layers))
         return {
-            "kv": kv,
+            "k": jnp.zeros(shape, dt),
+            "v": jnp.zeros(shape, dt),
             "segment_ids": jnp.zeros((batch, length), jnp.int32),
             "index": jnp.zeros((), jnp.int32),
         }
