@@ -148,8 +148,9 @@ def compile_program(prog: Program, chip: str, chips: int) -> dict:
     return out
 
 
-def run_aot(config, topology: str, stages, log=print) -> list[dict]:
-    """Compiles each stage's programs for the slice; returns one row per program."""
+def run_aot(config, topology: str, stages, log=print, programs=()) -> list[dict]:
+    """Compiles each stage's programs (those named in `programs`, default all) for the
+    slice; returns one row per program."""
     devices = topology_devices(topology)
     chip = topology.split(":")[0]
     mesh = topology_mesh(config, devices)
@@ -166,6 +167,8 @@ def run_aot(config, topology: str, stages, log=print) -> list[dict]:
     rows = []
     for stage in stages:
         for prog in stage_programs(config, stage, mesh):
+            if programs and prog.name not in programs:
+                continue
             row = {
                 "preset": config.preset,
                 "topology": topology,
@@ -213,7 +216,8 @@ def main(argv) -> int:
             from experiments.aot_table import table_markdown, table_rows, write_between_markers
 
             presets = f.presets.split(",") if f.presets else list(model_presets.TARGETS)
-            rows = table_rows(presets, f.results, stages, cached=f.cached)
+            programs = tuple(p for p in f.programs.split(",") if p)
+            rows = table_rows(presets, f.results, stages, cached=f.cached, redo=programs)
             text = table_markdown(rows)
             print(text)
             if f.write:
@@ -226,7 +230,12 @@ def main(argv) -> int:
             topology = f.topology or model_presets.TARGETS.get(config.preset, ("",))[0]
             if not topology:
                 raise ConfigError("topology", f"preset {config.preset!r} has no target slice")
-            rows = run_aot(config, topology, stages)
+            rows = run_aot(
+                config,
+                topology,
+                stages,
+                programs=tuple(f.programs.split(",")) if f.programs else (),
+            )
             ok = all(r["fits"] for r in rows)
             print("all programs fit" if ok else "some program DOES NOT FIT")
     except NoLibtpu as e:
@@ -250,7 +259,13 @@ def _define_flags():
     flags.DEFINE_string("stage", "all", f"Comma list from {STAGES}, or all.")
     flags.DEFINE_bool("table", False, "Compile every TPU preset on its target slice.")
     flags.DEFINE_string("presets", "", "With --table: comma list (default all TARGETS).")
-    flags.DEFINE_string("results", "runs/aot", "With --table: per-preset JSON cache.")
+    flags.DEFINE_string("results", "docs/aot", "With --table: per-preset JSON cache.")
+    flags.DEFINE_string(
+        "programs",
+        "",
+        "Comma list of programs (train_step, rollout, score, update) to compile; with "
+        "--table: recompile these in the cache, keep its other rows.",
+    )
     flags.DEFINE_string("write", "", "With --table: a file whose aot markers get the table.")
     flags.DEFINE_bool("cached", False, "With --table: only the results already compiled.")
     return config

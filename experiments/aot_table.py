@@ -4,14 +4,18 @@
     python -m experiments.aot --table --write=BUILD.md            # compiles what is missing
     python -m experiments.aot --table --cached --write=BUILD.md   # only what is cached
 
-Each stage's rows are cached as runs/aot/<preset>.<stage>.json (delete one to recompile
-it); a cached row records the commit it was compiled at.
+    python -m experiments.aot --table --presets=gpt3_175b --stage=ppo --programs=rollout
+
+Each stage's rows are kept in docs/aot/<preset>.<stage>.json (delete one, or name its
+programs, to recompile it); each row records the commit it was compiled at, shown in the
+table, since a full table takes hours of compiling on a 2-core host.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 from experiments.aot import MFU, PEAK_TFLOPS, STAGES, run_aot
 from gptjax import config as config_lib
@@ -43,6 +47,12 @@ loads the same rows of the batch (`gptjax/sharding.py` host_blocks).
 """
 
 
+def _commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True)
+    return out.stdout.decode().strip() or "unknown"
+
+
 def _num(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.1f}"
 
@@ -50,12 +60,12 @@ def _num(x: float) -> str:
 def table_markdown(rows: list[dict]) -> str:
     lines = [
         "| preset | slice (chips) | mesh | stage | program | GiB / chip | HBM | fits "
-        "| program TFLOP/step | analytic | compile s | projected s/step |",
-        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|",
+        "| program TFLOP/step | analytic | compile s | projected s/step | compiled at |",
+        "|---|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if r.get("missing"):
-            lines.append(f"| {r['preset']} | | | {r['stage']} | not compiled yet | | | | | | | |")
+            lines.append(f"| {r['preset']} | | | {r['stage']} | not compiled yet | | | | | | | | |")
             continue
         shared = r.get("hosts_per_block", 1) > 1
         fits = ("yes" if r["fits"] else "**no**") + (" †" if shared else "")
@@ -65,7 +75,8 @@ def table_markdown(rows: list[dict]) -> str:
             f"| {r['preset']} | {r['topology']} ({r['chips']}) "
             f"| {_mesh_text(r['preset'], r['chips'])} | {r['stage']} | {r['program']} "
             f"| {total} | {r['hbm_gib']} | {fits} | {_num(r['program_tflop'])} "
-            f"| {_num(r['analytic_tflop'])} | {r['compile_s']:.0f} | {proj} |"
+            f"| {_num(r['analytic_tflop'])} | {r['compile_s']:.0f} | {proj} "
+            f"| {r.get('commit', 'unknown')} |"
         )
     return "\n".join(lines) + "\n\n" + LEGEND
 
@@ -84,10 +95,12 @@ def write_between_markers(path: str, text: str) -> None:
         f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
 
 
-def table_rows(presets, results_dir: str, stages=STAGES, log=print, cached=False) -> list[dict]:
-    """Compiles each preset on its target slice (configs/model.py TARGETS), caching each
-    stage's rows as results_dir/<preset>.<stage>.json (delete one to recompile it).
-    cached: only what is there; a stage not compiled yet gets a placeholder row."""
+def table_rows(
+    presets, results_dir: str, stages=STAGES, log=print, cached=False, redo=()
+) -> list[dict]:
+    """Compiles each preset on its target slice (configs/model.py TARGETS), keeping each
+    stage's rows in results_dir/<preset>.<stage>.json. cached: only what is there (a stage
+    not compiled yet gets a placeholder row); redo: recompile these programs' rows."""
     from configs import model as model_presets
     from configs import pipeline
 
@@ -96,14 +109,23 @@ def table_rows(presets, results_dir: str, stages=STAGES, log=print, cached=False
     for name in presets:
         for stage in stages:
             path = os.path.join(results_dir, f"{name}.{stage}.json")
-            if not os.path.exists(path) and cached:
+            have = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    have = json.load(f)
+            if not have and cached:
                 rows.append({"preset": name, "stage": stage, "missing": True})
                 continue
-            if not os.path.exists(path):
+            if not have or (redo and not cached):
                 config = pipeline.get_config(name)
-                found = run_aot(config, model_presets.TARGETS[name][0], [stage], log)
+                topology = model_presets.TARGETS[name][0]
+                found = run_aot(config, topology, [stage], log, programs=redo if have else ())
+                found = [{**r, "commit": _commit()} for r in found]
+                new = {r["program"] for r in found}
+                have = [r for r in have if r["program"] not in new] + found
+                order = ("train_step", "rollout", "score", "update")
+                have.sort(key=lambda r: order.index(r["program"]))
                 with open(path, "w") as f:
-                    json.dump(found, f, indent=1)
-            with open(path) as f:
-                rows += json.load(f)
+                    json.dump(have, f, indent=1)
+            rows += have
     return rows
