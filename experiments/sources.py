@@ -56,19 +56,32 @@ def world_data(config, workdir: str) -> dict[str, Sequence[dict]]:
     )
 
 
-def pretrain_sources(config, workdir: str) -> tuple[Sequence, Sequence]:
-    """(train, held-out) pretraining documents from the world or the user's corpus."""
-    spec = config.data.pretrain
+# data field -> the world's (train, held-out) splits of it
+_WORLD_SPLITS = {"pretrain": ("pretrain", "pretrain_heldout"), "demos": ("demos", "demos_heldout")}
+
+
+def _sources(config, workdir: str, field: str) -> tuple[Sequence, Sequence]:
+    spec = config.data[field]
     if spec == WORLD:
         world = world_data(config, workdir)
-        return world["pretrain"], world["pretrain_heldout"]
+        return tuple(world[split] for split in _WORLD_SPLITS[field])
     return split_user_file(
-        "data.pretrain",
+        f"data.{field}",
         spec,
-        config.data.pretrain_heldout_fraction,
+        config.data[f"{field}_heldout_fraction"],
         data_dir(config, workdir),
         max_bad_fraction(config),
     )
+
+
+def pretrain_sources(config, workdir: str) -> tuple[Sequence, Sequence]:
+    """(train, held-out) pretraining documents from the world or the user's corpus."""
+    return _sources(config, workdir, "pretrain")
+
+
+def demo_sources(config, workdir: str) -> tuple[Sequence, Sequence]:
+    """(train, held-out) demonstrations from the world or the user's file."""
+    return _sources(config, workdir, "demos")
 
 
 def max_bad_fraction(config) -> float:
@@ -191,21 +204,6 @@ def load_stage_params(
     # load_params refuses a checkpoint trained with another tokenizer.
     params, _, _ = ckpt_lib.load_params(directory, abstract, tokenizer_hash=tokenizer.hash)
     return model, params
-
-
-def demo_sources(config, workdir: str):
-    """(train, held-out) demonstrations from the world or the user's file."""
-    spec = config.data.demos
-    if spec == WORLD:
-        world = world_data(config, workdir)
-        return world["demos"], world["demos_heldout"]
-    return split_user_file(
-        "data.demos",
-        spec,
-        config.data.demos_heldout_fraction,
-        data_dir(config, workdir),
-        max_bad_fraction(config),
-    )
 
 
 def compare_paths(compare_dir: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ model it starts from does know them; its likelihood of a reply is a calibrated s
 of correctness (Kadavath et al. 2022, "Language Models (Mostly) Know What They Know"),
 and one learned weight lets the ranking loss use it. The same quantity is what DPO's
 implicit reward is built from (Rafailov et al. 2023), here as one input of a classifier
-RM. PPO reads it from the reference log-probs it computes anyway (gptjax/ppo.py).
+RM. PPO reads it from the reference log-probs it computes anyway (gptjax/rollout.py).
 
 Batch (numpy dict): tokens / segment_ids / positions [B, K, T]; reward_index [B, K] (the
 column of the response's last token); ranks [B, K] (0 = best, equal = tie); valid [B, K]
