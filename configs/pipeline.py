@@ -29,12 +29,18 @@ Sections (each field documented once: in the dataclass named, or next to its val
   compare    comparison collection: K replies per prompt sampled from SFT, ranked by a
              labeler, written to <workdir>/compare/ (experiments/stages/compare.py)
   ppo, ppo_ptx  RLHF with clipped PPO, without and with the pretraining loss (configs/ppo.py)
+  grpo, rloo    critic-free online RL, G replies per prompt (configs/grpo.py)
+  ppo_gold, grpo_gold, rloo_gold  the same methods with the world's gold labeler as the
+             reward (RL from a verifiable reward; reported apart from RM-trained methods)
+  dpo        DPO / IPO on the RM's comparisons (configs/dpo.py)
   instances  more stage instances, e.g. a second comparison round (experiments/pipeline.py)
 """
 
 import ml_collections
 
 from configs import model as model_presets
+from configs.dpo import dpo_section
+from configs.grpo import group_section
 from configs.ppo import ppo_section
 from experiments.loop import LoopConfig
 from gptjax import config as config_lib
@@ -135,8 +141,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             max_prompts=0,  # 0 = every eval prompt
             best_of_n=4,  # the best-of-n variant's n (RM-picked SFT samples); <= 1: off
             lm_batches=8,  # held-out pretraining batches for the alignment-tax loss
+            # SFT sampled at these temperatures (< 1), each a variant "SFT T=<t>": the
+            # baselines whose KL to SFT an RL method's is matched to; empty = none.
+            sft_temperatures=(),
             # Comma list of variants to evaluate (base zero-shot, base few-shot, SFT,
-            # best-of-n, PPO, PPO-ptx); empty = every variant trained in the workdir.
+            # best-of-n, SFT T, PPO, PPO-ptx, GRPO, RLOO, DPO, "PPO (gold reward)", ...);
+            # empty = every variant trained in the workdir.
             variants="",
         )
     )
@@ -163,6 +173,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     c.ppo = ppo_section(ptx=False)
     c.ppo_ptx = ppo_section(ptx=True)
+    c.grpo, c.rloo = group_section("grpo"), group_section("rloo")
+    c.ppo_gold = ppo_section(ptx=False, reward="gold")
+    c.grpo_gold, c.rloo_gold = group_section("grpo", "gold"), group_section("rloo", "gold")
+    c.dpo = dpo_section()
     if name in model_presets.CPU_PRESETS:
         _runlocal(c, name)
     else:  # microbatching etc. that fit the preset's TPU slice (configs/model.py)
@@ -188,18 +202,23 @@ def _runlocal(c: ml_collections.ConfigDict, name: str) -> None:
     rm_fields = {k: c.rm[k] for k in ("k_max", "demo_samples", "init_from")}
     c.rm = _stage(160, 16, 40, 3e-4, 10, 80, 0)
     c.rm.update(rm_fields, ref_logprob=True)
-    for section in (c.ppo, c.ppo_ptx):
-        section.update(
-            iterations=20,
-            prompts_per_iteration=64,
-            max_prompt_len=20,
-            max_new_tokens=16,
-            minibatches=2,  # 2 x 32 rows: small minibatches cost more per token on a CPU
-            kl_coef=0.3,
-            ptx_batch_size=16,
-            ptx_seq_len=64,
-            eval_every=10,
-            eval_prompts=128,
-            checkpoint_every=10,
-        )
+    rl = dict(
+        iterations=20,
+        max_prompt_len=20,
+        max_new_tokens=16,
+        minibatches=2,  # 2 x 32 rows: small minibatches cost more per token on a CPU
+        eval_every=10,
+        eval_prompts=128,
+        checkpoint_every=10,
+    )
+    for section in (c.ppo, c.ppo_ptx, c.ppo_gold):
+        section.update(rl, prompts_per_iteration=64, kl_coef=0.3, ptx_batch_size=16, ptx_seq_len=64)
         section.optim.lr = 1e-4
+    # 16 prompts x 4 replies: the 64 sampled replies per iteration of PPO's sections.
+    for section in (c.grpo, c.rloo, c.grpo_gold, c.rloo_gold):
+        section.update(rl, prompts_per_iteration=16, epochs=2, kl_coef=0.1)
+        section.optim.lr = 1e-4
+    dpo_fields = {k: c.dpo[k] for k in ("beta", "loss", "k_max", "init_from")}
+    c.dpo = _stage(160, 16, 40, 5e-5, 10, 80, 0)  # the RM's comparisons and shapes
+    c.dpo.update(dpo_fields)
+    c.dpo.optim.weight_decay = 0.0

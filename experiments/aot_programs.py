@@ -23,7 +23,7 @@ from gptjax.errors import ConfigError
 from gptjax.flops import forward_flops, train_flops
 from gptjax.model import Model, from_pipeline
 from gptjax.optim import OptimConfig
-from gptjax.ppo_trainer import PPOTrainer
+from gptjax.rl_trainer import RLTrainer
 from gptjax.rollout import rollout_config
 from gptjax.trainer import LMTrainer, check_fits, section_configs
 
@@ -130,7 +130,7 @@ def _lm_programs(config, stage: str, mesh) -> list[Program]:
 
 
 def _ppo_programs(config, stage: str, mesh) -> list[Program]:
-    """ppo / ppo_ptx: the stage's PPOTrainer with abstract SFT and RM params."""
+    """ppo / ppo_ptx: the stage's RLTrainer with abstract SFT and RM params."""
     section = config[stage]
     cfg = ppo.from_section(section, stage)
     shape = rollout_config(section, stage)
@@ -139,10 +139,11 @@ def _ppo_programs(config, stage: str, mesh) -> list[Program]:
     rm = Model(from_pipeline(config, None, "scalar"))
     shape.check(mesh, policy.cfg, cfg.minibatches, cfg.ptx_coef > 0, stage)
     sft_params, rm_params = abstract_params(policy, mesh), abstract_params(rm, mesh)
-    trainer = PPOTrainer.build(
+    trainer = RLTrainer.ppo(
         policy,
         sft_params,
         rm,
+        rm_params,
         rm_params,
         cfg,
         optim,

@@ -44,7 +44,7 @@ from gptjax.config import from_dict
 from gptjax.flops import train_flops_per_token
 from gptjax.model import Model, from_pipeline
 from gptjax.optim import OptimConfig
-from gptjax.ppo_trainer import PPOTrainer
+from gptjax.rl_trainer import RLTrainer
 from gptjax.rollout import rollout_config
 from gptjax.trainer import LMTrainer, section_configs
 
@@ -199,10 +199,11 @@ def bench_ppo(name: str, iterations: int, ptx: bool = False) -> dict:
     rm = Model(from_pipeline(config, head="scalar"))
     params = jax.jit(policy.init)(jax.random.key(0))
     rm_params = jax.jit(rm.init)(jax.random.key(1))
-    trainer = PPOTrainer.build(
+    trainer = RLTrainer.ppo(
         policy,
         params,
         rm,
+        rm_params,
         rm_params,
         cfg,
         optim,

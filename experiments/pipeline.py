@@ -27,7 +27,7 @@ from collections.abc import Callable, Collection, Mapping
 from experiments import calibrate, gates, report, show_data
 from experiments.loop import StageStopped
 from experiments.rundir import StageContext, on_process_0, stage_dir, write_json
-from experiments.stages import compare, evaluate, ppo, pretrain, rm, sft
+from experiments.stages import compare, dpo, evaluate, pretrain, rl, rm, sft
 from gptjax import config as config_lib
 from gptjax.errors import CheckpointError, ConfigError
 
@@ -55,16 +55,30 @@ def _report(ctx: StageContext) -> dict:
     return written or {"text": "report: written by process 0"}
 
 
-TRAINED = {"base": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo", "ppo_ptx": "ppo_ptx"}
+# The eval stage's inputs: every trained model it may evaluate (those present).
+TRAINED = {
+    "base": "pretrain",
+    "sft": "sft",
+    "rm": "rm",
+    **{name: name for name in ("ppo", "ppo_ptx", "grpo", "rloo", "dpo")},
+    **{name: name for name in ("ppo_gold", "grpo_gold", "rloo_gold")},
+}
+_RL = dict(check=rl.settings, sections=("eval",))
 TABLE = (
     Stage("show_data", show_data.run),
     Stage("pretrain", pretrain.run, check=pretrain.settings, outputs=("tokenizer",)),
     Stage("sft", sft.run, {"init": "pretrain"}, check=sft.settings),
     Stage("compare", compare.run, {"init": "sft"}, check=compare.settings),
     Stage("rm", rm.run, {"init": "sft", "comparisons": "compare"}, ("comparisons",), rm.settings),
-    Stage("ppo", ppo.run, {"policy": "sft", "rm": "rm"}, check=ppo.settings, sections=("eval",)),
+    Stage("ppo", rl.run, {"policy": "sft", "rm": "rm"}, **_RL),
+    Stage("ppo_ptx", rl.run, {"policy": "sft", "rm": "rm"}, **_RL),
+    Stage("grpo", rl.run, {"policy": "sft", "rm": "rm"}, **_RL),
+    Stage("rloo", rl.run, {"policy": "sft", "rm": "rm"}, **_RL),
+    Stage("ppo_gold", rl.run, {"policy": "sft"}, **_RL),
+    Stage("grpo_gold", rl.run, {"policy": "sft"}, **_RL),
+    Stage("rloo_gold", rl.run, {"policy": "sft"}, **_RL),
     Stage(
-        "ppo_ptx", ppo.run, {"policy": "sft", "rm": "rm"}, check=ppo.settings, sections=("eval",)
+        "dpo", dpo.run, {"init": "sft", "comparisons": "compare"}, ("comparisons",), dpo.settings
     ),
     Stage("eval", evaluate.run, TRAINED, tuple(TRAINED), sections=("eval",)),
     Stage("calibrate", calibrate.run, {"base": "pretrain", "sft": "sft"}, ("sft",)),

@@ -349,6 +349,20 @@ def save_params(directory: str, step: int, params, meta: dict) -> None:
         ckpt.close()
 
 
+def fingerprint(directory: str, step: int | None = None) -> str:
+    """An identity of a saved step (default the latest): the sha256 of its manifest, which
+    holds every file's sha256, so equal fingerprints mean equal bytes. For caches keyed
+    by a checkpoint (DPO's reference log-probs)."""
+    ckpt = Checkpointer(directory, ("params",), async_save=False)
+    try:
+        step = ckpt.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        return f"{step}:{_sha256(os.path.join(ckpt.step_dir(step), MANIFEST))}"
+    finally:
+        ckpt.close()
+
+
 def load_params(
     directory: str, abstract_params, step: int | None = None, tokenizer_hash: str | None = None
 ):

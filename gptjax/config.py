@@ -11,7 +11,9 @@ section's path (`ppo_ptx.optim.lr`).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import typing
+from collections.abc import Callable
 
 import ml_collections
 
@@ -62,6 +64,21 @@ def need(ok: bool, field: str, message: str) -> None:
     """One validation rule of a section's `__post_init__`."""
     if not ok:
         raise ConfigError(field, message)
+
+
+def load_callable(spec: str, field: str) -> Callable:
+    """The callable a config field names as "module:function" (a user's labeler, reward
+    function); errors name the field. Configs are trusted like code."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(field, f"expected 'module:function', got {spec!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(field, f"cannot load {spec!r}: {e}") from None
+    if not callable(fn):
+        raise ConfigError(field, f"{spec!r} is not callable")
+    return fn
 
 
 # Config fields that name files or directories; data specs are KIND:PATH.

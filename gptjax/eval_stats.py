@@ -122,13 +122,20 @@ def format_table(results: dict[str, dict], protocol_name: str, metrics: Sequence
 def format_results(out: dict, table_metrics, model_metrics) -> str:
     """The tables of an evaluation: one per protocol (table_metrics), one per model."""
     lines = [f"eval on {out['records']} held-out prompts"]
-    for proto_name in ("greedy", "sample"):
-        lines += [
-            "",
-            f"{proto_name}:",
-            format_table(out["variants"], proto_name, table_metrics),
-        ]
-    lines += ["", "per model:", format_model_table(out["variants"], model_metrics)]
+    # Models trained on another reward than the RM (the gold labeler itself) get their
+    # own tables: they are not ranked with the RM-trained methods.
+    groups = {}
+    for name, res in out["variants"].items():
+        groups.setdefault(res.get("trained_on", ""), {})[name] = res
+    for trained_on, variants in groups.items():
+        title = f" (trained on the {trained_on} reward)" if trained_on else ""
+        for proto_name in ("greedy", "sample"):
+            lines += [
+                "",
+                f"{proto_name}{title}:",
+                format_table(variants, proto_name, table_metrics),
+            ]
+        lines += ["", f"per model{title}:", format_model_table(variants, model_metrics)]
     return "\n".join(lines)
 
 

@@ -145,10 +145,11 @@ def generate_replies(
     return replies
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _teacher_forced(model, params, tokens_BxT, lengths_B, reply_start_B):
+@functools.partial(jax.jit, static_argnames=("model", "temperature"))
+def _teacher_forced(model, params, tokens_BxT, lengths_B, reply_start_B, temperature=1.0):
     """Per row: (log p of the reply, summed entropy over its tokens, reply tokens) for an
-    LM head, or the value at the last token for a scalar head."""
+    LM head (of its distribution at `temperature`), or the value at the last token for a
+    scalar head."""
     t = tokens_BxT.shape[1]
     col = jnp.arange(t)[None, :]
     seg_BxT = (col < lengths_B[:, None]).astype(jnp.int32)
@@ -157,7 +158,8 @@ def _teacher_forced(model, params, tokens_BxT, lengths_B, reply_start_B):
         return reward_model.reward_at_last_token(out, jnp.maximum(lengths_B - 1, 0))
     # Target t is predicted from logits t-1 (losses.token_logprobs' convention).
     target = ((col >= reply_start_B[:, None]) & (col < lengths_B[:, None]))[:, 1:]
-    logp, entropy = losses.reply_logprobs(out[:, :-1], tokens_BxT[:, 1:], target)
+    logits = out[:, :-1] if temperature == 1.0 else out[:, :-1] / temperature
+    logp, entropy = losses.reply_logprobs(logits, tokens_BxT[:, 1:], target)
     return (
         jnp.sum(logp * target, axis=1),
         jnp.sum(entropy * target, axis=1),
@@ -166,10 +168,17 @@ def _teacher_forced(model, params, tokens_BxT, lengths_B, reply_start_B):
 
 
 def score_replies(
-    model, params, tokenizer, records: Sequence[dict], replies: Sequence[Reply], protocol
+    model,
+    params,
+    tokenizer,
+    records: Sequence[dict],
+    replies: Sequence[Reply],
+    protocol,
+    temperature: float = 1.0,
 ):
     """Teacher-forced scores of chat replies: [N] rewards for a scalar-head model, or
-    ([N] reply log-prob, [N] mean per-token entropy) for an LM."""
+    ([N] reply log-prob, [N] mean per-token entropy) for an LM, of its distribution at
+    `temperature` (the one a tempered variant sampled from)."""
     rows = [
         (chat_prompt_ids(records[r.index], tokenizer), list(r.ids) or [tokenizer.eos_id])
         for r in replies
@@ -188,7 +197,8 @@ def score_replies(
             tokens[k, : len(p) + len(y)] = p + y
         lengths = np.array([len(p) + len(y) for p, y in chunk], np.int32)
         starts = np.array([len(p) for p, _ in chunk], np.int32)
-        outs.append(jax.device_get(_teacher_forced(model, params, tokens, lengths, starts)))
+        out = _teacher_forced(model, params, tokens, lengths, starts, temperature)
+        outs.append(jax.device_get(out))
     n = len(rows)
     if model.cfg.head == "scalar":
         return np.concatenate(outs)[:n] if outs else np.zeros(0)

@@ -111,3 +111,30 @@ def ranking_loss(rewards_BxK, ranks_BxK, valid_BxK):
         "margin_sum": jnp.sum(diff_BxKxK * pair_BxKxK),
     }
     return loss_sum, jnp.sum(has_pair.astype(jnp.float32)), aux
+
+
+# The per-token KL estimates a loss may use (k1's gradient is zero in expectation).
+LOSS_KL_ESTIMATORS = ("k2", "k3")
+
+
+def kl_estimate(logp_BxN, ref_logp_BxN, estimator: str):
+    """Per-token estimates of KL(π‖π_ref) from a sample y ~ π, with δ = log π(y) − log
+    π_ref(y) (Schulman, "Approximating KL divergence", 2020):
+
+      k1 = δ                  unbiased for the KL, and what PPO's reward penalty sums; as a
+                              loss its gradient, E_π[∇ log π] = 0, vanishes on-policy;
+      k2 = δ²/2               its gradient, E_π[δ ∇ log π], is ∇KL(π‖π_ref): a k2 loss
+                              pulls toward the reverse-KL optimum π* ∝ π_ref·exp(r/β), the
+                              same as the penalty in the reward;
+      k3 = exp(−δ) − 1 + δ    unbiased and ≥ 0, but its gradient, E_π[(1 − e^{−δ}) ∇ log π]
+                              = −E_{π_ref}[∇ log π], is that of KL(π_ref‖π) (the forward KL):
+                              a k3 loss pulls toward another optimum (GRPO's choice).
+    """
+    delta = logp_BxN - ref_logp_BxN
+    if estimator == "k1":
+        return delta
+    if estimator == "k2":
+        return 0.5 * jnp.square(delta)
+    if estimator == "k3":
+        return jnp.exp(-delta) - 1.0 + delta
+    raise ValueError(f"unknown KL estimator {estimator!r}; k1 | k2 | k3")

@@ -4,7 +4,7 @@ al. 2022, sec. 3.5; the recipe and details of lm-human-preferences, Ziegler et a
 as catalogued by Huang et al. 2024, "The N+ implementation details of RLHF with PPO").
 
 The rollout and scoring are in gptjax/rollout.py, the update step composed of these in
-gptjax/ppo_step.py, the trainer that runs an iteration in gptjax/ppo_trainer.py.
+gptjax/ppo_step.py, the trainer that runs an iteration in gptjax/rl_trainer.py.
 
 Shape legend: B rollouts, N reply tokens (max_new_tokens).
 """

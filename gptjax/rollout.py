@@ -17,6 +17,7 @@ import numpy as np
 from gptjax import losses, reward_model, sampling, sharding
 from gptjax.config import from_dict, need
 from gptjax.data.iterators import BatchIterator
+from gptjax.data.packing import host_slice
 from gptjax.errors import ConfigError
 from gptjax.model import Model, ModelConfig
 
@@ -35,16 +36,17 @@ class RolloutConfig:
         for name in ("prompts_per_iteration", "max_prompt_len", "max_new_tokens"):
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
 
-    def check(self, mesh, model: ModelConfig, minibatches: int, ptx: bool, prefix: str) -> None:
-        """Rollout (and ptx) rows divide into minibatches over the data-parallel axes, and
-        a prompt and its reply (and a ptx row) fit the model."""
-        sharding.check_batch(
-            mesh,
-            self.prompts_per_iteration,
-            f"{prefix}.prompts_per_iteration",
-            minibatches,
-            "minibatches",
-        )
+    def check(
+        self, mesh, model: ModelConfig, minibatches: int, ptx: bool, prefix: str, samples: int = 1
+    ) -> None:
+        """The prompts divide over the data-parallel axes and their rollouts (`samples` per
+        prompt) and ptx rows into minibatches over them too; a prompt and its reply (and a
+        ptx row) fit the model."""
+        field = f"{prefix}.prompts_per_iteration"
+        sharding.check_batch(mesh, self.prompts_per_iteration, field)
+        # The rollout's rows (prompts x samples) split into the update's minibatches.
+        rows = self.prompts_per_iteration * samples
+        sharding.check_batch(mesh, rows, field, minibatches, "minibatches")
         total = self.max_prompt_len + self.max_new_tokens
         if total > model.max_len:
             raise ConfigError(
@@ -77,13 +79,16 @@ def rollout(
     max_new_tokens: int,
     eos_id: int,
     temperature: float = 1.0,
+    samples: int = 1,
 ):
-    """Samples one reply per left-padded prompt; returns the rollout batch.
+    """Samples `samples` replies per left-padded prompt (one prefill each, sampling.generate)
+    and returns the rollout batch, prompt-major.
 
     tokens/segment_ids/positions [B, T]: prompt then reply. Pads (left of the prompt,
     after the reply's EOS) are segment 0 and never attended to by real tokens; positions
     count real tokens only. response_mask [B, N]: 1 on reply tokens up to and including
-    EOS. ended [B]: the reply emitted EOS (else it hit max_new_tokens).
+    EOS. ended [B]: the reply emitted EOS (else it hit max_new_tokens). With samples G,
+    B is the number of prompts times G (seeds_B has that many rows).
     """
     reply_BxN, _, mask_BxN = sampling.generate(
         model,
@@ -94,7 +99,11 @@ def rollout(
         max_new_tokens=max_new_tokens,
         eos_id=eos_id,
         temperature=temperature,
+        samples=samples,
     )
+    if samples > 1:
+        prompt_BxP = jnp.repeat(prompt_BxP, samples, axis=0)
+        prompt_mask_BxP = jnp.repeat(prompt_mask_BxP, samples, axis=0)
     seg_BxT = jnp.concatenate([prompt_mask_BxP, mask_BxN], axis=1).astype(jnp.int32)
     return {
         "tokens": jnp.concatenate([prompt_BxP, reply_BxN], axis=1).astype(jnp.int32),
@@ -166,16 +175,22 @@ def left_align(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class RolloutInputs:
-    """Prompt batches (and pretraining batches for ptx), resumable as one JSON position."""
+    """Prompt batches (and pretraining batches for ptx), resumable as one JSON position.
+    Each batch also carries the prompt records of this process's rows (`records`), for
+    rewards computed on the host."""
 
-    def __init__(self, prompts: BatchIterator, ptx: BatchIterator | None = None):
-        self.prompts, self.ptx = prompts, ptx
+    def __init__(self, prompts: BatchIterator, ptx: BatchIterator | None = None, source=None):
+        self.prompts, self.ptx, self.source = prompts, ptx, source
 
     def __iter__(self):
         return self
 
     def __next__(self):
         out = {"prompts": left_align(next(self.prompts))}
+        if self.source is not None:
+            p = self.prompts
+            mine = host_slice({"i": np.asarray(p.last_records)}, p.process_index, p.process_count)
+            out["records"] = [self.source[int(i)] for i in mine["i"]]
         if self.ptx is not None:
             out["ptx"] = next(self.ptx)
         return out

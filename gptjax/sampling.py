@@ -79,7 +79,7 @@ def choose(logits_BxV, keys_B, temperature: float, top_k: int, top_p: float):
 _STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "samples"))
 def generate(
     model: Model,
     params,
@@ -92,12 +92,16 @@ def generate(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    samples: int = 1,
 ):
     """Samples replies to left-padded prompts. Returns (tokens_BxN, logprobs_BxN, mask_BxN).
 
     seeds_B: one integer seed per row, so a row's sample does not depend on its batch.
     mask_BxN is 1 on generated tokens up to and including the first EOS; the tokens after
     a row's EOS are pad (0) with log-prob 0.
+    samples: G replies per prompt (GRPO's group, RLOO's k). Each prompt is prefilled once
+    and its cache copied to its G rows, prompt-major (prompt i's replies are rows i·G ..
+    i·G + G − 1); seeds_B and the outputs then have B·G rows.
     """
     b, p = prompt_BxP.shape
     n = max_new_tokens
@@ -106,6 +110,15 @@ def generate(
     logits_BxPxV, cache = model.apply(
         params, prompt_BxP, prompt_mask_BxP, positions_BxP, cache=cache
     )
+    if samples > 1:
+        grow = lambda x, axis=0: jnp.repeat(x, samples, axis=axis)  # noqa: E731
+        cache = {
+            "k": grow(cache["k"], 1),
+            "v": grow(cache["v"], 1),
+            "segment_ids": grow(cache["segment_ids"]),
+            "index": cache["index"],
+        }
+        logits_BxPxV, positions_BxP, b = grow(logits_BxPxV), grow(positions_BxP), b * samples
     keys_B = jax.vmap(jax.random.key)(seeds_B)
 
     def cond(carry):

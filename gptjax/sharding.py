@@ -379,6 +379,19 @@ def host_batch_slice(global_batch_size: int, mesh: Mesh | None = None) -> slice:
     return slice(block.index * per, (block.index + 1) * per)
 
 
+def host_rows(tree):
+    """This process's rows of batch-sharded global arrays, in order (the inverse of
+    global_batch, for work done on the host, e.g. a reward function of decoded text)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+
+    def rows(x):
+        shards = {(s.index[0].start or 0): s.data for s in x.addressable_shards}
+        return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+    return jax.tree.map(rows, tree)
+
+
 def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Assembles each process's rows (`host_batch_slice`) into global arrays sharded over
     the batch axes; no process ever holds another's rows."""

@@ -46,7 +46,7 @@ def stage_imports(path: str) -> set[str]:
 
 def test_the_layers_are_found():
     # A test that finds no stage or tool would pass vacuously.
-    assert {"pretrain", "sft", "compare", "rm", "ppo", "evaluate"} <= set(STAGES)
+    assert {"pretrain", "sft", "compare", "rm", "rl", "dpo", "evaluate"} <= set(STAGES)
     for tool in TOOLS:
         assert os.path.exists(os.path.join(ROOT, "experiments", f"{tool}.py")), tool
 

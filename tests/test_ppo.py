@@ -356,14 +356,14 @@ def tiny_workdir(workdir):
 def test_resume_mid_ppo_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch):
     from experiments import pipeline
     from experiments.loop import StageStopped
-    from experiments.stages import ppo as ppo_stage
+    from experiments.stages import rl as rl_stage
     from gptjax.metrics import read_jsonl
     from gptjax.rollout import RolloutInputs
 
     def run(workdir):
         # One device: the stage's mesh is the config's, over every (8 simulated) device.
         ctx = pipeline.context(config, str(workdir), "ppo_ptx", jax.devices()[:1])
-        return ppo_stage.run(ctx)
+        return rl_stage.run(ctx)
 
     config = tiny_workdir(tmp_path / "straight")
     straight = run(tmp_path / "straight")

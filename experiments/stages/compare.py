@@ -22,7 +22,6 @@ no-op. Prompts whose replies the labeler ties all together give no pair and are 
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import numpy as np
 
 from experiments import sources
 from experiments.rundir import StageContext, write_json, write_text
+from gptjax import config as config_lib
 from gptjax import evaluate
 from gptjax.errors import ConfigError
 from gptjax.world import gold_score, noisy_ranking
@@ -41,16 +41,7 @@ SPLITS = sources.COMPARE_SPLITS
 
 def load_labeler(spec: str) -> Callable:
     """The callable named by "module:function" (errors name config.compare.labeler)."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigError("compare.labeler", f"expected 'module:function', got {spec!r}")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError("compare.labeler", f"cannot load {spec!r}: {e}") from None
-    if not callable(fn):
-        raise ConfigError("compare.labeler", f"{spec!r} is not callable")
-    return fn
+    return config_lib.load_callable(spec, "compare.labeler")
 
 
 def check_ranks(ranks, k: int, where: str) -> list[int]:

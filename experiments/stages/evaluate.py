@@ -4,7 +4,9 @@
 
 Variants (those whose stages exist in the workdir): base zero-shot (chat template), base
 few-shot (a worksheet prompt that makes the base model act as an assistant), SFT,
-best-of-n over SFT samples picked by the RM (n = eval.best_of_n), PPO, PPO-ptx. Each
+best-of-n over SFT samples picked by the RM (n = eval.best_of_n), SFT sampled at each of
+eval.sft_temperatures (matched-temperature baselines), PPO, PPO-ptx, GRPO, RLOO, DPO,
+and the methods trained on the gold reward (reported in their own rows). Each
 answers the same prompts under the fixed protocol of gptjax/evaluate.py (greedy, and
 temperature 1 x samples, fixed seeds) and gets, with bootstrap intervals over prompts:
 gold reward and accuracies (the world's labeler), RM reward, win rates against SFT
@@ -35,6 +37,23 @@ class Variant:
     role: str  # the input (experiments/pipeline.py) whose params answer
     mode: str = "chat"  # prompt mode (gptjax/world/evaluation.py MODES)
     best_of: int = 0  # > 0: best-of-n over this stage's samples, picked by the RM
+    # > 0: the "sample" protocol's temperature for this variant (matched-temperature SFT:
+    # SFT sharpened by temperature alone, the baseline any method's KL is matched to).
+    temperature: float = 0.0
+    trained_on: str = "rm"  # "gold": trained on the gold reward, reported apart
+
+
+# The trained-policy variants: (name, stage, reward it was trained on).
+POLICIES = (
+    ("PPO", "ppo", "rm"),
+    ("PPO-ptx", "ppo_ptx", "rm"),
+    ("GRPO", "grpo", "rm"),
+    ("RLOO", "rloo", "rm"),
+    ("DPO", "dpo", "rm"),
+    ("PPO (gold reward)", "ppo_gold", "gold"),
+    ("GRPO (gold reward)", "grpo_gold", "gold"),
+    ("RLOO (gold reward)", "rloo_gold", "gold"),
+)
 
 
 def has_stage(ctx: StageContext, role: str) -> bool:
@@ -50,11 +69,19 @@ def variants(ctx: StageContext) -> list[Variant]:
         if has_stage(ctx, "rm") and config.eval.best_of_n > 1:
             n = config.eval.best_of_n
             out.append(Variant(f"best-of-{n}", "sft", best_of=n))
-    out += [Variant(name, role) for name, role in (("PPO", "ppo"), ("PPO-ptx", "ppo_ptx"))]
+        for t in config.eval.sft_temperatures:
+            out.append(Variant(f"SFT T={t:g}", "sft", temperature=float(t)))
+    out += [Variant(name, role, trained_on=on) for name, role, on in POLICIES]
     out = [v for v in out if has_stage(ctx, v.role)]
     only = [x.strip() for x in config.eval.variants.split(",") if x.strip()]
-    if only:  # "best-of-n" names the best-of variant whatever its n
-        out = [v for v in out if v.name in only or (v.best_of and "best-of-n" in only)]
+    if only:  # "best-of-n" names the best-of variant whatever its n, "SFT T" every T
+        out = [
+            v
+            for v in out
+            if v.name in only
+            or (v.best_of and "best-of-n" in only)
+            or (v.temperature and "SFT T" in only)
+        ]
     return out
 
 
@@ -112,16 +139,16 @@ class Models:
             )
         return self._replies[key]
 
-    def scores(self, role: str, records, replies, proto):
-        """score_replies of chat replies under a stage's model, computed once per set of
-        replies: (log-prob sums, mean entropies) for an LM, values for the RM. KL to SFT
-        and the RM's reference feature both need SFT's; best-of-n's first draw is SFT's
-        own samples."""
-        key = (role, tuple((r.index, r.ids) for r in replies))
+    def scores(self, role: str, records, replies, proto, temperature: float = 1.0):
+        """score_replies of chat replies under a stage's model (at `temperature`), computed
+        once per set of replies: (log-prob sums, mean entropies) for an LM, values for the
+        RM. KL to SFT and the RM's reference feature both need SFT's; best-of-n's first
+        draw is SFT's own samples."""
+        key = (role, temperature, tuple((r.index, r.ids) for r in replies))
         if key not in self._scores:
             model, params = self.get(role)
             self._scores[key] = evaluate.score_replies(
-                model, params, self.tokenizer, records, replies, proto
+                model, params, self.tokenizer, records, replies, proto, temperature
             )
         return self._scores[key]
 
@@ -129,6 +156,8 @@ class Models:
 def _replies(v: Variant, models: Models, records, proto, temperature: float, samples: int):
     """The variant's replies, RM-scored when an RM exists (best-of-n needs it)."""
     mode = world_eval.MODES[v.mode]
+    if v.temperature and temperature > 0:
+        temperature = v.temperature
     kw = dict(mode=mode, temperature=temperature, samples=samples, protocol=proto)
     rm = models.get("rm") if has_stage(models.ctx, "rm") else None
 
@@ -154,7 +183,9 @@ def _model_scores(v: Variant, models: Models, records, proto, replies, kl: bool)
     """Entropy of the answering model, and per-sequence KL to SFT on samples."""
     if v.mode != "chat":
         return replies
-    logp, entropy = models.scores(v.role, records, replies, proto)
+    # A tempered variant's own distribution is SFT's logits / T: its entropy, and its
+    # log-probs for the KL to SFT (Monte Carlo over its samples, as for every policy).
+    logp, entropy = models.scores(v.role, records, replies, proto, v.temperature or 1.0)
     replies = evaluate.with_extra(replies, "entropy", entropy)
     if not kl or not has_stage(models.ctx, "sft"):
         return replies
@@ -176,8 +207,9 @@ def evaluate_all(ctx: StageContext) -> dict:
     replies = {}
     for v in todo:
         for name, temperature, samples in protocols:
-            if v.best_of and name == "greedy":
-                # Best-of-n picks among temperature-1 samples: it has no greedy reply.
+            if (v.best_of or v.temperature) and name == "greedy":
+                # Best-of-n picks among temperature-1 samples: it has no greedy reply; a
+                # tempered SFT's greedy reply is SFT's.
                 replies[v.name, name] = []
                 continue
             r = _replies(v, models, records, proto, temperature, samples)
@@ -206,6 +238,8 @@ def evaluate_all(ctx: StageContext) -> dict:
     results = {}
     for v in todo:
         results[v.name] = {"stage": ctx.inputs[v.role], "model": per_model.get(v.role, {})}
+        if v.trained_on != "rm":
+            results[v.name]["trained_on"] = v.trained_on
         for name, _, _ in protocols:
             r = replies[v.name, name]
             if ("SFT", name) in replies:

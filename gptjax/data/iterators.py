@@ -97,10 +97,14 @@ class BatchIterator:
 
     def __next__(self) -> dict[str, np.ndarray]:
         packer = RowPacker(self.batch_size, self.seq_len, self.packed)
+        # The source index of every chunk added, in order: unpacked one-chunk records (RL
+        # prompts) make it the record of each row of the global batch.
+        self.last_records = []
         while not self._exhausted():
             chunks = self._current_chunks()
             if not packer.add(chunks[self._chunk]):
                 break
+            self.last_records.append(self._record_index(self._epoch, self._index))
             self._advance(len(chunks))
         if packer.empty:
             raise StopIteration
@@ -202,14 +206,21 @@ def sft_batches(
     )
 
 
+# Per-reply values a comparison record may carry into its batch (comparison_example).
+PER_REPLY = ("ref_logp", "ref_seq_logp")
+
+
 def comparison_example(record: Mapping, tokenizer: Tokenizer, seq_len: int, k_max: int):
     """One comparison as K rows of [T]: the prompt, a reply, and its EOS if it ended.
 
-    Returns tokens/segment_ids/positions [K, T] (right-padded), reward_index [K] (the
-    column of the reply's last token: its EOS when it ended), ranks [K], valid [K], and
-    ref_logp [K]: record["ref_logp"] (each reply's mean log-prob under the SFT model, the
-    RM's reference feature, gptjax/reward_model.py) or zeros.
-    A reply that did not end gets no EOS, so the RM sees it as unfinished, as it was.
+    Returns tokens/segment_ids/positions [K, T] (right-padded), reply_mask [K, T] (1 on
+    the reply's tokens and its EOS), reward_index [K] (the column of the reply's last
+    token: its EOS when it ended), ranks [K], valid [K], and per reply the values a record
+    may carry, else zeros: ref_logp [K] (its mean log-prob under the SFT model, the RM's
+    reference feature, gptjax/reward_model.py) and ref_seq_logp [K] (its summed log-prob
+    under DPO's reference, gptjax/dpo.py).
+    A reply that did not end gets no EOS, so the RM sees it as unfinished, as it was. A
+    row longer than seq_len keeps its end: the prompt loses its start first.
     """
     context = chat.render_prompt(
         record.get("messages") or chat.pair_messages(record["prompt"]), tokenizer
@@ -225,21 +236,25 @@ def comparison_example(record: Mapping, tokenizer: Tokenizer, seq_len: int, k_ma
         "reward_index": np.zeros((k_max,), np.int32),
         "ranks": np.zeros((k_max,), np.int32),
         "valid": np.zeros((k_max,), np.float32),
-        "ref_logp": np.zeros((k_max,), np.float32),
+        "reply_mask": np.zeros((k_max, seq_len), np.float32),
     }
-    ref_logp = record.get("ref_logp") or [0.0] * len(responses)
+    for key in PER_REPLY:
+        out[key] = np.zeros((k_max,), np.float32)
     for k, (reply, done) in enumerate(zip(responses, ended)):
-        ids = context + chat.encode_reply(reply, tokenizer) + ([tokenizer.eos_id] if done else [])
+        reply_ids = chat.encode_reply(reply, tokenizer) + ([tokenizer.eos_id] if done else [])
         # Keep the end (where the reward is read); cut the prompt's start if too long.
-        ids = ids[-seq_len:]
+        ids = (context + reply_ids)[-seq_len:]
         n = len(ids)
         out["tokens"][k, :n] = ids
         out["segment_ids"][k, :n] = 1
         out["positions"][k, :n] = np.arange(n)
+        out["reply_mask"][k, max(n - len(reply_ids), 0) : n] = 1.0
         out["reward_index"][k] = n - 1
         out["ranks"][k] = record["ranks"][k]
         out["valid"][k] = 1.0
-        out["ref_logp"][k] = ref_logp[k]
+        for key in PER_REPLY:
+            if key in record:
+                out[key][k] = record[key][k]
     return out
 
 

@@ -41,6 +41,13 @@ def gold_judge(record: dict, reply: evaluate.Reply) -> float:
     return gold_score(record, reply.text, reply.ended)
 
 
+def gold_rewards(prompts, completions, ended, length_weight=None) -> list[float]:
+    """The gold labeler as an RL reward (gptjax/rewards.py HostReward's call): the
+    noiseless score of each reply, with the world's length weight."""
+    kw = {} if length_weight is None else {"length_weight": length_weight}
+    return [gold_score(p, c, e, **kw) for p, c, e in zip(prompts, completions, ended)]
+
+
 def _answerable(rec):
     return rec["answer"] is not None
 

@@ -1,15 +1,19 @@
-"""RLHF stages: PPO and PPO-ptx against the frozen reward model (InstructGPT sec. 3.5).
+"""Online RL stages: PPO and PPO-ptx (InstructGPT sec. 3.5), GRPO and RLOO.
 
     python -m experiments.main --stages=ppo                 # after pretrain, sft, rm
     python -m experiments.main --stages=ppo_ptx             # the same, with ptx_coef > 0
+    python -m experiments.main --stages=grpo,rloo           # critic-free, G replies a prompt
+    python -m experiments.main --stages=grpo_gold           # GRPO on the gold labeler
 
-Both stages run this code on the shared stage loop (experiments/loop.py), each with its
-config section (`config.ppo`, `config.ppo_ptx`: configs/ppo.py) and stage directory.
-One loop step is one PPO iteration of gptjax.ppo_trainer.PPOTrainer: a batch of prompts
-in the chat template, replies sampled from the policy with the KV cache (rollout),
-scored by the frozen RM and the frozen SFT model (scoring), then the update
-(gptjax/ppo_step.py). Each phase is timed. The policy starts from the SFT model, the
-value model from the RM.
+Every instance runs this code on the shared stage loop (experiments/loop.py), with its
+config section (`algorithm`: ppo | grpo | rloo; configs/ppo.py, configs/grpo.py) and
+stage directory. One loop step is one iteration of gptjax.rl_trainer.RLTrainer: a batch of
+prompts in the chat template, replies sampled from the policy with the KV cache
+(rollout), scored (scoring: the frozen SFT model's log-probs and the reward: `reward` =
+rm, the frozen reward model; gold, the world's labeler; or a user's module:function,
+gptjax/rewards.py), then the update (gptjax/ppo_step.py, gptjax/grpo.py). Each phase is
+timed. The policy starts from the SFT model; PPO's value model from the RM (from the SFT
+trunk with a zero head when the reward is not the RM).
 
 Resuming is exact: policy, value and optimizer states, β, the step (which seeds the
 rollout sampling and the minibatch shuffling) are in the checkpoint, the prompt and ptx
@@ -19,6 +23,7 @@ iterator positions in its metadata.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 
 import jax
@@ -26,15 +31,18 @@ import jax
 from experiments import sections, sources
 from experiments.loop import run_stage, stage_meta
 from experiments.rundir import StageContext
-from gptjax import evaluate, ppo, sharding
+from gptjax import config as config_lib
+from gptjax import evaluate, grpo, ppo, reward_model, rewards, sharding
 from gptjax.data import chat
 from gptjax.data.iterators import BatchIterator, lm_batches
 from gptjax.errors import ConfigError
-from gptjax.ppo_trainer import PPOTrainer
+from gptjax.model import Model
+from gptjax.rl_trainer import RLTrainer
 from gptjax.rollout import RolloutInputs, rollout_config
-from gptjax.world.evaluation import METRICS
+from gptjax.world import evaluation as world_eval
 
 KL_GUARDS = ("rollback", "stop")
+ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
 def prompt_messages(record) -> list[dict[str, str]]:
@@ -63,23 +71,68 @@ def report_long_prompts(source, render, limit: int, field: str) -> int:
 
 
 def settings(ctx: StageContext) -> dict:
-    """The stage's typed configs, validated (no data is read)."""
+    """The stage's typed configs, validated (no data is read; a user's reward function
+    must load)."""
     section, name = ctx.section, ctx.name
-    cfg = ppo.from_section(section, name)
+    algorithm = section.get("algorithm", "ppo")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"{name}.algorithm", f"{algorithm!r} not in {'|'.join(ALGORITHMS)}")
+    if algorithm == "ppo":
+        cfg = ppo.from_section(section, name)
+        samples, minibatches, ptx = 1, cfg.minibatches, cfg.ptx_coef > 0
+    else:
+        cfg = grpo.from_section(section, name)
+        if cfg.algorithm != algorithm:
+            raise ConfigError(
+                f"{name}.algorithm", f"{algorithm!r} but the section is {cfg.algorithm!r}"
+            )
+        samples, minibatches, ptx = cfg.group_size, cfg.minibatches, False
     shape = rollout_config(section, name)
     if section.iterations < 1:
         raise ConfigError(f"{name}.iterations", f"must be >= 1, got {section.iterations}")
     loop = sections.loop_config(section, name, section.iterations)
-    if section.kl_guard not in KL_GUARDS:
+    if section.get("kl_guard", "rollback") not in KL_GUARDS:
         raise ConfigError(f"{name}.kl_guard", f"{section.kl_guard!r} not in rollback|stop")
-    if section.kl_guard == "stop":
+    if section.get("kl_guard") == "stop":
         loop = dataclasses.replace(loop, stop_on=("kl_blowup",))
     optim = sections.optim_config(section, name)
     mesh = ctx.mesh()
-    shape.check(
-        mesh, sources.model_config(ctx.config, None), cfg.minibatches, cfg.ptx_coef > 0, name
+    model = sources.model_config(ctx.config, None)
+    shape.check(mesh, model, minibatches, ptx, name, samples)
+    reward = section.get("reward", rewards.RM)
+    if reward == rewards.GOLD and ctx.config.data.pretrain != sources.WORLD:
+        raise ConfigError(f"{name}.reward", "gold needs the built-in world (data.pretrain=world)")
+    if reward == rewards.RM and "rm" not in ctx.inputs:
+        raise ConfigError(f"{name}.reward", "this instance reads no RM: gold or module:function")
+    if reward not in (rewards.RM, rewards.GOLD):
+        config_lib.load_callable(reward, f"{name}.reward")
+    return dict(
+        algorithm=algorithm, cfg=cfg, shape=shape, loop=loop, optim=optim, mesh=mesh, reward=reward
     )
-    return dict(cfg=cfg, shape=shape, loop=loop, optim=optim, mesh=mesh)
+
+
+def host_reward(ctx: StageContext, spec: str, tokenizer):
+    """The reward computed on the host from decoded replies (None for the RM): the world's
+    gold labeler, or the user's function named in the section's `reward`."""
+    if spec == rewards.RM:
+        return None
+    if spec == rewards.GOLD:
+        weight = sources.world_config(ctx.config).length_weight
+        fn = rewards.HostReward(
+            "gold (the world's labeler)",
+            functools.partial(world_eval.gold_rewards, length_weight=weight),
+        )
+    else:
+        fn = rewards.HostReward(spec, config_lib.load_callable(spec, f"{ctx.name}.reward"))
+
+    def score(records, reply_BxN, mask_BxN, ended_B):
+        texts = [
+            chat.decode_reply(row[m > 0].tolist(), tokenizer)[0]
+            for row, m in zip(reply_BxN, mask_BxN)
+        ]
+        return fn(records, texts, [bool(e) for e in ended_B])
+
+    return score
 
 
 def eval_fn(ctx: StageContext, policy, tokenizer):
@@ -92,7 +145,8 @@ def eval_fn(ctx: StageContext, policy, tokenizer):
     protocol = sources.protocol(config)
 
     def run(params):
-        result = evaluate.evaluate(policy, params, tokenizer, records, METRICS, protocol)
+        metrics = world_eval.METRICS
+        result = evaluate.evaluate(policy, params, tokenizer, records, metrics, protocol)
         return {
             f"{proto}/{metric}": result[proto][metric]["mean"]
             for proto in ("greedy", "sample")
@@ -112,23 +166,30 @@ def build(ctx: StageContext) -> dict:
         config, workdir, ctx.inputs["policy"], tokenizer, directory=ctx.checkpoints("policy"),
         mesh=mesh,
     )  # fmt: skip
-    rm, rm_params = sources.load_stage_params(
-        config, workdir, ctx.inputs["rm"], tokenizer, head="scalar",
-        directory=ctx.checkpoints("rm"), mesh=mesh,
-    )  # fmt: skip
-    trainer = PPOTrainer.build(
-        policy,
-        sft_params,
-        rm,
-        rm_params,
-        cfg,
-        s["optim"],
-        mesh,
+    reward = host_reward(ctx, s["reward"], tokenizer)
+    if reward is None:
+        rm, rm_params = sources.load_stage_params(
+            config, workdir, ctx.inputs["rm"], tokenizer, head="scalar",
+            directory=ctx.checkpoints("rm"), mesh=mesh,
+        )  # fmt: skip
+    else:  # a value model (PPO) starts from the SFT trunk with a zero head
+        rm = Model(sources.model_config(config, tokenizer, head="scalar"))
+        rm_params = (
+            reward_model.with_scalar_head(rm, sft_params) if s["algorithm"] == "ppo" else None
+        )
+    kw = dict(
         iterations=section.iterations,
         max_new_tokens=shape.max_new_tokens,
         eos_id=tokenizer.eos_id,
         sampling_seed=config.seeds.sampling,
+        host_reward=reward,
     )
+    if s["algorithm"] == "ppo":
+        trainer = RLTrainer.ppo(
+            policy, sft_params, rm, rm_params, rm_params, cfg, s["optim"], mesh, **kw
+        )
+    else:
+        trainer = RLTrainer.group(policy, sft_params, rm, rm_params, cfg, s["optim"], mesh, **kw)
     kw = sharding.host_block(mesh).iterator_kwargs()
     source = sources.prompt_source(config, workdir, section, name)
 
@@ -151,7 +212,7 @@ def build(ctx: StageContext) -> dict:
         **kw,
     )
     ptx = None
-    if cfg.ptx_coef > 0:
+    if s["algorithm"] == "ppo" and cfg.ptx_coef > 0:
         train_src, _ = sources.pretrain_sources(config, workdir)
         ptx = lm_batches(
             train_src,
@@ -165,7 +226,7 @@ def build(ctx: StageContext) -> dict:
         trainer=trainer,
         tokenizer=tokenizer,
         loop=s["loop"],
-        inputs=RolloutInputs(prompts, ptx),
+        inputs=RolloutInputs(prompts, ptx, source if reward is not None else None),
         eval_fn=eval_fn(ctx, policy, tokenizer),
     )
 
@@ -192,7 +253,8 @@ def run(ctx: StageContext) -> dict:
     ]
     if m:
         lines.append(
-            f"RM score {m['score']:.3f}  KL {m['kl']:.3f}  β {m['kl_coef']:.4f}  "
+            f"{ctx.section.get('reward', 'rm')} score {m['score']:.3f}  KL {m['kl']:.3f}  "
+            f"β {m['kl_coef']:.4f}  "
             f"length {m['response_length']:.1f}  EOS {m['eos_fraction']:.2f}  "
             f"s/iter {m['time_iteration_s']:.2f} (rollout {m['time_rollout_s']:.2f}, "
             f"score {m['time_score_s']:.2f}, update {m['time_update_s']:.2f})"
