@@ -140,6 +140,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         dict(
             max_prompts=0,  # 0 = every eval prompt
             best_of_n=4,  # the best-of-n variant's n (RM-picked SFT samples); <= 1: off
+            # More best-of-n variants, one per n (a reference curve of gold against KL).
+            best_of_curve=(),
             lm_batches=8,  # held-out pretraining batches for the alignment-tax loss
             # SFT sampled at these temperatures (< 1), each a variant "SFT T=<t>": the
             # baselines whose KL to SFT an RL method's is matched to; empty = none.
@@ -215,10 +217,11 @@ def _runlocal(c: ml_collections.ConfigDict, name: str) -> None:
         section.update(rl, prompts_per_iteration=64, kl_coef=0.3, ptx_batch_size=16, ptx_seq_len=64)
         section.optim.lr = 1e-4
     # 16 prompts x 4 replies: the 64 sampled replies per iteration of PPO's sections.
+    # β = 0.3 for every method, as PPO's (pilot runs: docs/notes.md).
     for section in (c.grpo, c.rloo, c.grpo_gold, c.rloo_gold):
-        section.update(rl, prompts_per_iteration=16, epochs=2, kl_coef=0.1)
+        section.update(rl, prompts_per_iteration=16, epochs=2, kl_coef=0.3)
         section.optim.lr = 1e-4
-    dpo_fields = {k: c.dpo[k] for k in ("beta", "loss", "k_max", "init_from")}
+    dpo_fields = {k: c.dpo[k] for k in ("loss", "k_max", "init_from")}
     c.dpo = _stage(160, 16, 40, 5e-5, 10, 80, 0)  # the RM's comparisons and shapes
-    c.dpo.update(dpo_fields)
+    c.dpo.update(dpo_fields, beta=0.3)
     c.dpo.optim.weight_decay = 0.0

@@ -4,6 +4,7 @@
     python -m experiments.sweep --config=configs/sweep.py:ptx --workdir=runs/sweep-ptx
     python -m experiments.sweep --config=configs/sweep.py:kl --shared_from=runs/tiny-...
     python -m experiments.sweep --config=configs/sweep.py:kl --config.seed_all=True
+    python -m experiments.sweep --config=configs/sweep.py:algorithms   # PPO/GRPO/RLOO/DPO
 
 Every cell (variant x seed) runs `stages` through the sweep's stage cache
 (experiments/stage_cache.py): a stage whose settings and inputs are those of a stage
@@ -23,6 +24,7 @@ Fields:
   eval_variants  the eval stage's variants in each cell (gptjax names: SFT, PPO, ...)
   findings       the effects whose verdicts the report states: metric, protocol,
                  (variant a, model a), (variant b, model b), predicted sign of a − b
+  frontier       the algorithms preset's matched-KL analysis (experiments/frontier.py)
 """
 
 import copy
@@ -256,6 +258,58 @@ PRESETS = {
 }
 
 
+# The alignment lab (README "Algorithms"): every method at three values of its KL knob β
+# (PPO, GRPO, RLOO: the penalty's coefficient; DPO: its β), the online methods once more
+# on the gold reward, whole-pipeline seeds. The references (SFT at lower temperatures,
+# best-of-n for several n) are evaluated in the middle variant only: they do not depend
+# on β. The frontier analysis: experiments/frontier.py.
+BETAS = (("beta_1", 1.0), ("beta_3e-1", 0.3), ("beta_1e-1", 0.1))
+METHODS = ("PPO", "GRPO", "RLOO", "DPO")
+GOLD_METHODS = ("PPO (gold reward)", "GRPO (gold reward)", "RLOO (gold reward)")
+PRESETS["algorithms"] = (
+    {
+        name: {
+            "ppo.kl_coef": beta,
+            "grpo.kl_coef": beta,
+            "rloo.kl_coef": beta,
+            "dpo.beta": beta,
+            "eval.best_of_n": 0,
+            **(
+                {"eval.sft_temperatures": (0.4, 0.6, 0.8), "eval.best_of_curve": (2, 4, 8, 16)}
+                if name == "beta_3e-1"
+                else {}
+            ),
+        }
+        for name, beta in BETAS
+    },
+    (*ALL[:-1], "grpo", "rloo", "dpo", "ppo_gold", "grpo_gold", "rloo_gold", "eval"),
+    (),  # seed_all: every stage
+    ("SFT", "SFT T", "best-of-n", *METHODS, *GOLD_METHODS),
+    [
+        _finding(
+            f"{method} beats SFT on gold",
+            "gold_reward",
+            "sample",
+            ("beta_3e-1", method),
+            ("beta_3e-1", "SFT"),
+            +1,
+            f"{method} at β = 0.3 (the CPU presets' default) improves on SFT",
+        )
+        for method in METHODS
+    ],
+)
+EXTRA = {
+    "algorithms": dict(
+        seed_all=True,
+        # The analysis of experiments/frontier.py: RM-trained methods, gold-trained ones,
+        # and the KLs (nats per reply) at which the methods' curves are compared.
+        frontier=dict(
+            methods=list(METHODS), gold_methods=list(GOLD_METHODS), matched_kl=[0.4, 0.8]
+        ),
+    )
+}
+
+
 def get_config(name: str = "kl") -> ml_collections.ConfigDict:
     if name not in PRESETS:
         raise ValueError(f"unknown sweep {name!r}; presets: {', '.join(PRESETS)}")
@@ -263,17 +317,18 @@ def get_config(name: str = "kl") -> ml_collections.ConfigDict:
     variants, stages, seeded, eval_variants, findings = copy.deepcopy(PRESETS[name])
     # Overrides are [dotted key, value] pairs (ConfigDict keys cannot contain dots).
     pairs = lambda d: [[k, v] for k, v in d.items()]  # noqa: E731
-    return ml_collections.ConfigDict(
-        dict(
-            name=name,
-            pipeline="tiny",
-            overrides=pairs(SWEEP_OVERRIDES),
-            stages=list(stages),
-            seeded=list(seeded),
-            seed_all=False,
-            variants={v: pairs(o) for v, o in variants.items()},
-            seeds=[0, 1, 2],
-            eval_variants=list(eval_variants),
-            findings=findings,
-        )
+    fields = dict(
+        name=name,
+        pipeline="tiny",
+        overrides=pairs(SWEEP_OVERRIDES),
+        stages=list(stages),
+        seeded=list(seeded),
+        seed_all=False,
+        variants={v: pairs(o) for v, o in variants.items()},
+        seeds=[0, 1, 2],
+        eval_variants=list(eval_variants),
+        findings=findings,
+        frontier=None,  # the algorithms analysis (experiments/frontier.py)
     )
+    fields.update(EXTRA.get(name, {}))
+    return ml_collections.ConfigDict(fields)

@@ -103,3 +103,31 @@ def kl_points(variants: dict) -> list[dict]:
             }
         )
     return points
+
+
+def plot_frontier(path: str, series: list[dict], title: str) -> None:
+    """Gold reward against KL to SFT, one colour per method. series: {"label", "kind"
+    (method | reference | gold | sft), "points": [(kl, gold, kl_err, gold_err)]}: methods
+    solid with markers, references dashed, gold-trained methods open markers."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    styles = {
+        "method": dict(fmt="o-", ms=5),
+        "reference": dict(fmt="s--", ms=4, alpha=0.8),
+        "gold": dict(fmt="D", ms=6, mfc="none"),
+        "sft": dict(fmt="*", ms=11, color="k"),
+    }
+    for s in series:
+        kl, gold, kl_err, gold_err = (np.array(x) for x in zip(*s["points"]))
+        ax.errorbar(
+            kl, gold, xerr=kl_err, yerr=gold_err, capsize=2, lw=1.2, label=s["label"],
+            **styles[s["kind"]],
+        )  # fmt: skip
+    ax.set_xlabel("KL to SFT (nats per reply, temperature-1 samples)")
+    ax.set_ylabel("gold reward (temperature 1)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -29,13 +29,13 @@ import math
 import os
 import sys
 
-import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import pipeline as pipeline_configs
-from experiments import plots, report, sources, stage_cache
+from experiments import frontier, plots, report, sources, stage_cache
 from gptjax.errors import ConfigError
+from gptjax.eval_stats import t_interval
 
 _DEFAULT = os.path.join(os.path.dirname(__file__), "..", "configs", "sweep.py")
 _CONFIG = config_flags.DEFINE_config_file(
@@ -45,7 +45,6 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory (default runs/s
 _SHARED_FROM = flags.DEFINE_string(
     "shared_from", None, "A finished pipeline workdir whose stages the cells reuse by key."
 )
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 
 
 def set_dotted(config, key: str, value) -> None:
@@ -103,15 +102,6 @@ def run_cell(sweep, workdir: str, variant: str, seed: int, shared_from=None) -> 
         json.dump(out, f, default=float)
     os.replace(done + ".tmp", done)  # atomic: a half-written marker never exists
     return out
-
-
-def t_interval(values) -> tuple[float, float, float]:
-    x = np.asarray(values, np.float64)
-    mean = float(x.mean()) if len(x) else float("nan")
-    if len(x) < 2:
-        return mean, float("nan"), float("nan")
-    half = T_975.get(len(x) - 1, 1.96) * float(x.std(ddof=1)) / math.sqrt(len(x))
-    return mean, mean - half, mean + half
 
 
 def verdict(effects, sign: int) -> dict:
@@ -216,11 +206,17 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
             stat = agg.get((variant, model, "sample", m))
             cells_md.append("—" if stat is None else _fmt(stat))
         lines.append(f"| {variant} / {model} | " + " | ".join(cells_md) + " |")
+    analysis = None
+    if sweep.get("frontier"):
+        figures["frontier"] = os.path.join(directory, "frontier.png")
+        frontier.plot(figures["frontier"], cells, sweep.frontier)
+        analysis = frontier.analyse(sweep.frontier, sweep, cells)
+        lines += ["", *frontier.report_lines(analysis, sweep.frontier)]
     lines += [""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures.items()]
     path = os.path.join(directory, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    return {"report": path, "verdicts": verdicts, "plots": figures}
+    return {"report": path, "verdicts": verdicts, "plots": figures, "frontier": analysis}
 
 
 RULE = (

@@ -10,6 +10,7 @@ gptjax/evaluate.py scored them with; a world adds its own (gptjax/world/evaluati
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -148,3 +149,18 @@ def format_model_table(results: dict, metrics) -> str:
             cells.append("—" if s is None else f"{s['mean']:.3f} [{s['lo']:.2f}, {s['hi']:.2f}]")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# t quantiles (0.975) by degrees of freedom: intervals over a handful of seeds.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+
+
+def t_interval(values) -> tuple[float, float, float]:
+    """(mean, lo, hi): the 95% t-interval of the mean over a few values (e.g. seeds); the
+    bounds are nan with fewer than 2 values."""
+    x = np.asarray(values, np.float64)
+    mean = float(x.mean()) if len(x) else float("nan")
+    if len(x) < 2:
+        return mean, float("nan"), float("nan")
+    half = T_975.get(len(x) - 1, 1.96) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return mean, mean - half, mean + half

@@ -66,9 +66,10 @@ def variants(ctx: StageContext) -> list[Variant]:
     out = [Variant("base zero-shot", "base"), Variant("base few-shot", "base", "fewshot")]
     if has_stage(ctx, "sft"):
         out.append(Variant("SFT", "sft"))
-        if has_stage(ctx, "rm") and config.eval.best_of_n > 1:
-            n = config.eval.best_of_n
-            out.append(Variant(f"best-of-{n}", "sft", best_of=n))
+        if has_stage(ctx, "rm"):
+            for n in sorted({config.eval.best_of_n, *config.eval.best_of_curve}):
+                if n > 1:
+                    out.append(Variant(f"best-of-{n}", "sft", best_of=n))
         for t in config.eval.sft_temperatures:
             out.append(Variant(f"SFT T={t:g}", "sft", temperature=float(t)))
     out += [Variant(name, role, trained_on=on) for name, role, on in POLICIES]
