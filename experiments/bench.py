@@ -3,6 +3,7 @@
     python -m experiments.bench train [--configs=tiny,small_cpu,gpt2_4l] [--steps=20]
     python -m experiments.bench sample [--configs=tiny,small_cpu]
     python -m experiments.bench ppo [--configs=tiny,small_cpu] [--iterations=5] [--ptx]
+    python -m experiments.bench grpo|rloo|dpo [--configs=tiny,small_cpu]   # beside PPO
 
 Every benchmark builds what the pipeline builds from the preset's pipeline config
 (configs/pipeline.py): the pretrain stage's batch and optimizer, the ppo stage's sections.
@@ -15,10 +16,8 @@ train: training tokens/s and model-FLOPs utilisation (MFU) of the pretrain stage
   - MFU = tokens/s * FLOPs per token / peak.
   Also reports the first step's compile time, and fails loudly if the step recompiles
   after step 1 or XLA reports that donated buffers were not usable.
-ppo: seconds per PPO iteration (configs/ppo.py settings, random-init policy and RM),
-  split into rollout (KV-cache sampling), scoring (RM + reference log-probs) and update
-  (ppo_train_step: old log-probs, GAE, epochs x minibatches); medians after one compiling
-  iteration, whose time is reported as "first".
+ppo, grpo, rloo, dpo: seconds per iteration of the alignment stages and their split
+  (rollout / scoring / update), each beside PPO's: experiments/bench_rl.py.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -39,13 +37,11 @@ import numpy as np
 
 from configs import model as model_configs
 from configs import pipeline
-from gptjax import ppo, sharding
-from gptjax.config import from_dict
+from experiments import bench_rl
+from experiments.bench_rl import environment, one_device_mesh
+from gptjax import sharding
 from gptjax.flops import train_flops_per_token
 from gptjax.model import Model, from_pipeline
-from gptjax.optim import OptimConfig
-from gptjax.rl_trainer import RLTrainer
-from gptjax.rollout import rollout_config
 from gptjax.trainer import LMTrainer, section_configs
 
 TRAIN_CONFIGS = model_configs.CPU_PRESETS
@@ -67,12 +63,6 @@ def measure_peak_flops(n: int = 2048, repeats: int = 10) -> float:
         matmul(a, b).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / min(times)
-
-
-def one_device_mesh(config):
-    return sharding.make_mesh(
-        from_dict(sharding.MeshConfig, config.mesh, "mesh"), devices=jax.devices()[:1]
-    )
 
 
 def bench_train(name: str, steps: int, peak: float) -> dict:
@@ -183,102 +173,6 @@ def run_sample(args) -> dict:
     return {"env": environment(), "rows": rows}
 
 
-PPO_CONFIGS = ("tiny", "small_cpu")
-
-
-def bench_ppo(name: str, iterations: int, ptx: bool = False) -> dict:
-    """Seconds per PPO iteration and its split (rollout / scoring / update), with the
-    stage's own settings (configs/ppo.py) and random-init policy and RM. Replies never
-    end (no EOS), so every iteration decodes max_new_tokens for every prompt."""
-    config = pipeline.get_config(name)
-    stage = "ppo_ptx" if ptx else "ppo"
-    section = config[stage]
-    cfg, shape = ppo.from_section(section, stage), rollout_config(section, stage)
-    optim = from_dict(OptimConfig, section.optim, f"{stage}.optim")
-    policy = Model(from_pipeline(config))
-    rm = Model(from_pipeline(config, head="scalar"))
-    params = jax.jit(policy.init)(jax.random.key(0))
-    rm_params = jax.jit(rm.init)(jax.random.key(1))
-    trainer = RLTrainer.ppo(
-        policy,
-        params,
-        rm,
-        rm_params,
-        rm_params,
-        cfg,
-        optim,
-        one_device_mesh(config),
-        iterations=iterations + 1,
-        max_new_tokens=shape.max_new_tokens,
-        eos_id=-1,
-        sampling_seed=0,
-    )
-    rng = np.random.default_rng(0)
-    b, p = shape.prompts_per_iteration, shape.max_prompt_len
-    vocab = policy.cfg.vocab_size
-    inputs = {"prompts": {"tokens": rng.integers(3, vocab, (b, p), dtype=np.int32)}}
-    inputs["prompts"]["mask"] = np.ones((b, p), np.int32)
-    if ptx:
-        rows, t = shape.ptx_batch_size, shape.ptx_seq_len
-        inputs["ptx"] = {
-            "tokens": rng.integers(3, vocab, (rows, t), dtype=np.int32),
-            "segment_ids": np.ones((rows, t), np.int32),
-            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (rows, t)).copy(),
-            "loss_mask": np.ones((rows, t), np.float32),
-        }
-    state, key = trainer.init_state(), jax.random.key(0)
-    state, first = trainer.iteration(state, inputs, key)  # compiles all three phases
-    phases = ("time_rollout_s", "time_score_s", "time_update_s", "time_iteration_s")
-    times = {k: [] for k in phases}
-    for _ in range(iterations):
-        state, metrics = trainer.iteration(state, inputs, key)
-        for k in phases:
-            times[k].append(metrics[k])
-    row = {
-        "config": name + ("+ptx" if ptx else ""),
-        "params": policy.param_count(),
-        "prompts": b,
-        "prompt_len": p,
-        "new_tokens": shape.max_new_tokens,
-        "epochs": cfg.epochs,
-        "minibatches": cfg.minibatches,
-        "first_iteration_s": first["time_iteration_s"],
-    }
-    row.update({k[len("time_") :]: statistics.median(v) for k, v in times.items()})
-    return row
-
-
-def run_ppo(args) -> dict:
-    rows = [
-        bench_ppo(name, args.iterations, ptx)
-        for name in args.configs.split(",")
-        for ptx in ((False, True) if args.ptx else (False,))
-    ]
-    print(
-        f"{'config':<14} {'B x (P+N)':>11} {'ExK':>5} {'first s':>8} {'s/iter':>7} "
-        f"{'rollout':>8} {'score':>7} {'update':>7}"
-    )
-    for r in rows:
-        shape = f"{r['prompts']}x({r['prompt_len']}+{r['new_tokens']})"
-        print(
-            f"{r['config']:<14} {shape:>11} {r['epochs']}x{r['minibatches']:<3} "
-            f"{r['first_iteration_s']:>8.1f} {r['iteration_s']:>7.2f} {r['rollout_s']:>8.2f} "
-            f"{r['score_s']:>7.2f} {r['update_s']:>7.2f}"
-        )
-    return {"env": environment(), "rows": rows}
-
-
-def environment() -> dict:
-    return {
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": jax.device_count(),
-        "cpus": os.cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-    }
-
-
 def run_train(args) -> dict:
     # The peak is measured before and after the configs and the higher one kept: a
     # background job slowing one measurement must not inflate MFU.
@@ -312,13 +206,21 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=",".join(SAMPLE_CONFIGS))
     p.add_argument("--out", default="runs/bench/sample.json")
     p = sub.add_parser("ppo", help="seconds per PPO iteration: rollout / scoring / update")
-    p.add_argument("--configs", default=",".join(PPO_CONFIGS))
+    p.add_argument("--configs", default=",".join(bench_rl.CONFIGS))
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--ptx", action="store_true", help="also time PPO-ptx")
     p.add_argument("--out", default="runs/bench/ppo.json")
+    for method in ("grpo", "rloo", "dpo"):
+        p = sub.add_parser(method, help=f"{method} beside PPO at the same sampled tokens")
+        p.add_argument("--configs", default=",".join(bench_rl.CONFIGS))
+        p.add_argument("--iterations", type=int, default=5)
+        p.add_argument("--out", default=f"runs/bench/{method}.json")
     args = parser.parse_args(argv)
+    runners = {"train": run_train, "sample": run_sample, "ppo": bench_rl.run_ppo}
+    runners.update(grpo=bench_rl.run_versus_ppo, rloo=bench_rl.run_versus_ppo)
+    runners.update(dpo=bench_rl.run_versus_ppo)
     try:
-        result = {"train": run_train, "sample": run_sample, "ppo": run_ppo}[args.bench](args)
+        result = runners[args.bench](args)
     except BenchError as e:
         print(f"bench failed: {e}", file=sys.stderr)
         return 1

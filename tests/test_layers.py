@@ -16,6 +16,7 @@ TOOLS = (
     "aot_programs",
     "aot_table",
     "bench",
+    "bench_rl",
     "calibrate",
     "chat",
     "plots",
@@ -62,15 +63,15 @@ def test_a_tool_never_imports_a_stage(tool):
     assert not stage_imports(os.path.join(ROOT, "experiments", f"{tool}.py"))
 
 
-@pytest.mark.parametrize("tool", ["aot", "aot_programs", "aot_table", "bench"])
+@pytest.mark.parametrize("tool", ["aot", "aot_programs", "aot_table", "bench", "bench_rl"])
 def test_aot_and_bench_import_only_gptjax_and_configs(tool):
     ours = {
         m
         for m in imported_modules(os.path.join(ROOT, "experiments", f"{tool}.py"))
         if m.split(".")[0] in ("experiments", "configs", "gptjax")
     }
-    # aot_table reads aot's own results (a tool of the same command).
-    allowed = ("gptjax", "configs", "experiments.aot")  # aot, aot_programs, aot_table
+    # aot_table reads aot's own results, bench_rl is bench's (tools of the same command).
+    allowed = ("gptjax", "configs", "experiments.aot", "experiments.bench")
     assert all(m.startswith(allowed) for m in ours), sorted(ours)
 
 

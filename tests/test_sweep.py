@@ -176,6 +176,7 @@ PRESETS = (
     "code_frac",
     "verbosity",
     "abstention",
+    "algorithms",
 )
 
 
@@ -250,3 +251,61 @@ def test_run_report_from_fake_eval_results(tmp_path):
     assert len(report.read_csv(paths["csv"])) == sum(
         len(v[p]) for v in variants.values() for p in ("greedy", "sample", "model")
     )
+
+
+def _algorithm_cell(variant, seed, models):
+    """A cell whose models have (KL to SFT, gold reward); greedy gold = sample gold."""
+
+    def metrics(kl, gold):
+        return {"gold_reward": _stat(gold), "kl_to_sft": _stat(kl), "rm_reward": _stat(0.0)}
+
+    return {
+        "variant": variant,
+        "seed": seed,
+        "variants": {
+            name: {"greedy": metrics(kl, gold), "sample": metrics(kl, gold), "model": {}}
+            for name, (kl, gold) in models.items()
+        },
+    }
+
+
+def test_algorithms_report_reads_gold_at_matched_kl_inside_the_measured_range(tmp_path):
+    from experiments import frontier
+
+    sweep = sweep_configs.get_config("algorithms")
+    betas = list(sweep.variants)
+    cells = []
+    for s in range(3):
+        for i, variant in enumerate(betas):  # one KL per β: 0.2, 0.6, 1.0 (PPO)
+            models = {
+                "SFT": (0.0, 0.0 + 0.01 * s),
+                "PPO": (0.2 + 0.4 * i, 0.5 * (0.2 + 0.4 * i) + 0.01 * s),  # gold = KL/2
+                "GRPO": (0.9 + 0.1 * i, -0.1 + 0.01 * s),  # measured only above 0.9
+                "PPO (gold reward)": (0.5, 0.9),
+            }
+            if i == 0:  # references in one variant: temperature and best-of-n curves
+                models.update(
+                    {"SFT T=0.5": (1.0, 0.1 + 0.01 * s), "best-of-4": (1.0, 0.3 + 0.01 * s)}
+                )
+            cells.append(_algorithm_cell(variant, s, models))
+    spec = sweep.frontier
+    spec.methods = ["PPO", "GRPO"]
+    analysis = frontier.analyse(spec, sweep, cells)
+    at = {row["kl"]: row for row in analysis["matched"]}
+    ppo = at[0.4]["methods"]["PPO"]
+    # Interpolated on PPO's own points: gold = KL/2 (+ 0.01 seed), per seed.
+    assert ppo["values"] == pytest.approx({0: 0.2, 1: 0.21, 2: 0.22})
+    assert at[0.4]["methods"]["GRPO"]["values"] == {}  # never extrapolated below 0.9
+    # References from SFT at KL 0: temperature at 0.4 = 0.04 (+ seed); best-of-n 0.12.
+    assert at[0.4]["methods"]["matched-temperature SFT"]["values"][0] == pytest.approx(0.04)
+    versus = at[0.4]["versus"]
+    assert versus["PPO", "matched-temperature SFT"]["verdict"] == "beats"
+    assert versus["PPO", "best-of-n"]["verdict"] == "beats"  # 0.2 > 0.12, every seed
+    assert versus["GRPO", "best-of-n"]["seeds"] == 0
+    beats = {(b["method"], b["variant"]): b["verdict"] for b in analysis["beats_sft"]}
+    assert beats["PPO", betas[1]] == "beats SFT" and beats["GRPO", betas[0]] == "loses to SFT"
+    lines = "\n".join(frontier.report_lines(analysis, spec))
+    assert "not measured (KL outside the range)" in lines
+    path = str(tmp_path / "frontier.png")
+    frontier.plot(path, cells, spec)
+    assert os.path.getsize(path) > 1000
