@@ -37,8 +37,8 @@ import numpy as np
 
 from configs import model as model_configs
 from configs import pipeline
-from experiments import bench_rl
-from experiments.bench_rl import environment, one_device_mesh
+from experiments.bench_rl import CONFIGS as RL_CONFIGS
+from experiments.bench_rl import environment, one_device_mesh, run_ppo, run_versus_ppo
 from gptjax import sharding
 from gptjax.flops import train_flops_per_token
 from gptjax.model import Model, from_pipeline
@@ -206,19 +206,19 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=",".join(SAMPLE_CONFIGS))
     p.add_argument("--out", default="runs/bench/sample.json")
     p = sub.add_parser("ppo", help="seconds per PPO iteration: rollout / scoring / update")
-    p.add_argument("--configs", default=",".join(bench_rl.CONFIGS))
+    p.add_argument("--configs", default=",".join(RL_CONFIGS))
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--ptx", action="store_true", help="also time PPO-ptx")
     p.add_argument("--out", default="runs/bench/ppo.json")
     for method in ("grpo", "rloo", "dpo"):
         p = sub.add_parser(method, help=f"{method} beside PPO at the same sampled tokens")
-        p.add_argument("--configs", default=",".join(bench_rl.CONFIGS))
+        p.add_argument("--configs", default=",".join(RL_CONFIGS))
         p.add_argument("--iterations", type=int, default=5)
         p.add_argument("--out", default=f"runs/bench/{method}.json")
     args = parser.parse_args(argv)
-    runners = {"train": run_train, "sample": run_sample, "ppo": bench_rl.run_ppo}
-    runners.update(grpo=bench_rl.run_versus_ppo, rloo=bench_rl.run_versus_ppo)
-    runners.update(dpo=bench_rl.run_versus_ppo)
+    runners = {"train": run_train, "sample": run_sample, "ppo": run_ppo}
+    runners.update(grpo=run_versus_ppo, rloo=run_versus_ppo)
+    runners.update(dpo=run_versus_ppo)
     try:
         result = runners[args.bench](args)
     except BenchError as e:
