@@ -186,3 +186,25 @@ def test_state_from_another_setup_is_rejected(tok):
         other_data.set_state(state)
     with pytest.raises(ValueError):
         iterators.lm_batches([], tok, batch_size=B, seq_len=T, seed=1)
+
+
+@pytest.mark.parametrize("seq_len", [64, 12])
+def test_comparison_reply_mask_covers_the_reply_and_its_eos_and_keeps_the_end(tok, seq_len):
+    record = {
+        "prompt": "what is 3 plus 4? please answer",
+        "responses": ["7. the cat sat", "no"],
+        "ranks": [0, 1],
+        "ended": [True, False],
+        "ref_seq_logp": [-3.5, -7.25],
+    }
+    out = iterators.comparison_example(record, tok, seq_len, k_max=3)
+    for k, (reply, ended) in enumerate(zip(record["responses"], record["ended"])):
+        ids = chat.encode_reply(reply, tok) + ([tok.eos_id] if ended else [])
+        n = int(out["segment_ids"][k].sum())
+        # The row ends with the reply (and EOS); a long row loses its prompt's start first.
+        assert out["tokens"][k, :n].tolist()[-len(ids) :] == ids
+        masked = out["tokens"][k][out["reply_mask"][k] > 0].tolist()
+        assert masked == ids[-n:]
+        assert out["reward_index"][k] == n - 1
+    assert not out["reply_mask"][2].any() and out["valid"].tolist() == [1, 1, 0]
+    np.testing.assert_array_equal(out["ref_seq_logp"], [-3.5, -7.25, 0.0])
