@@ -14,9 +14,10 @@ refuses to compile a program whose temporaries exceed HBM, so an out-of-memory s
 not an hour into a pod reservation. `--topology` defaults to the preset's target slice
 (configs/model.py TARGETS).
 
-Programs per stage: pretrain, sft, rm: the train step; ppo: the rollout sampler, the
-scoring pass (RM + reference) and the update step; ppo_ptx: its update step (its rollout
-and scoring are ppo's).
+Programs per stage: pretrain, sft, rm, dpo: the train step; ppo, grpo, rloo: the rollout
+sampler, the scoring pass (RM + reference) and the update step; ppo_ptx: its update step
+(its rollout and scoring are ppo's). `all` and the table are the InstructGPT stages;
+grpo, rloo and dpo compile when named (`--stage=grpo,rloo,dpo`).
 
 Memory per chip (GiB) = arguments + outputs − donated (aliased) + temporaries + code, from
 `compiled.memory_analysis()`, plus "resident": the arrays that live on the chips while the
@@ -50,7 +51,13 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
-from experiments.aot_programs import STAGES, Program, bytes_per_chip, stage_programs  # noqa: E402
+from experiments.aot_programs import (  # noqa: E402
+    MORE_STAGES,
+    STAGES,
+    Program,
+    bytes_per_chip,
+    stage_programs,
+)
 from gptjax import config as config_lib  # noqa: E402
 from gptjax import sharding  # noqa: E402
 from gptjax.errors import ConfigError  # noqa: E402
@@ -256,7 +263,9 @@ def _define_flags():
         "config", os.path.normpath(default) + ":gpt2_124m", "Pipeline config file:preset."
     )
     flags.DEFINE_string("topology", "", "TPU slice, e.g. v5e:2x4; default the preset's.")
-    flags.DEFINE_string("stage", "all", f"Comma list from {STAGES}, or all.")
+    flags.DEFINE_string(
+        "stage", "all", f"Comma list from {STAGES + MORE_STAGES}, or all (the table's {STAGES})."
+    )
     flags.DEFINE_bool("table", False, "Compile every TPU preset on its target slice.")
     flags.DEFINE_string("presets", "", "With --table: comma list (default all TARGETS).")
     flags.DEFINE_string("results", "docs/aot", "With --table: per-preset JSON cache.")

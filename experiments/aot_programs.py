@@ -3,9 +3,10 @@
 `jax.ShapeDtypeStruct`s carrying their shardings, shapes from `jax.eval_shape`, so no
 param is ever materialised (experiments/aot.py compiles them).
 
-Programs per stage: pretrain, sft, rm: the train step; ppo: the rollout sampler, the
-scoring pass (RM + reference) and the update step; ppo_ptx: its update step (its rollout
-and scoring are ppo's).
+Programs per stage: pretrain, sft, rm, dpo: the train step; ppo, grpo, rloo: the rollout
+sampler, the scoring pass (RM + reference) and the update step; ppo_ptx: its update step
+(its rollout and scoring are ppo's). The BUILD.md table compiles STAGES; the alignment
+stages of issue 20 (MORE_STAGES) compile on request (`--stage=grpo,rloo,dpo`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import config as config_lib
-from gptjax import ppo, reward_model, sharding
+from gptjax import dpo, grpo, ppo, reward_model, sharding
 from gptjax.errors import ConfigError
 from gptjax.flops import forward_flops, train_flops
 from gptjax.model import Model, from_pipeline
@@ -28,6 +29,7 @@ from gptjax.rollout import rollout_config
 from gptjax.trainer import LMTrainer, check_fits, section_configs
 
 STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+MORE_STAGES = ("grpo", "rloo", "dpo")
 
 
 def with_shardings(tree, shardings):
@@ -89,6 +91,13 @@ def _lm_programs(config, stage: str, mesh) -> list[Program]:
         make_steps = functools.partial(
             reward_model.make_steps, grad_accum_steps=optim_cfg.grad_accum_steps
         )
+    elif stage == "dpo":
+        cfg = config_lib.from_dict(
+            dpo.DPOConfig, {"beta": config.dpo.beta, "loss": config.dpo.loss}, "dpo"
+        )
+        make_steps = functools.partial(
+            dpo.make_steps, cfg=cfg, grad_accum_steps=optim_cfg.grad_accum_steps
+        )
     # Every stage may start from given params (SFT and the RM do); pretraining's random
     # init differs only in init_state, which is not compiled here.
     trainer = LMTrainer.build(
@@ -103,20 +112,20 @@ def _lm_programs(config, stage: str, mesh) -> list[Program]:
     state = with_shardings(jax.eval_shape(trainer.init_state), trainer.shardings)
     b, t = train_cfg.batch_size, train_cfg.seq_len
     i32, f32 = jnp.int32, jnp.float32
-    if stage == "rm":
-        k = config.rm.k_max or config.compare.k
-        batch = abstract_batch(
-            mesh,
-            {
-                "tokens": ((b, k, t), i32),
-                "segment_ids": ((b, k, t), i32),
-                "positions": ((b, k, t), i32),
-                "reward_index": ((b, k), i32),
-                "ranks": ((b, k), i32),
-                "valid": ((b, k), f32),
-                "ref_logp": ((b, k), f32),
-            },
-        )
+    if stage in ("rm", "dpo"):  # comparison batches: K replies per prompt
+        k = config[stage].k_max or config.compare.k
+        shapes = {
+            "tokens": ((b, k, t), i32),
+            "segment_ids": ((b, k, t), i32),
+            "positions": ((b, k, t), i32),
+            "ranks": ((b, k), i32),
+            "valid": ((b, k), f32),
+        }
+        if stage == "rm":
+            shapes.update(reward_index=((b, k), i32), ref_logp=((b, k), f32))
+        else:
+            shapes.update(reply_mask=((b, k, t), f32), ref_seq_logp=((b, k), f32))
+        batch = abstract_batch(mesh, shapes)
         flops = train_flops(model, b * k, t)
     else:
         names = ("tokens", "segment_ids", "positions")
@@ -129,34 +138,37 @@ def _lm_programs(config, stage: str, mesh) -> list[Program]:
     return [step]
 
 
-def _ppo_programs(config, stage: str, mesh) -> list[Program]:
-    """ppo / ppo_ptx: the stage's RLTrainer with abstract SFT and RM params."""
+def _rl_programs(config, stage: str, mesh) -> list[Program]:
+    """ppo / ppo_ptx / grpo / rloo: the stage's RLTrainer with abstract SFT and RM params
+    (the RM as the reward: a host reward has no device program)."""
     section = config[stage]
-    cfg = ppo.from_section(section, stage)
+    group = section.algorithm != "ppo"
+    cfg = (grpo if group else ppo).from_section(section, stage)
+    samples = cfg.group_size if group else 1
+    ptx = not group and cfg.ptx_coef > 0
     shape = rollout_config(section, stage)
     optim = config_lib.from_dict(OptimConfig, section.optim, f"{stage}.optim")
     policy = Model(from_pipeline(config, None))
     rm = Model(from_pipeline(config, None, "scalar"))
-    shape.check(mesh, policy.cfg, cfg.minibatches, cfg.ptx_coef > 0, stage)
+    shape.check(mesh, policy.cfg, cfg.minibatches, ptx, stage, samples)
     sft_params, rm_params = abstract_params(policy, mesh), abstract_params(rm, mesh)
-    trainer = RLTrainer.ppo(
-        policy,
-        sft_params,
-        rm,
-        rm_params,
-        rm_params,
-        cfg,
-        optim,
-        mesh,
+    kw = dict(
         iterations=section.iterations,
         max_new_tokens=shape.max_new_tokens,
         eos_id=1,  # any id: the sampler only compares tokens against it
         sampling_seed=config.seeds.sampling,
     )
+    if group:
+        trainer = RLTrainer.group(policy, sft_params, rm, rm_params, cfg, optim, mesh, **kw)
+    else:
+        trainer = RLTrainer.ppo(
+            policy, sft_params, rm, rm_params, rm_params, cfg, optim, mesh, **kw
+        )
     state = with_shardings(jax.eval_shape(trainer.init_state), trainer.shardings)
     b, p, n = shape.prompts_per_iteration, shape.max_prompt_len, shape.max_new_tokens
     prompts = abstract_batch(mesh, {"tokens": ((b, p), jnp.int32), "mask": ((b, p), jnp.int32)})
-    seeds = abstract_batch(mesh, {"s": ((b,), jnp.int32)})["s"]
+    seeds = abstract_batch(mesh, {"s": ((b * samples,), jnp.int32)})["s"]
+    b *= samples  # rollout rows
     rollout_args = (state["params"], prompts["tokens"], prompts["mask"], seeds)
     rollout = jax.eval_shape(trainer.rollout, *rollout_args)
     rollout = with_shardings(rollout, sharding.batch_sharding(mesh))
@@ -167,14 +179,15 @@ def _ppo_programs(config, stage: str, mesh) -> list[Program]:
     batch = {**rollout, **scores}
     t = p + n
     ptx_flops = 0.0
-    if cfg.ptx_coef > 0:
+    if ptx:
         r, s = shape.ptx_batch_size, shape.ptx_seq_len
         names = ("tokens", "segment_ids", "positions")
         batch["ptx"] = abstract_batch(
             mesh, {**{k: ((r, s), jnp.int32) for k in names}, "loss_mask": ((r, s), jnp.float32)}
         )
         ptx_flops = cfg.epochs * train_flops(policy, r, s)
-    value = rm if not cfg.value_head else None  # a value head rides on the policy's trunk
+    # A value head rides on the policy's trunk; GRPO and RLOO have no value model.
+    value = rm if not group and not cfg.value_head else None
     both = [policy] + ([value] if value is not None else [])
     update_flops = (
         sum(forward_flops(m, b, t) + cfg.epochs * train_flops(m, b, t) for m in both) + ptx_flops
@@ -207,8 +220,8 @@ def _ppo_programs(config, stage: str, mesh) -> list[Program]:
 
 
 def stage_programs(config, stage: str, mesh) -> list[Program]:
-    if stage not in STAGES:
-        raise ConfigError("stage", f"{stage!r} not in {'|'.join(STAGES)}")
-    if stage in ("ppo", "ppo_ptx"):
-        return _ppo_programs(config, stage, mesh)
+    if stage not in STAGES + MORE_STAGES:
+        raise ConfigError("stage", f"{stage!r} not in {'|'.join(STAGES + MORE_STAGES)}")
+    if stage in ("ppo", "ppo_ptx", "grpo", "rloo"):
+        return _rl_programs(config, stage, mesh)
     return _lm_programs(config, stage, mesh)
