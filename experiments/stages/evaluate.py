@@ -72,7 +72,11 @@ def variants(ctx: StageContext) -> list[Variant]:
                     out.append(Variant(f"best-of-{n}", "sft", best_of=n))
         for t in config.eval.sft_temperatures:
             out.append(Variant(f"SFT T={t:g}", "sft", temperature=float(t)))
-    out += [Variant(name, role, trained_on=on) for name, role, on in POLICIES]
+    for name, role, on in POLICIES:
+        # A policy trained on another reward than the RM's (gold, a user's function) is
+        # reported apart, whatever its stage is called.
+        on = config[role].get("reward", on) if role in config else on
+        out.append(Variant(name if on in ("rm", "gold") else f"{name} ({on})", role, trained_on=on))
     out = [v for v in out if has_stage(ctx, v.role)]
     only = [x.strip() for x in config.eval.variants.split(",") if x.strip()]
     if only:  # "best-of-n" names the best-of variant whatever its n, "SFT T" every T

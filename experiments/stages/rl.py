@@ -266,6 +266,7 @@ def run(ctx: StageContext) -> dict:
         )
     return {
         "stage": name,
+        "reward": ctx.section.get("reward", "rm"),
         "text": "\n".join(lines),
         "steps_run": result.steps_run,
         "wall_s": result.wall_s,
