@@ -247,6 +247,23 @@ def prompt_source(config, workdir: str, section, prefix: str):
         raise ConfigError(f"{prefix}.prompts", str(e)) from None
 
 
+def report_long_prompts(source, render, limit: int, field: str) -> int:
+    """Counts prompts longer than `limit` tokens and says so before training: they are
+    cut to their last `limit` tokens (the end of a chat prompt is the turn to answer),
+    never a crash. Returns the count."""
+    lengths = [len(render(source[i])) for i in range(len(source))]
+    if not lengths:
+        raise ConfigError(field.rsplit(".", 1)[0] + ".prompts", "the prompt dataset is empty")
+    n_long = sum(n > limit for n in lengths)
+    if n_long:
+        print(
+            f"{field}: {n_long} of {len(lengths)} prompts are longer than {limit} tokens "
+            f"(longest {max(lengths)}); each keeps its last {limit} tokens",
+            file=sys.stderr,
+        )
+    return n_long
+
+
 def eval_records(config, workdir: str) -> list[dict]:
     """The world's held-out eval prompts (the first eval.max_prompts of them)."""
     if config.data.pretrain != WORLD:

@@ -9,7 +9,6 @@ import pytest
 
 from configs import pipeline as pipeline_configs
 from experiments import pipeline, sources
-from experiments.stages import rl as rl_stage
 from gptjax.errors import ConfigError
 from gptjax.optim import OptimConfig
 from tests.fault_helpers import fresh_copy, losses, main_cmd, record, run_cli, snapshot
@@ -203,9 +202,9 @@ def test_bad_records_below_the_allowed_fraction_are_dropped_and_reported(tmp_pat
 
 def test_prompts_longer_than_the_context_are_reported_not_fatal(capsys):
     source = [[1] * n for n in (3, 9, 12, 5)]
-    n = rl_stage.report_long_prompts(source, list, 8, "ppo.max_prompt_len")
+    n = sources.report_long_prompts(source, list, 8, "ppo.max_prompt_len")
     err = capsys.readouterr().err
     assert n == 2 and "2 of 4 prompts are longer than 8 tokens (longest 12)" in err
-    assert rl_stage.report_long_prompts(source, list, 12, "ppo.max_prompt_len") == 0
+    assert sources.report_long_prompts(source, list, 12, "ppo.max_prompt_len") == 0
     with pytest.raises(ConfigError, match="ppo.prompts"):
-        rl_stage.report_long_prompts([], list, 8, "ppo.max_prompt_len")
+        sources.report_long_prompts([], list, 8, "ppo.max_prompt_len")

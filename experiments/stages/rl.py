@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 
 import jax
 
@@ -43,31 +42,6 @@ from gptjax.world import evaluation as world_eval
 
 KL_GUARDS = ("rollback", "stop")
 ALGORITHMS = ("ppo", "grpo", "rloo")
-
-
-def prompt_messages(record) -> list[dict[str, str]]:
-    """The turns up to the last user message (a world prompt, or a demonstration's)."""
-    messages = chat.prompt_messages(record)
-    while messages and messages[-1]["role"] != "user":
-        messages.pop()
-    return messages
-
-
-def report_long_prompts(source, render, limit: int, field: str) -> int:
-    """Counts prompts longer than `limit` tokens and says so before training: they are
-    cut to their last `limit` tokens (the end of a chat prompt is the turn to answer),
-    never a crash. Returns the count."""
-    lengths = [len(render(source[i])) for i in range(len(source))]
-    if not lengths:
-        raise ConfigError(field.rsplit(".", 1)[0] + ".prompts", "the prompt dataset is empty")
-    n_long = sum(n > limit for n in lengths)
-    if n_long:
-        print(
-            f"{field}: {n_long} of {len(lengths)} prompts are longer than {limit} tokens "
-            f"(longest {max(lengths)}); each keeps its last {limit} tokens",
-            file=sys.stderr,
-        )
-    return n_long
 
 
 def settings(ctx: StageContext) -> dict:
@@ -194,9 +168,9 @@ def build(ctx: StageContext) -> dict:
     source = sources.prompt_source(config, workdir, section, name)
 
     def render(record):
-        return chat.render_prompt(prompt_messages(record), tokenizer)
+        return chat.render_prompt(chat.question_turns(record), tokenizer)
 
-    report_long_prompts(source, render, shape.max_prompt_len, f"{name}.max_prompt_len")
+    sources.report_long_prompts(source, render, shape.max_prompt_len, f"{name}.max_prompt_len")
 
     def prompt_example(record):
         ids = render(record)[-shape.max_prompt_len :]

@@ -105,6 +105,15 @@ def prompt_messages(record: Mapping) -> list[dict[str, str]]:
     return pair_messages(record["prompt"])
 
 
+def question_turns(record: Mapping) -> list[dict[str, str]]:
+    """The turns up to the last user message (a world prompt's, or a demonstration's):
+    what an RL policy is asked to answer."""
+    messages = prompt_messages(record)
+    while messages and messages[-1]["role"] != "user":
+        messages.pop()
+    return messages
+
+
 def render_comparison(record: Mapping, tokenizer: Tokenizer):
     """(ids, loss_mask) of each of a comparison record's responses after its prompt."""
     context = prompt_messages(record)
