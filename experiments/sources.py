@@ -236,6 +236,21 @@ def comparison_sources(config, workdir: str, compare_dir: str):
     )
 
 
+def comparison_splits(config, workdir: str, compare_dir: str, section, name: str):
+    """(train, held-out, k_max) for a stage trained on comparisons (rm, dpo): both splits
+    non-empty, and `<name>.k_max` (0: the data's largest list) holding every list."""
+    train_src, heldout_src = comparison_sources(config, workdir, compare_dir)
+    if len(train_src) == 0 or len(heldout_src) == 0:
+        raise ConfigError(
+            "data.comparisons", f"{len(train_src)} train / {len(heldout_src)} held-out comparisons"
+        )
+    k_data = max(len(s[i]["responses"]) for s in (train_src, heldout_src) for i in range(len(s)))
+    k_max = section.k_max or k_data
+    if k_max < k_data:
+        raise ConfigError(f"{name}.k_max", f"{k_max} < {k_data} responses in a comparison")
+    return train_src, heldout_src, k_max
+
+
 def prompt_source(config, workdir: str, section, prefix: str):
     """An RL stage's prompts: the world's ppo_prompts or the prompt turns of a file."""
     spec = section.prompts

@@ -35,7 +35,6 @@ from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
 from gptjax import dpo, rm_eval, sharding
 from gptjax.data.iterators import ComparisonBatches
-from gptjax.errors import ConfigError
 from gptjax.trainer import LMTrainer, check_fits
 
 
@@ -99,17 +98,9 @@ def build(ctx: StageContext) -> dict:
     s = settings(ctx)
     config, workdir, section, train_cfg = ctx.config, ctx.workdir, ctx.section, s["train"]
     tokenizer = sources.get_tokenizer(config, workdir)
-    train_src, heldout_src = sources.comparison_sources(
-        config, workdir, ctx.input_dir("comparisons")
+    train_src, heldout_src, k_max = sources.comparison_splits(
+        config, workdir, ctx.input_dir("comparisons"), section, ctx.name
     )
-    if len(train_src) == 0 or len(heldout_src) == 0:
-        raise ConfigError(
-            "data.comparisons", f"{len(train_src)} train / {len(heldout_src)} held-out comparisons"
-        )
-    k_data = max(len(s[i]["responses"]) for s in (train_src, heldout_src) for i in range(len(s)))
-    k_max = section.k_max or k_data
-    if k_max < k_data:
-        raise ConfigError(f"{ctx.name}.k_max", f"{k_max} < {k_data} responses in a comparison")
     reference = ctx.checkpoints("init")
     model, sft_params = sources.load_stage_params(
         config, workdir, ctx.inputs["init"], tokenizer, directory=reference, mesh=s["mesh"]
