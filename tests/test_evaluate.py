@@ -7,7 +7,9 @@ import pytest
 
 from gptjax import eval_stats, evaluate, world
 from gptjax.evaluate import Reply
-from gptjax.world.evaluation import JUDGES, METRICS
+from gptjax.world.evaluation import judges, metrics
+
+METRICS, JUDGES = metrics(), judges()
 
 
 @functools.cache
@@ -240,3 +242,28 @@ def test_the_reference_feature_is_one_reward_in_the_rm_stage_ppo_and_eval():
     feature = np.array(attached[0]["ref_logp"])
     assert np.all(feature < 0)
     np.testing.assert_allclose(stage - head_only, 0.7 * feature, rtol=1e-4)
+
+
+def test_the_evaluator_judges_gold_with_the_configured_length_weight():
+    """A verbosity sweep's variant is scored by its own labeler (world.length_weight), in
+    the gold reward and in the gold win rate, not by the default weight."""
+    from configs import pipeline
+    from experiments.stages.evaluate import world_judging
+    from gptjax.world.labeler import DEFAULT_LENGTH_WEIGHT, gold_score
+
+    records = eval_records()
+    i = next(i for i, r in enumerate(records) if r["skill"] == "fact" and r["known"])
+    verbose = f"{records[i]['answer']} and that is all i can tell you about it today."
+    ours, theirs = [Reply(i, 0, verbose, True, 14)], [Reply(i, 0, records[i]["answer"], True, 3)]
+    config = pipeline.get_config("tiny")
+    for weight in (0.1, DEFAULT_LENGTH_WEIGHT):
+        config.world.length_weight = weight
+        metrics_w, judges_w = world_judging(config)
+        m = eval_stats.summarize(
+            records, evaluate.compare_to(records, ours, theirs, judges_w), metrics_w, n_boot=10
+        )
+        assert m["gold_reward"]["mean"] == pytest.approx(
+            gold_score(records[i], verbose, True, weight)
+        )
+        # Detail wins under a positive weight and loses under the default (a brevity bias).
+        assert m["win_rate_gold_vs_sft"]["mean"] == (1.0 if weight > 0 else 0.0)

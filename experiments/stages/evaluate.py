@@ -200,6 +200,13 @@ def _model_scores(v: Variant, models: Models, records, proto, replies, kl: bool)
     return evaluate.with_extra(replies, "kl", logp - ref)
 
 
+def world_judging(config) -> tuple[dict, dict]:
+    """(metrics, judges) under the world's own labeler: its `world.length_weight`, so a
+    verbosity sweep judges each variant by the labeler its comparisons came from."""
+    weight = sources.world_config(config).length_weight
+    return world_eval.metrics(weight), world_eval.judges(weight)
+
+
 def evaluate_all(ctx: StageContext) -> dict:
     """{"records": n, "variants": {name: {"greedy": metrics, "sample": metrics, "model": ...}}}."""
     config, workdir = ctx.config, ctx.workdir
@@ -208,6 +215,7 @@ def evaluate_all(ctx: StageContext) -> dict:
     proto = sources.protocol(config)
     models = Models(ctx, tokenizer)
     todo = variants(ctx)
+    metrics, judges = world_judging(config)
     protocols = (("greedy", 0.0, 1), ("sample", proto.temperature, proto.samples))
     replies = {}
     for v in todo:
@@ -236,9 +244,9 @@ def evaluate_all(ctx: StageContext) -> dict:
         )
         per_model[v.role] = {
             "heldout_lm_loss": heldout_lm_loss(config, workdir, model, params, tokenizer),
-            "fewshot_accuracy": eval_stats.summarize(
-                records, fewshot, world_eval.METRICS, proto.bootstrap
-            )["accuracy"],
+            "fewshot_accuracy": eval_stats.summarize(records, fewshot, metrics, proto.bootstrap)[
+                "accuracy"
+            ],
         }
     results = {}
     for v in todo:
@@ -248,10 +256,8 @@ def evaluate_all(ctx: StageContext) -> dict:
         for name, _, _ in protocols:
             r = replies[v.name, name]
             if ("SFT", name) in replies:
-                r = evaluate.compare_to(records, r, replies["SFT", name], world_eval.JUDGES)
-            results[v.name][name] = eval_stats.summarize(
-                records, r, world_eval.METRICS, proto.bootstrap
-            )
+                r = evaluate.compare_to(records, r, replies["SFT", name], judges)
+            results[v.name][name] = eval_stats.summarize(records, r, metrics, proto.bootstrap)
     return {"records": len(records), "variants": results}
 
 

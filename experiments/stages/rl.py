@@ -117,9 +117,9 @@ def eval_fn(ctx: StageContext, policy, tokenizer):
         return None
     records = sources.eval_records(config, ctx.workdir)[: section.eval_prompts]
     protocol = sources.protocol(config)
+    metrics = world_eval.metrics(sources.world_config(config).length_weight)
 
     def run(params):
-        metrics = world_eval.METRICS
         result = evaluate.evaluate(policy, params, tokenizer, records, metrics, protocol)
         return {
             f"{proto}/{metric}": result[proto][metric]["mean"]

@@ -18,7 +18,7 @@ import numpy as np
 
 from gptjax import eval_stats, evaluate, sampling
 from gptjax.world.documents import probe_hit
-from gptjax.world.evaluation import METRICS
+from gptjax.world.evaluation import metrics
 from gptjax.world.labeler import gold_score
 
 BEST_OF = 16
@@ -139,7 +139,9 @@ def sft_gates(model, params, tokenizer, records: Sequence[dict], protocol) -> di
         samples=1,
         protocol=protocol,
     )
-    accuracy = eval_stats.summarize(unseen, greedy, METRICS, protocol.bootstrap)["accuracy"]["mean"]
+    accuracy = eval_stats.summarize(unseen, greedy, metrics(), protocol.bootstrap)["accuracy"][
+        "mean"
+    ]
     samples = evaluate.generate_replies(
         model,
         params,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from gptjax import eval_stats, evaluate
 from gptjax.data import chat
 from gptjax.world.documents import parse_fewshot_completion
-from gptjax.world.labeler import classify, gold_score
+from gptjax.world.labeler import DEFAULT_LENGTH_WEIGHT, classify, gold_score
 
 CORRECT = ("correct", "correct_verbose")
 
@@ -36,9 +36,12 @@ FEWSHOT = evaluate.PromptMode("fewshot", _fewshot_prompt_ids, _decode_fewshot)
 MODES = {"chat": evaluate.CHAT, "fewshot": FEWSHOT}
 
 
-def gold_judge(record: dict, reply: evaluate.Reply) -> float:
-    """The noiseless gold score of a reply (a judge for evaluate.compare_to)."""
-    return gold_score(record, reply.text, reply.ended)
+def gold_judge(length_weight: float = DEFAULT_LENGTH_WEIGHT):
+    """The noiseless gold score of a reply under the world's length weight (a judge for
+    evaluate.compare_to, a metric for eval_stats.summarize). The weight must be the
+    world's own (`world.length_weight`): a sweep over it judges each variant by its own
+    labeler."""
+    return lambda record, reply: gold_score(record, reply.text, reply.ended, length_weight)
 
 
 def gold_rewards(prompts, completions, ended, length_weight=None) -> list[float]:
@@ -64,29 +67,32 @@ def _category_is(*names):
     return lambda rec, r: float(classify(rec, r.text, r.ended) in names)
 
 
-# metric -> (which prompts, value of one reply), as eval_stats.REPLY_METRICS.
-GOLD_METRICS = {
-    "gold_reward": (lambda rec: True, gold_judge),
-    "accuracy": (_answerable, _category_is(*CORRECT)),
-    "accuracy_fact": (
-        lambda rec: _answerable(rec) and rec["skill"] == "fact",
-        _category_is(*CORRECT),
-    ),
-    "accuracy_arithmetic": (lambda rec: rec["skill"] == "arithmetic", _category_is(*CORRECT)),
-    "accuracy_string": (lambda rec: rec["skill"] == "string", _category_is(*CORRECT)),
-    "accuracy_known_in_demos": (_known_fact(True), _category_is(*CORRECT)),
-    "accuracy_known_not_in_demos": (_known_fact(False), _category_is(*CORRECT)),
-    "idk_known": (_known_fact(None), _category_is("idk")),
-    "abstention_unknown": (lambda rec: not rec["known"], _category_is("idk")),
-    "hallucination_unknown": (lambda rec: not rec["known"], _category_is("hallucinated")),
-}
-JUDGES = {"gold": gold_judge, "rm": evaluate.rm_judge}
-# Every metric of a world evaluation: gold, then the generic ones, then the win rates.
-METRICS = {
-    **GOLD_METRICS,
-    **eval_stats.REPLY_METRICS,
-    **eval_stats.win_rate_metrics(tuple(JUDGES)),
-}
+def metrics(length_weight: float = DEFAULT_LENGTH_WEIGHT) -> dict:
+    """metric -> (which prompts, value of one reply), as eval_stats.REPLY_METRICS: the
+    gold metrics, then the generic ones, then the win rates (gold- and RM-judged)."""
+    gold = {
+        "gold_reward": (lambda rec: True, gold_judge(length_weight)),
+        "accuracy": (_answerable, _category_is(*CORRECT)),
+        "accuracy_fact": (
+            lambda rec: _answerable(rec) and rec["skill"] == "fact",
+            _category_is(*CORRECT),
+        ),
+        "accuracy_arithmetic": (lambda rec: rec["skill"] == "arithmetic", _category_is(*CORRECT)),
+        "accuracy_string": (lambda rec: rec["skill"] == "string", _category_is(*CORRECT)),
+        "accuracy_known_in_demos": (_known_fact(True), _category_is(*CORRECT)),
+        "accuracy_known_not_in_demos": (_known_fact(False), _category_is(*CORRECT)),
+        "idk_known": (_known_fact(None), _category_is("idk")),
+        "abstention_unknown": (lambda rec: not rec["known"], _category_is("idk")),
+        "hallucination_unknown": (lambda rec: not rec["known"], _category_is("hallucinated")),
+    }
+    return {**gold, **eval_stats.REPLY_METRICS, **eval_stats.win_rate_metrics(("gold", "rm"))}
+
+
+def judges(length_weight: float = DEFAULT_LENGTH_WEIGHT) -> dict:
+    """The judges of evaluate.compare_to's win rates: gold (this length weight) and RM."""
+    return {"gold": gold_judge(length_weight), "rm": evaluate.rm_judge}
+
+
 # The columns of the printed tables: per reply set, and per model.
 TABLE_METRICS = (
     "gold_reward",
