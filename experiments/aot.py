@@ -51,6 +51,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 
+import experiments.cli as cli  # noqa: E402
 from experiments.aot_programs import (  # noqa: E402
     MORE_STAGES,
     STAGES,
@@ -281,7 +282,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _CONFIG = _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import sources
+from experiments import cli, sources
 from gptjax import sampling
 from gptjax.data import chat
 from gptjax.errors import ConfigError
@@ -149,4 +149,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

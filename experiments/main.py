@@ -21,6 +21,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments import cli
 from experiments.pipeline import DEFAULT_STAGES, TABLE, run_guarded
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "pipeline.py")
@@ -71,7 +72,7 @@ def main(argv) -> int:
 
 
 def run():
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import pipeline as pipeline_configs
-from experiments import frontier, plots, report, sources, stage_cache
+from experiments import cli, frontier, plots, report, sources, stage_cache
 from gptjax.errors import ConfigError
 from gptjax.eval_stats import t_interval
 
@@ -317,4 +317,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.run(main)

@@ -70,8 +70,9 @@ def test_aot_and_bench_import_only_gptjax_and_configs(tool):
         for m in imported_modules(os.path.join(ROOT, "experiments", f"{tool}.py"))
         if m.split(".")[0] in ("experiments", "configs", "gptjax")
     }
-    # aot_table reads aot's own results, bench_rl is bench's (tools of the same command).
-    allowed = ("gptjax", "configs", "experiments.aot", "experiments.bench")
+    # aot_table reads aot's own results, bench_rl is bench's (tools of the same command);
+    # experiments.cli is the command-line entry (absl only).
+    allowed = ("gptjax", "configs", "experiments.aot", "experiments.bench", "experiments.cli")
     assert all(m.startswith(allowed) for m in ours), sorted(ours)
 
 
