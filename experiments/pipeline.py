@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Collection, Mapping
 
-from experiments import calibrate, gates, report, show_data
+from experiments import calibrate, gates, report, show_data, sources
 from experiments.loop import StageStopped
 from experiments.rundir import StageContext, on_process_0, stage_dir, write_json
 from experiments.stages import compare, dpo, evaluate, pretrain, rl, rm, sft
@@ -47,6 +47,8 @@ class Stage:
     sections: tuple[str, ...] = ()  # config sections read besides GLOBAL_SECTIONS and its own
     runner: str = ""  # the runner's name, for instances declared in a config
     outputs: tuple[str, ...] = ()  # workdir entries it writes besides its own directory
+    # The user datasets it reads (sources.check_user_data), read before any stage runs.
+    data: tuple[str, ...] = ()
 
 
 def _report(ctx: StageContext) -> dict:
@@ -63,13 +65,26 @@ TRAINED = {
     **{name: name for name in ("ppo", "ppo_ptx", "grpo", "rloo", "dpo")},
     **{name: name for name in ("ppo_gold", "grpo_gold", "rloo_gold")},
 }
-_RL = dict(check=rl.settings, sections=("eval",))
+_RL = dict(check=rl.settings, sections=("eval",), data=("prompts",))
 TABLE = (
     Stage("show_data", show_data.run),
-    Stage("pretrain", pretrain.run, check=pretrain.settings, outputs=("tokenizer",)),
-    Stage("sft", sft.run, {"init": "pretrain"}, check=sft.settings),
+    Stage(
+        "pretrain",
+        pretrain.run,
+        check=pretrain.settings,
+        outputs=("tokenizer",),
+        data=("pretrain",),
+    ),
+    Stage("sft", sft.run, {"init": "pretrain"}, check=sft.settings, data=("demos",)),
     Stage("compare", compare.run, {"init": "sft"}, check=compare.settings),
-    Stage("rm", rm.run, {"init": "sft", "comparisons": "compare"}, ("comparisons",), rm.settings),
+    Stage(
+        "rm",
+        rm.run,
+        {"init": "sft", "comparisons": "compare"},
+        ("comparisons",),
+        rm.settings,
+        data=("comparisons",),
+    ),
     Stage("ppo", rl.run, {"policy": "sft", "rm": "rm"}, **_RL),
     Stage("ppo_ptx", rl.run, {"policy": "sft", "rm": "rm"}, **_RL),
     Stage("grpo", rl.run, {"policy": "sft", "rm": "rm"}, **_RL),
@@ -78,7 +93,12 @@ TABLE = (
     Stage("grpo_gold", rl.run, {"policy": "sft"}, **_RL),
     Stage("rloo_gold", rl.run, {"policy": "sft"}, **_RL),
     Stage(
-        "dpo", dpo.run, {"init": "sft", "comparisons": "compare"}, ("comparisons",), dpo.settings
+        "dpo",
+        dpo.run,
+        {"init": "sft", "comparisons": "compare"},
+        ("comparisons",),
+        dpo.settings,
+        data=("comparisons",),
     ),
     Stage("eval", evaluate.run, TRAINED, tuple(TRAINED), sections=("eval",)),
     Stage("calibrate", calibrate.run, {"base": "pretrain", "sft": "sft"}, ("sft",)),
@@ -160,12 +180,17 @@ def stage_key(
 
 
 def validate(config, workdir: str, names: list[str]) -> None:
-    """Every requested stage's config, checked before any stage computes."""
+    """Every requested stage's config, then the user data files they read, checked before
+    any stage computes."""
     config_lib.check_paths(config)
     rows = table(config)
     for name in names:
         if rows[name].check is not None:
             rows[name].check(context(config, workdir, name))
+    for name in names:
+        if rows[name].data:
+            section = config.get(name) if name in config else None
+            sources.check_user_data(config, workdir, rows[name].data, section, name)
 
 
 def print_summary(summary: dict) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import jax
 import numpy as np
@@ -260,6 +260,21 @@ def prompt_source(config, workdir: str, section, prefix: str):
         return builders.load_split(spec, "train", data_dir(config, workdir))
     except ValueError as e:
         raise ConfigError(f"{prefix}.prompts", str(e)) from None
+
+
+def check_user_data(config, workdir: str, datasets: Collection[str], section=None, name=""):
+    """Reads every user file among `datasets` (pretrain, demos, comparisons, prompts) the
+    way its stage will, so that a malformed record or a missing file is a ConfigError
+    naming the field, the file and the line before any stage computes. The built-in
+    world's data and the compare stage's comparisons are skipped (nothing for a user to
+    get wrong); a file read here is prepared once and reused by its stage."""
+    for field in ("pretrain", "demos"):
+        if field in datasets and config.data[field] != WORLD:
+            _sources(config, workdir, field)
+    if "comparisons" in datasets and config.data.comparisons != FROM_COMPARE:
+        comparison_sources(config, workdir, "")
+    if "prompts" in datasets and section is not None and section.prompts != WORLD:
+        prompt_source(config, workdir, section, name)
 
 
 def report_long_prompts(source, render, limit: int, field: str) -> int:

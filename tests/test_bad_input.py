@@ -175,6 +175,14 @@ def test_bad_input_is_a_named_error_before_step_1(case, tiny_run, bad_input_work
     [
         (["--config=/no/such/config.py:tiny"], r"^error: --config: .*No such file .*/no/such"),
         (["--config.pretrain.bogus=1"], r"^error: --config\.pretrain\.bogus: no such config field"),
+        (
+            ["--config.model.d_model=abc"],
+            r"^error: flag --config\.model\.d_model=abc: invalid literal",
+        ),
+        (
+            ["--config=configs/pipeline.py:nosuch"],
+            r"^error: flag --config=.*unknown model preset 'nosuch'",
+        ),
     ],
 )
 def test_bad_command_line_is_one_line_and_non_zero(flags, message, tmp_path):
@@ -208,3 +216,36 @@ def test_prompts_longer_than_the_context_are_reported_not_fatal(capsys):
     assert sources.report_long_prompts(source, list, 12, "ppo.max_prompt_len") == 0
     with pytest.raises(ConfigError, match="ppo.prompts"):
         sources.report_long_prompts([], list, 8, "ppo.max_prompt_len")
+
+
+def _ppo_fits(config, files):
+    """tiny_run's model and data on this process's 8 devices: PPO prompts from its demos,
+    within model.max_len; the RM's batch split over 8."""
+    config.rm.batch_size = 8
+    for name, value in dict(max_prompt_len=16, max_new_tokens=8, prompts_per_iteration=16).items():
+        config.ppo[name] = value
+    config.ppo.prompts = f"demos:{files['demos']}"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_set("ppo.kl_coef", -1.0), r"config\.ppo\.kl_coef: must be >= 0"),
+        (_set("ppo.minibatches", 3), r"config\.ppo\.prompts_per_iteration: 16 is not divisible"),
+        (_set("data.demos", _bad_demos), r"config\.data\.demos: .*bad_demos\.jsonl:3: bad JSON"),
+    ],
+    ids=["ppo value", "ppo layout", "demos line"],
+)
+def test_every_requested_stage_is_checked_before_pretraining_begins(
+    change, message, tiny_run, tmp_path, capsys
+):
+    """pretrain -> sft -> rm -> ppo on an empty workdir: a bad value of a later stage or a
+    bad line in sft's demos stops the run before pretraining computes anything."""
+    config = config_from_flags(tiny_run["flags"])
+    _ppo_fits(config, tiny_run["files"])
+    change(config, tiny_run["files"])
+    capsys.readouterr()
+    code = pipeline.run_guarded(config, str(tmp_path), ["pretrain", "sft", "rm", "ppo"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "pretrain").exists() and not (tmp_path / "tokenizer").exists()
