@@ -12,6 +12,7 @@ import functools
 import importlib.metadata
 import json
 import os
+import platform
 import subprocess
 
 from experiments import plots
@@ -72,9 +73,39 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+# x86 instruction sets XLA:CPU generates code for, newest first: results on CPUs of
+# different sets are not bitwise equal (BUILD.md, "What is reproducible").
+_ISAS = ("avx512f", "avx2", "avx", "sse4_2")
+
+
+def machine() -> dict:
+    """The CPU and the XLA settings a run's numbers depend on (read without touching JAX's
+    backends: the report stage runs without devices)."""
+    flags = set()
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    flags = set(value.split())
+                elif key.strip() == "model name":
+                    model = value.strip()
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cpus": os.cpu_count(),
+        "isa": next((isa for isa in _ISAS if isa in flags), platform.machine()),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", ""),
+    }
+
+
 def provenance(config, world_hash: str, tokenizer_hash: str) -> dict:
     return {
         "commit": git_commit(),
+        "machine": machine(),
         "packages": package_versions(),
         "world_hash": world_hash,
         "tokenizer_hash": tokenizer_hash,
@@ -90,6 +121,14 @@ def provenance_md(prov: dict) -> list[str]:
         f"- world hash: `{prov['world_hash']}`; tokenizer hash: `{prov['tokenizer_hash'][:16]}`",
         f"- seeds: {prov['seeds']}",
         f"- packages: {packages}",
+        *(
+            [
+                f"- machine: {m['cpu']}, {m['cpus']} CPUs, ISA {m['isa']}, "
+                f"XLA_FLAGS={m['XLA_FLAGS'] or '(none)'}"
+            ]
+            if (m := prov.get("machine"))
+            else []
+        ),
         "- resolved config: `provenance.json`",
     ]
 
