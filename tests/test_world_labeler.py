@@ -156,3 +156,46 @@ def test_default_config_uses_the_documented_labeler_defaults():
     assert labeler.temperature_for_noise(0.0) == 0.0
     with pytest.raises(ValueError):
         labeler.temperature_for_noise(0.6)
+
+
+def _frozen_replies():
+    """Fixed tasks (no world generator involved) and hand-written replies of every kind."""
+    rng = random.Random(0)
+    town, job, unknown = _fact("oslo"), _fact("baker", attribute="job"), _fact(None)
+    add, sub = tasks.arithmetic_task(["+", 17, 25], rng), tasks.arithmetic_task(["-", 9, 4], rng)
+    rev, count = (
+        tasks.string_task(["reverse", "b c a"], rng),
+        tasks.string_task(["count", "q r"], rng),
+    )
+    replies = {
+        "town": [town, ["oslo", "it is oslo.", "it is oslo. that is what i know about it.", "rome",
+                        "i don't know.", "OSLO", "oslo oslo", "", "i don't know, maybe rome."]],
+        "job": [job, ["baker", "she is a baker.", "a baker", "painter", "Baker!", "not sure."]],
+        "unknown": [unknown, ["i don't know.", "i am not sure.", "oslo", "it is rome.", "..."]],
+        "add": [add, ["42", "17 + 25 = 42.", "41", "it is 42. that is the sum.", "i don't know."]],
+        "sub": [sub, ["5", "5.", "4", "the answer is 5"]],
+        "reverse": [rev, ["a c b", "a, c, b", "b c a", "it is a c b."]],
+        "count": [count, ["2", "two", "3", "there are 2 letters."]],
+    }  # fmt: skip
+    return replies
+
+
+def test_the_gold_labeler_is_frozen():
+    """A pinned hash of the labeler's categories and scores (both length weights, ended and
+    not) on fixed replies: a change to the gold labeler is a visible decision (update the
+    hash in the same commit, and say why), never a side effect of other work."""
+    import hashlib
+    import json
+
+    out = []
+    for name, (task, texts) in _frozen_replies().items():
+        for text in texts:
+            for ended in (True, False):
+                scores = [labeler.gold_score(task, text, ended, w) for w in (-0.02, 0.1)]
+                cat = labeler.classify(task, text, ended)
+                out.append([name, text, ended, cat, [round(x, 9) for x in scores]])
+    digest = hashlib.sha256(json.dumps(out).encode()).hexdigest()[:16]
+    assert digest == FROZEN_LABELER, (digest, out)
+
+
+FROZEN_LABELER = "26dc3ead3c7298fd"  # the labeler of world v4 (issue 19)
