@@ -58,7 +58,10 @@ def tiny_run(tmp_path_factory):
 
     from tests import fault_helpers
 
-    shared = tmp_path_factory.getbasetemp().parent  # the same for every worker
+    # Under xdist each worker's base is <this run's base>/popen-gwN: its parent is shared
+    # by this run's workers and no other run's. Without xdist the base is this run's.
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     directory = shared / "tiny_run"
     with open(shared / "tiny_run.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
