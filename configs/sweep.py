@@ -298,7 +298,12 @@ PRESETS["algorithms"] = (
         for method in METHODS
     ],
 )
+# The gates of the default run (experiments/gates.py) over 5 whole-pipeline seeds: the
+# default run itself per seed (its stages, its eval size, every variant), each gate's
+# spread against its floor (the report's "Gates over seeds").
+PRESETS["gates"] = ({"default": {}}, (*ALL[:-1], "ppo_ptx", "eval"), (), (), [])
 EXTRA = {
+    "gates": dict(seed_all=True, seeds=[0, 1, 2, 3, 4], overrides=[]),
     "algorithms": dict(
         seed_all=True,
         # The analysis of experiments/frontier.py: RM-trained methods, gold-trained ones,
@@ -306,7 +311,7 @@ EXTRA = {
         frontier=dict(
             methods=list(METHODS), gold_methods=list(GOLD_METHODS), matched_kl=[0.4, 0.8]
         ),
-    )
+    ),
 }
 
 

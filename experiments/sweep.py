@@ -29,11 +29,12 @@ import math
 import os
 import sys
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import pipeline as pipeline_configs
-from experiments import cli, frontier, plots, report, sources, stage_cache
+from experiments import cli, frontier, gates, plots, report, sources, stage_cache
 from gptjax.errors import ConfigError
 from gptjax.eval_stats import t_interval
 
@@ -97,7 +98,13 @@ def run_cell(sweep, workdir: str, variant: str, seed: int, shared_from=None) -> 
         data_dir=os.path.join(workdir, "data"),
         shared_from=shared_from,
     )
-    out = {"variant": variant, "seed": seed, "variants": summaries["eval"]["variants"]}
+    out = {
+        "variant": variant,
+        "seed": seed,
+        "variants": summaries["eval"]["variants"],
+        # The cell's gate rows (each stage records its own when it runs in this cell).
+        "gates": gates.load(directory),
+    }
     with open(done + ".tmp", "w") as f:
         json.dump(out, f, default=float)
     os.replace(done + ".tmp", done)  # atomic: a half-written marker never exists
@@ -206,6 +213,9 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
             stat = agg.get((variant, model, "sample", m))
             cells_md.append("—" if stat is None else _fmt(stat))
         lines.append(f"| {variant} / {model} | " + " | ".join(cells_md) + " |")
+    gate_rows = gate_stats(cells)
+    if gate_rows:
+        lines += ["", *gate_lines(gate_rows)]
     analysis = None
     if sweep.get("frontier"):
         figures["frontier"] = os.path.join(directory, "frontier.png")
@@ -217,6 +227,63 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return {"report": path, "verdicts": verdicts, "plots": figures, "frontier": analysis}
+
+
+def gate_stats(cells: list[dict]) -> list[dict]:
+    """Each gate over the cells that recorded it: its floor, mean and 95% t-interval,
+    min, max, sample sd, passes; fragile when its worst value lies within 2 sd of the
+    floor (or beyond it): a gate a new seed or machine may fail."""
+    values: dict[str, list] = {}
+    for c in cells:
+        for name, row in c.get("gates", {}).items():
+            if row.get("value") is not None:
+                values.setdefault(name, []).append(row)
+    out = []
+    for name, rows in values.items():
+        x = np.array([r["value"] for r in rows], float)
+        mean, lo, hi = t_interval(list(x))
+        sd = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
+        op, floor = rows[0]["op"], rows[0]["threshold"]
+        worst = float(x.min() if op.startswith(">") else x.max())
+        margin = worst - floor if op.startswith(">") else floor - worst
+        out.append(
+            dict(
+                name=name,
+                description=rows[0]["description"],
+                op=op,
+                floor=floor,
+                mean=mean,
+                lo=lo,
+                hi=hi,
+                min=float(x.min()),
+                max=float(x.max()),
+                sd=sd,
+                passed=sum(bool(r["passed"]) for r in rows),
+                n=len(rows),
+                fragile=bool(margin < 2 * sd) if len(x) > 1 else True,
+            )
+        )
+    return out
+
+
+def gate_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Gates over seeds",
+        "",
+        "Each gate's floor, its mean over the cells with a 95% t-interval, the range and the "
+        "sample sd; **fragile** when the worst seed lies within 2 sd of the floor (or past "
+        "it).",
+        "",
+        "| gate | floor | mean [95% CI] | min | max | sd | passed | fragile |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['description']} | {r['op']} {r['floor']:g} | {r['mean']:.3f} "
+            f"[{r['lo']:.3f}, {r['hi']:.3f}] | {r['min']:.3f} | {r['max']:.3f} | "
+            f"{r['sd']:.3f} | {r['passed']}/{r['n']} | {'**yes**' if r['fragile'] else 'no'} |"
+        )
+    return lines
 
 
 RULE = (

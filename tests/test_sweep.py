@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from configs import sweep as sweep_configs
@@ -309,3 +310,26 @@ def test_algorithms_report_reads_gold_at_matched_kl_inside_the_measured_range(tm
     path = str(tmp_path / "frontier.png")
     frontier.plot(path, cells, spec)
     assert os.path.getsize(path) > 1000
+
+
+def test_gate_stats_flag_a_gate_whose_worst_seed_is_within_two_sd_of_its_floor():
+    def cell(seed, acc, gap):
+        rows = {
+            "acc": dict(description="accuracy", op=">=", threshold=0.6, value=acc),
+            "gap": dict(description="gap", op="<=", threshold=0.8, value=gap),
+        }
+        for r in rows.values():
+            r["passed"] = r["value"] >= 0.6 if r["op"] == ">=" else r["value"] <= 0.8
+        return {"variant": "default", "seed": seed, "variants": {}, "gates": rows}
+
+    accs, gaps = [0.70, 0.72, 0.69, 0.71, 0.70], [0.60, 0.75, 0.62, 0.70, 0.79]
+    rows = {
+        r["name"]: r for r in sweep_lib.gate_stats([cell(*c) for c in zip(range(5), accs, gaps)])
+    }
+    acc, gap = rows["acc"], rows["gap"]
+    assert acc["n"] == gap["n"] == 5 and acc["passed"] == gap["passed"] == 5
+    assert acc["min"] == 0.69 and acc["sd"] == pytest.approx(np.std(accs, ddof=1))
+    assert acc["mean"] == pytest.approx(np.mean(accs)) and acc["lo"] < acc["mean"] < acc["hi"]
+    assert not acc["fragile"]  # 0.69 - 0.6 = 0.09 > 2 x 0.011
+    assert gap["fragile"]  # worst 0.79 is 0.01 from 0.8, sd 0.08
+    assert "| accuracy | >= 0.6 |" in "\n".join(sweep_lib.gate_lines(list(rows.values())))
