@@ -142,6 +142,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
             best_of_n=4,  # the best-of-n variant's n (RM-picked SFT samples); <= 1: off
             # More best-of-n variants, one per n (a reference curve of gold against KL).
             best_of_curve=(),
+            # Draws of SFT samples (each eval.samples replies a prompt) pooled per prompt
+            # for best-of-n's exact KL; 0 = those of the largest n, sampled anyway.
+            best_of_pool=0,
             lm_batches=8,  # held-out pretraining batches for the alignment-tax loss
             # SFT sampled at these temperatures (< 1), each a variant "SFT T=<t>": the
             # baselines whose KL to SFT an RL method's is matched to; empty = none.

@@ -7,9 +7,9 @@ knob's values form a curve, sorted by KL; "gold at matched KL k" is that curve l
 interpolated at k, and only inside the seed's measured KL range (never extrapolated: a
 seed whose range misses k gives no value, and the table says so). The references are
 curves too: SFT sampled at lower temperatures (KL estimated like every policy's), and
-best-of-n over SFT samples (KL = log n − (n − 1)/n, an upper bound: Beirami et al. 2024;
-it places best-of-n to the right of its true KL, which favours RL in this comparison),
-both starting from SFT itself at KL 0. Differences at matched KL are paired by seed and
+best-of-n over SFT samples (its KL exact over a pool of SFT samples per prompt,
+eval_stats.best_of_n_kl_pool; log n − (n − 1)/n is only an upper bound, Beirami et al.
+2024, which would place best-of-n to the right of its true KL and favour RL), both starting from SFT itself at KL 0. Differences at matched KL are paired by seed and
 get a 95% t-interval over seeds (gptjax/eval_stats.py t_interval). Methods trained on
 the gold reward are listed apart and never ranked with the RM-trained ones.
 """
@@ -197,7 +197,7 @@ def plot(path: str, cells, spec) -> None:
              _half([p[1] for p in v]))
             for v in by_point.values()
         )  # fmt: skip
-        label = {TEMPERATURE: "SFT at T < 1", BEST_OF: "best-of-n (KL bound)"}.get(model, model)
+        label = {TEMPERATURE: "SFT at T < 1", BEST_OF: "best-of-n"}.get(model, model)
         kind = {TEMPERATURE: "reference", BEST_OF: "reference", SFT: "sft"}.get(model, "method")
         kind = "gold" if model in spec.gold_methods else kind
         if pts:

@@ -164,3 +164,30 @@ def t_interval(values) -> tuple[float, float, float]:
         return mean, float("nan"), float("nan")
     half = T_975.get(len(x) - 1, 1.96) * float(x.std(ddof=1)) / math.sqrt(len(x))
     return mean, mean - half, mean + half
+
+
+def best_of_n_kl_pool(rewards: Sequence[float], keys: Sequence, n: int) -> float:
+    """KL(best-of-n ‖ base) for one prompt, exact for the empirical distribution of a pool
+    of m base samples (rewards[i] of sample i, keys[i] its identity: equal keys are one
+    reply). Beirami et al. (2024): log n − (n−1)/n is only an upper bound, reached when
+    every sample is distinct; repeated replies (a small policy repeats itself) make the
+    true KL smaller.
+
+    With the distinct replies grouped into reward levels v_1 < … < v_L of base mass p_l
+    and F_l = p_1 + … + p_l, best-of-n lands in level l with probability
+    q_l = F_l^n − F_{l−1}^n, spread over the level in proportion to base mass (a tie
+    between distinct replies is broken at random), so KL = Σ_l q_l log(q_l / p_l).
+    A plug-in estimate: biased low for a pool not much larger than n."""
+    mass: dict = {}
+    reward: dict = {}
+    for r, k in zip(rewards, keys, strict=True):
+        mass[k] = mass.get(k, 0) + 1
+        reward[k] = float(r)
+    levels: dict[float, float] = {}
+    for k, count in mass.items():
+        levels[reward[k]] = levels.get(reward[k], 0.0) + count / len(rewards)
+    p = np.array([levels[v] for v in sorted(levels)], np.float64)
+    cdf = np.cumsum(p)
+    q = cdf**n - np.concatenate([[0.0], cdf[:-1]]) ** n
+    keep = q > 0
+    return float(np.sum(q[keep] * np.log(q[keep] / p[keep])))

@@ -267,3 +267,32 @@ def test_the_evaluator_judges_gold_with_the_configured_length_weight():
         )
         # Detail wins under a positive weight and loses under the default (a brevity bias).
         assert m["win_rate_gold_vs_sft"]["mean"] == (1.0 if weight > 0 else 0.0)
+
+
+def test_the_exact_best_of_n_kl_on_a_pool_equals_brute_force_and_the_bound_in_the_limit():
+    import itertools
+
+    # Brute force on a small pool: enumerate every n-tuple of draws, pick the max reward
+    # (ties between distinct replies at random), tally the best-of-n distribution.
+    keys = ["a", "b", "a", "c", "d", "d"]  # "a" and "d" drawn twice
+    rewards = [0.1, 0.5, 0.1, 0.5, 0.9, 0.9]  # "b" and "c" tie
+    base = {k: keys.count(k) / len(keys) for k in set(keys)}
+    reward = dict(zip(keys, rewards))
+    for n in (1, 2, 3):
+        best = dict.fromkeys(base, 0.0)
+        for draw in itertools.product(base, repeat=n):
+            prob = np.prod([base[k] for k in draw])
+            top = max(reward[k] for k in draw)
+            winners = [k for k in draw if reward[k] == top]  # a tie: one of the draws
+            for k in winners:
+                best[k] += prob / len(winners)
+        want = sum(q * np.log(q / base[k]) for k, q in best.items() if q > 0)
+        got = eval_stats.best_of_n_kl_pool(rewards, keys, n)
+        assert got == pytest.approx(want, abs=1e-12), n
+    assert eval_stats.best_of_n_kl_pool([0.3] * 8, ["same"] * 8, 16) == 0.0
+    # Many distinct samples: the analytic value, which is the bound.
+    rng = np.random.default_rng(0)
+    m = 20000
+    got = eval_stats.best_of_n_kl_pool(rng.normal(size=m), range(m), 8)
+    assert got == pytest.approx(evaluate.best_of_n_kl(8), abs=2e-3)
+    assert got <= evaluate.best_of_n_kl(8)

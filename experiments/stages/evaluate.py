@@ -10,7 +10,8 @@ and the methods trained on the gold reward (reported in their own rows). Each
 answers the same prompts under the fixed protocol of gptjax/evaluate.py (greedy, and
 temperature 1 x samples, fixed seeds) and gets, with bootstrap intervals over prompts:
 gold reward and accuracies (the world's labeler), RM reward, win rates against SFT
-(gold- and RM-judged), KL to SFT (temperature-1 samples; best-of-n: log n - (n-1)/n),
+(gold- and RM-judged), KL to SFT (temperature-1 samples; best-of-n: exact over a pool of
+SFT samples, eval_stats.best_of_n_kl_pool),
 per-token entropy, diversity, length, and per model the held-out pretraining loss (the
 alignment tax) and few-shot (in-context) accuracy with worksheet prompts.
 
@@ -178,10 +179,33 @@ def _replies(v: Variant, models: Models, records, proto, temperature: float, sam
 
     if not v.best_of:
         return rm_scored(models.generate(v.role, records, **kw))
-    draws = [
-        rm_scored(models.generate(v.role, records, seed_offset=m, **kw)) for m in range(v.best_of)
+    pool = [
+        rm_scored(models.generate(v.role, records, seed_offset=m, **kw))
+        for m in range(max(v.best_of, pool_draws(models.ctx.config)))
     ]
-    return evaluate.best_of_n(draws)
+    best = evaluate.best_of_n(pool[: v.best_of])
+    return evaluate.with_extra(best, "kl", pool_kl(pool, v.best_of, best))
+
+
+def pool_draws(config) -> int:
+    """Draws of SFT samples pooled per prompt for best-of-n's exact KL: eval.best_of_pool,
+    or (0) those of the largest n evaluated, which are sampled anyway."""
+    return config.eval.best_of_pool or max(config.eval.best_of_n, *config.eval.best_of_curve, 1)
+
+
+def pool_kl(pool, n: int, replies) -> list[float]:
+    """Each reply's KL(best-of-n ‖ SFT): exact for its prompt's pool of SFT samples (every
+    draw and sample of that prompt; replies with equal ids are one reply),
+    eval_stats.best_of_n_kl_pool."""
+    by_prompt: dict[int, list] = {}
+    for draw in pool:
+        for r in draw:
+            by_prompt.setdefault(r.index, []).append(r)
+    kl = {
+        i: eval_stats.best_of_n_kl_pool([r.extra["rm_reward"] for r in rs], [r.ids for r in rs], n)
+        for i, rs in by_prompt.items()
+    }
+    return [kl[r.index] for r in replies]
 
 
 def _model_scores(v: Variant, models: Models, records, proto, replies, kl: bool):
@@ -195,7 +219,7 @@ def _model_scores(v: Variant, models: Models, records, proto, replies, kl: bool)
     if not kl or not has_stage(models.ctx, "sft"):
         return replies
     if v.best_of:
-        return evaluate.with_extra(replies, "kl", [evaluate.best_of_n_kl(v.best_of)] * len(replies))
+        return replies  # its exact KL over the pool of SFT samples (_replies)
     ref, _ = models.scores("sft", records, replies, proto)
     return evaluate.with_extra(replies, "kl", logp - ref)
 
