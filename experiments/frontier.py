@@ -9,8 +9,9 @@ seed whose range misses k gives no value, and the table says so). The references
 curves too: SFT sampled at lower temperatures (KL estimated like every policy's), and
 best-of-n over SFT samples (its KL exact over a pool of SFT samples per prompt,
 eval_stats.best_of_n_kl_pool; log n − (n − 1)/n is only an upper bound, Beirami et al.
-2024, which would place best-of-n to the right of its true KL and favour RL), both starting from SFT itself at KL 0. Differences at matched KL are paired by seed and
-get a 95% t-interval over seeds (gptjax/eval_stats.py t_interval). Methods trained on
+2024, which would place best-of-n to the right of its true KL and favour RL), both
+starting from SFT itself at KL 0. Differences at matched KL are paired by seed and get a
+95% t-interval over seeds (gptjax/eval_stats.py t_interval). Methods trained on
 the gold reward are listed apart and never ranked with the RM-trained ones.
 """
 

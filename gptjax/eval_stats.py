@@ -137,7 +137,21 @@ def format_results(out: dict, table_metrics, model_metrics) -> str:
                 format_table(variants, proto_name, table_metrics),
             ]
         lines += ["", f"per model{title}:", format_model_table(variants, model_metrics)]
+    if out.get("differences"):
+        lines += ["", "paired differences (bootstrap over prompts, 95%):"]
+        lines += format_differences(out["differences"])
     return "\n".join(lines)
+
+
+def format_differences(differences: dict) -> list[str]:
+    metrics = list(next(iter(next(iter(differences.values())).values())))
+    lines = ["| a − b | protocol | " + " | ".join(metrics) + " |"]
+    lines.append("|---|---" + "|---" * len(metrics) + "|")
+    for pair, protos in differences.items():
+        for proto, stats in protos.items():
+            cells = [f"{s['mean']:+.3f} [{s['lo']:+.3f}, {s['hi']:+.3f}]" for s in stats.values()]
+            lines.append(f"| {pair} | {proto} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def format_model_table(results: dict, metrics) -> str:
@@ -191,3 +205,27 @@ def best_of_n_kl_pool(rewards: Sequence[float], keys: Sequence, n: int) -> float
     q = cdf**n - np.concatenate([[0.0], cdf[:-1]]) ** n
     keep = q > 0
     return float(np.sum(q[keep] * np.log(q[keep] / p[keep])))
+
+
+def paired_difference(
+    records, replies_a, replies_b, metric, n_boot: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """Mean over prompts of metric(a) − metric(b) with a paired percentile bootstrap: the
+    prompts are resampled together, so the difference's interval is not the wider one two
+    separate intervals would imply (the prompts' difficulty cancels). metric = (select,
+    value) as in summarize; each prompt's value is the mean over its replies; prompts
+    answered by only one model are left out."""
+    select, value = metric
+
+    def by_prompt(replies):
+        out: dict[int, list[float]] = {}
+        for r in replies:
+            rec = records[r.index]
+            if select(rec) and (v := value(rec, r)) is not None:
+                out.setdefault(r.index, []).append(v)
+        return {i: float(np.mean(v)) for i, v in out.items()}
+
+    a, b = by_prompt(replies_a), by_prompt(replies_b)
+    diffs = [a[i] - b[i] for i in sorted(a.keys() & b.keys())]
+    mean, lo, hi = bootstrap_ci(diffs, n_boot, seed)
+    return {"mean": mean, "lo": lo, "hi": hi, "n": len(diffs)}

@@ -296,3 +296,23 @@ def test_the_exact_best_of_n_kl_on_a_pool_equals_brute_force_and_the_bound_in_th
     got = eval_stats.best_of_n_kl_pool(rng.normal(size=m), range(m), 8)
     assert got == pytest.approx(evaluate.best_of_n_kl(8), abs=2e-3)
     assert got <= evaluate.best_of_n_kl(8)
+
+
+def test_the_paired_bootstrap_of_a_difference_equals_numpy_and_is_narrower():
+    records = eval_records()[:40]
+    rng = np.random.default_rng(0)
+    difficulty = rng.normal(size=40)  # shared by both models: cancels in the difference
+    a = [Reply(i, s, "x", True, 1, extra={"v": difficulty[i] + 0.3 + 0.1 * rng.normal()})
+         for i in range(40) for s in range(2)]  # fmt: skip
+    b = [Reply(i, 0, "y", True, 1, extra={"v": difficulty[i]}) for i in range(30)]  # 30 common
+    metric = (lambda rec: True, lambda rec, r: r.extra["v"])
+    got = eval_stats.paired_difference(records, a, b, metric, n_boot=500, seed=3)
+    per_a = np.array([np.mean([r.extra["v"] for r in a if r.index == i]) for i in range(30)])
+    diffs = per_a - np.array([difficulty[i] for i in range(30)])
+    want = eval_stats.bootstrap_ci(diffs, 500, 3)
+    assert got["n"] == 30 and (got["mean"], got["lo"], got["hi"]) == pytest.approx(want)
+    # By hand: resample the 30 prompts' differences with the same generator.
+    idx = np.random.default_rng(3).integers(0, 30, size=(500, 30))
+    assert got["lo"] == pytest.approx(np.quantile(diffs[idx].mean(axis=1), 0.025))
+    unpaired = eval_stats.bootstrap_ci(per_a, 500, 3)
+    assert got["hi"] - got["lo"] < (unpaired[2] - unpaired[1]) / 3  # difficulty cancelled

@@ -282,7 +282,38 @@ def evaluate_all(ctx: StageContext) -> dict:
             if ("SFT", name) in replies:
                 r = evaluate.compare_to(records, r, replies["SFT", name], judges)
             results[v.name][name] = eval_stats.summarize(records, r, metrics, proto.bootstrap)
-    return {"records": len(records), "variants": results}
+    return {
+        "records": len(records),
+        "variants": results,
+        "differences": differences(records, replies, metrics, proto.bootstrap),
+    }
+
+
+# The paired differences reported: every variant against SFT, and PPO-ptx against PPO.
+DIFFERENCE_METRICS = (
+    "gold_reward",
+    "accuracy",
+    "accuracy_known_not_in_demos",
+    "abstention_unknown",
+)
+
+
+def differences(records, replies, metrics, n_boot: int) -> dict:
+    """{"a − b": {protocol: {metric: stat}}}: paired bootstrap over prompts
+    (eval_stats.paired_difference) for each variant − SFT and PPO-ptx − PPO."""
+    names = list(dict.fromkeys(name for name, _ in replies))
+    pairs = [(n, "SFT") for n in names if n != "SFT"] + [("PPO-ptx", "PPO")]
+    out = {}
+    for a, b in pairs:
+        for proto in ("greedy", "sample"):
+            ra, rb = replies.get((a, proto)), replies.get((b, proto))
+            if not ra or not rb:
+                continue
+            out.setdefault(f"{a} − {b}", {})[proto] = {
+                m: eval_stats.paired_difference(records, ra, rb, metrics[m], n_boot)
+                for m in DIFFERENCE_METRICS
+            }
+    return out
 
 
 def run(ctx: StageContext) -> dict:
