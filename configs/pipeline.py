@@ -218,6 +218,10 @@ def _runlocal(c: ml_collections.ConfigDict, name: str) -> None:
     )
     for section in (c.ppo, c.ppo_ptx, c.ppo_gold):
         section.update(rl, prompts_per_iteration=64, kl_coef=0.3, ptx_batch_size=16, ptx_seq_len=64)
+        # With kl_target set, the controller's horizon in rollouts scaled to the run (1,280
+        # rollouts): β may move ±25% per iteration (0.2 x 64 / 256) instead of the 2.6%
+        # over the whole run the default 10,000 (lm-human-preferences') would allow.
+        section.kl_horizon = 256.0
         section.optim.lr = 1e-4
     # 16 prompts x 4 replies: the 64 sampled replies per iteration of PPO's sections.
     # β = 0.3 for every method, as PPO's (pilot runs: docs/notes.md).
