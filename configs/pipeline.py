@@ -81,6 +81,10 @@ def _data() -> ml_collections.ConfigDict:
             # comparisons:/path/file.jsonl (HH chosen/rejected or ranked lists: README).
             comparisons="compare",
             comparisons_heldout_fraction=0.1,  # of a user's comparisons, for RM metrics
+            # Share of the world's ppo_prompts kept for comparisons (the compare stage's
+            # first n_prompts are taken from it); RL stages train on the others: the RM
+            # and the policy never see the same prompts (InstructGPT's split).
+            rm_prompt_share=0.75,
             # Share of malformed records in a user's file that are dropped (each reported
             # with file:line) instead of failing; above it the run stops before step 1.
             max_bad_fraction=0.0,
@@ -93,7 +97,7 @@ def _compare() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
             k=4,  # replies sampled per prompt, 2..9 (InstructGPT ranked 4 to 9)
-            n_prompts=0,  # first n of the world's ppo_prompts; 0 = all
+            n_prompts=0,  # first n of the prompts kept for it (data.rm_prompt_share); 0 = all
             heldout_fraction=0.15,  # of the prompts: the RM's held-out comparisons
             temperature=1.0,
             max_new_tokens=16,

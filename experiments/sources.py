@@ -56,6 +56,44 @@ def world_data(config, workdir: str) -> dict[str, Sequence[dict]]:
     )
 
 
+def world_prompt_split(config) -> int:
+    """How many of the world's ppo_prompts (the first ones) are kept for comparisons: the
+    compare stage samples from them, RL stages train on the others."""
+    share = config.data.rm_prompt_share
+    n = int(config.world.n_ppo_prompts)
+    if not isinstance(share, int | float) or not 0 < share < 1:
+        raise ConfigError("data.rm_prompt_share", f"must be in (0, 1), got {share!r}")
+    n_rm = round(n * share)
+    if not 0 < n_rm < n:
+        raise ConfigError("data.rm_prompt_share", f"{share} of {n} prompts leaves a split empty")
+    return n_rm
+
+
+def world_prompts(config, workdir: str, role: str) -> Sequence[dict]:
+    """The world's ppo_prompts for `role`: "compare" (the first world_prompt_split) or
+    "rl" (the rest)."""
+    prompts = world_data(config, workdir)["ppo_prompts"]
+    n_rm = world_prompt_split(config)
+    return _Slice(prompts, 0, n_rm) if role == "compare" else _Slice(prompts, n_rm, len(prompts))
+
+
+class _Slice(Sequence):
+    """A random-access slice of a random-access source, without reading it."""
+
+    def __init__(self, source, start: int, stop: int):
+        self._source, self._start, self._len = source, start, max(0, stop - start)
+
+    def __len__(self):
+        return self._len
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._len))]
+        if not -self._len <= i < self._len:
+            raise IndexError(i)
+        return self._source[self._start + (i % self._len)]
+
+
 # data field -> the world's (train, held-out) splits of it
 _WORLD_SPLITS = {"pretrain": ("pretrain", "pretrain_heldout"), "demos": ("demos", "demos_heldout")}
 
@@ -255,7 +293,7 @@ def prompt_source(config, workdir: str, section, prefix: str):
     """An RL stage's prompts: the world's ppo_prompts or the prompt turns of a file."""
     spec = section.prompts
     if spec == WORLD:
-        return world_data(config, workdir)["ppo_prompts"]
+        return world_prompts(config, workdir, "rl")
     try:
         return builders.load_split(spec, "train", data_dir(config, workdir))
     except ValueError as e:

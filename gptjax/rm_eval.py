@@ -25,12 +25,11 @@ def with_ref_logp(sft: Model, sft_params, tokenizer, records: Sequence[dict]) ->
     """records with "ref_logp": each reply's mean log-prob under the SFT model (with its
     EOS if it ended), the RM's reference feature (gptjax/reward_model.py)."""
     replies = [
-        evaluate.Reply(i, k, text, done, 0, tuple(chat.encode_reply(text, tokenizer)) + eos)
+        evaluate.Reply(i, k, text, done, 0, tuple(chat.reply_ids(rec, k, tokenizer)))
         for i, rec in enumerate(records)
         for k, (text, done) in enumerate(
             zip(rec["responses"], rec.get("ended") or [True] * len(rec["responses"]))
         )
-        for eos in [(tokenizer.eos_id,) if done else ()]
     ]
     protocol = evaluate.Protocol(batch_size=64)
     feature = evaluate.mean_logprobs(sft, sft_params, tokenizer, records, replies, protocol)

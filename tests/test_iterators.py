@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from gptjax.data import chat, iterators, packing
+from gptjax.data import chat, formats, iterators, packing
 from gptjax.data import tokenizer as tok_lib
 
 B, T = 4, 16
@@ -208,3 +208,28 @@ def test_comparison_reply_mask_covers_the_reply_and_its_eos_and_keeps_the_end(to
         assert out["reward_index"][k] == n - 1
     assert not out["reply_mask"][2].any() and out["valid"].tolist() == [1, 1, 0]
     np.testing.assert_array_equal(out["ref_seq_logp"], [-3.5, -7.25, 0.0])
+
+
+def test_comparison_rows_are_the_ids_the_replies_were_sampled_as(tok):
+    """A record carrying response_ids for this tokenizer is trained on those ids, even when
+    they are not the text's own encoding (a sampled reply may spell a word in pieces);
+    for another tokenizer, or none, the text is encoded."""
+    canonical = chat.encode_reply("oslo", tok)
+    pieces = canonical[:1] + tok.encode("o") + canonical[1:]  # not what the text encodes to
+    assert pieces != canonical
+    record = {
+        "prompt": "where does ka ri live?",
+        "responses": ["oslo", "oslo"],
+        "ranks": [0, 1],
+        "ended": [True, False],
+        "response_ids": [pieces + [tok.eos_id], canonical],
+        "tokenizer": tok.hash,
+    }
+    out = iterators.comparison_example(record, tok, 32, k_max=2)
+    for k, ids in enumerate(record["response_ids"]):
+        assert out["tokens"][k][out["reply_mask"][k] > 0].tolist() == ids
+    other = iterators.comparison_example({**record, "tokenizer": "another"}, tok, 32, k_max=2)
+    assert other["tokens"][0][other["reply_mask"][0] > 0].tolist() == canonical + [tok.eos_id]
+    assert formats.normalize_comparison(record)["response_ids"] == record["response_ids"]
+    with pytest.raises(ValueError, match="response_ids"):
+        formats.normalize_comparison({**record, "response_ids": [pieces]})

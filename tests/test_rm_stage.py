@@ -186,6 +186,7 @@ def test_compare_with_a_plugged_in_labeler(sft_workdir):
     out = _main(workdir, "--stages=compare", *flags)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "labeler: tests.test_rm_stage:length_labeler" in out.stdout
+    tok = sources.get_tokenizer(config_from_flags([*data_flags, *MODEL_CLI]), str(workdir))
     done = json.load(open(workdir / "compare" / "done.json"))
     paths = sources.compare_paths(workdir / "compare")
     records = {s: list(formats.read_comparisons(p)) for s, p in paths.items()}
@@ -197,6 +198,10 @@ def test_compare_with_a_plugged_in_labeler(sft_workdir):
         assert len(rec["responses"]) == 3 and len(rec["ended"]) == 3
         assert rec["ranks"] == length_labeler({**rec, "ended": rec["ended"]}, rec["responses"])
         assert len(set(rec["ranks"])) >= 2
+        # The ids the replies were sampled as, under this tokenizer, decode to the texts.
+        assert rec["tokenizer"] == tok.hash and len(rec["response_ids"]) == 3
+        for ids, text, ended in zip(rec["response_ids"], rec["responses"], rec["ended"]):
+            assert chat.decode_reply(ids, tok) == (text, ended)
         meta = rec["meta"]
         assert meta["task"]["prompt"] == rec["prompt"]
         assert meta["gold_ranks"] == compare.gold_ranks(meta["gold_scores"])
@@ -346,3 +351,18 @@ def test_rm_without_compare_output_says_what_to_run(tmp_path):
     config.data.comparisons = "/path/without/kind.jsonl"
     with pytest.raises(ConfigError, match=r"config\.data\.comparisons: expected 'compare'"):
         sources.comparison_sources(config, str(tmp_path), str(tmp_path / "compare"))
+
+
+def test_the_rm_and_the_policy_train_on_disjoint_world_prompts(tmp_path):
+    config = config_from_flags(SMALL_WORLD_CLI)
+    compare_side = sources.world_prompts(config, str(tmp_path), "compare")
+    rl_side = sources.prompt_source(config, str(tmp_path), config.ppo, "ppo")
+    n = config.world.n_ppo_prompts
+    assert len(compare_side) == round(n * config.data.rm_prompt_share)
+    assert len(compare_side) + len(rl_side) == n
+    key = lambda t: (t["prompt"], t["person"], str(t["operands"]))  # noqa: E731
+    seen = {key(compare_side[i]) for i in range(len(compare_side))}
+    assert seen and not seen & {key(rl_side[i]) for i in range(len(rl_side))}
+    config.compare.n_prompts = len(compare_side) + 1
+    with pytest.raises(ConfigError, match="compare.n_prompts: .* kept for comparisons"):
+        compare.settings(pipeline_lib.context(config, str(tmp_path), "compare"))

@@ -4,7 +4,8 @@
     python -m experiments.main --stages=compare --config.compare.k=6 \\
         --config.compare.labeler=mypackage.labels:rank
 
-For each of the first `compare.n_prompts` of the world's PPO prompts, K replies are
+For each of the first `compare.n_prompts` of the world's prompts kept for comparisons
+(data.rm_prompt_share of its ppo_prompts; RL stages train on the others), K replies are
 sampled at `compare.temperature` with the KV-cache sampler (fixed per-reply seeds from
 seeds.sampling, so a rerun draws the same replies) and ranked by a labeler (InstructGPT,
 sec. 3.4: labelers rank K = 4..9 outputs per prompt). The default labeler is the world's
@@ -79,6 +80,13 @@ def settings(ctx: StageContext) -> dict:
             raise ConfigError(f"{name}.{field}", f"out of range: {c[field]}")
     if c.temperature <= 0:
         raise ConfigError(f"{name}.temperature", f"must be > 0 to sample, got {c.temperature}")
+    n_rm = sources.world_prompt_split(ctx.config)
+    if c.n_prompts > n_rm:
+        raise ConfigError(
+            f"{name}.n_prompts",
+            f"{c.n_prompts} > the {n_rm} world prompts kept for comparisons "
+            f"(data.rm_prompt_share {ctx.config.data.rm_prompt_share})",
+        )
     return {"labeler": load_labeler(c.labeler) if c.labeler else None}
 
 
@@ -89,14 +97,16 @@ def fingerprint(ctx: StageContext, tokenizer) -> dict:
     return {
         "compare": ctx.section.to_dict(),
         "world_hash": sources.world_config(config).content_hash(),
+        "rm_prompt_share": config.data.rm_prompt_share,
         "seed": config.seeds.sampling,
         "tokenizer_hash": tokenizer.hash,
         "sft": [os.path.abspath(sft_dir), max(steps, default=None)],
     }
 
 
-def label(records, replies, k: int, labeler: Callable | None, config) -> list[dict]:
-    """Ranked comparisons (with gold meta) from K replies per record."""
+def label(records, replies, k: int, labeler: Callable | None, config, tokenizer) -> list[dict]:
+    """Ranked comparisons (with gold meta) from K replies per record, each reply with the
+    token ids it was sampled as (`response_ids`, under `tokenizer`: its hash)."""
     world = sources.world_config(config)
     out = []
     for i, task in enumerate(records):
@@ -118,6 +128,8 @@ def label(records, replies, k: int, labeler: Callable | None, config) -> list[di
                 "responses": texts,
                 "ranks": ranks,
                 "ended": ended,
+                "response_ids": [list(r.ids) for r in replies[i * k : (i + 1) * k]],
+                "tokenizer": tokenizer.hash,
                 "meta": {"task": task, "gold_scores": scores, "gold_ranks": gold_ranks(scores)},
             }
         )
@@ -143,7 +155,7 @@ def run(ctx: StageContext) -> dict:
         if done["fingerprint"] == fp:
             return {"stage": ctx.name, "text": _text(ctx.name, done, out_dir, reused=True), **done}
 
-    source = sources.world_data(config, workdir)["ppo_prompts"]
+    source = sources.world_prompts(config, workdir, "compare")
     n = len(source) if not c.n_prompts else min(c.n_prompts, len(source))
     records = [source[i] for i in range(n)]
     model, params = sources.load_stage_params(
@@ -167,10 +179,20 @@ def run(ctx: StageContext) -> dict:
     n_heldout = max(1, round(n * c.heldout_fraction))
     comparisons = {
         "train": label(
-            records[: n - n_heldout], replies[: (n - n_heldout) * c.k], c.k, labeler, config
+            records[: n - n_heldout],
+            replies[: (n - n_heldout) * c.k],
+            c.k,
+            labeler,
+            config,
+            tokenizer,
         ),
         "heldout": label(
-            records[n - n_heldout :], replies[(n - n_heldout) * c.k :], c.k, labeler, config
+            records[n - n_heldout :],
+            replies[(n - n_heldout) * c.k :],
+            c.k,
+            labeler,
+            config,
+            tokenizer,
         ),
     }
     os.makedirs(out_dir, exist_ok=True)

@@ -75,6 +75,18 @@ def encode_reply(reply: str, tokenizer: Tokenizer) -> list[int]:
     return tokenizer.encode(SEP + reply)
 
 
+def reply_ids(record: Mapping, k: int, tokenizer: Tokenizer) -> list[int]:
+    """Reply k of a comparison record as the model reads it: the ids it was sampled as when
+    the record carries them for this tokenizer (`response_ids`, `tokenizer`: the compare
+    stage's records), else its text encoded by the template, with EOS if it ended. Sampled
+    ids need not be the text's canonical encoding; the RM, its reference feature and DPO
+    then learn on the tokens the policy produced, as PPO's scoring sees them."""
+    if record.get("response_ids") is not None and record.get("tokenizer") == tokenizer.hash:
+        return list(record["response_ids"][k])
+    ended = (record.get("ended") or [True] * len(record["responses"]))[k]
+    return encode_reply(record["responses"][k], tokenizer) + ([tokenizer.eos_id] if ended else [])
+
+
 def decode_reply(ids: Sequence[int], tokenizer: Tokenizer) -> tuple[str, bool]:
     """(text, ended) of generated reply ids: cut at the first EOS, template space removed."""
     ids = list(ids)

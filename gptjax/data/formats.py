@@ -383,6 +383,19 @@ def normalize_comparison(obj: Mapping) -> dict:
         record["ended"] = list(obj["ended"])
     if "meta" in obj:
         record["meta"] = obj["meta"]
+    # Optional: the replies as the token ids they were sampled as (chat template, EOS if
+    # they ended) and the hash of that tokenizer: trained on as they are, never re-encoded
+    # from the text, whose encoding may differ (gptjax/data/chat.py reply_ids).
+    if "response_ids" in obj:
+        ids = obj["response_ids"]
+        if (
+            not isinstance(ids, list)
+            or len(ids) != len(record["responses"])
+            or not all(isinstance(x, list) and all(isinstance(t, int) for t in x) for x in ids)
+        ):
+            raise ValueError("response_ids: expected one list of token ids per response")
+        record["response_ids"] = ids
+        record["tokenizer"] = _string(obj, "tokenizer")
     return record
 
 

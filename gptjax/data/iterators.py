@@ -228,7 +228,6 @@ def comparison_example(record: Mapping, tokenizer: Tokenizer, seq_len: int, k_ma
     responses = record["responses"]
     if len(responses) > k_max:
         raise ValueError(f"comparison has {len(responses)} responses; k_max is {k_max}")
-    ended = record.get("ended") or [True] * len(responses)
     out = {
         "tokens": np.zeros((k_max, seq_len), np.int32),
         "segment_ids": np.zeros((k_max, seq_len), np.int32),
@@ -240,8 +239,8 @@ def comparison_example(record: Mapping, tokenizer: Tokenizer, seq_len: int, k_ma
     }
     for key in PER_REPLY:
         out[key] = np.zeros((k_max,), np.float32)
-    for k, (reply, done) in enumerate(zip(responses, ended)):
-        reply_ids = chat.encode_reply(reply, tokenizer) + ([tokenizer.eos_id] if done else [])
+    for k in range(len(responses)):
+        reply_ids = chat.reply_ids(record, k, tokenizer)
         # Keep the end (where the reward is read); cut the prompt's start if too long.
         ids = (context + reply_ids)[-seq_len:]
         n = len(ids)
