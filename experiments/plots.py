@@ -62,34 +62,91 @@ def plot_metric_bars(path: str, agg: dict, protocol: str, metrics, title: str) -
 
 
 def plot_reward_vs_kl(path: str, points: list[dict], title: str) -> None:
-    """Gold and RM reward against sqrt(KL to SFT): the over-optimisation picture of Gao
-    et al. 2022 (fig. 1). points: {"label", "kl", "gold", "gold_err", "rm", "rm_err"}."""
+    """Gold and proxy (RM) reward against sqrt(KL to SFT), as Gao et al. 2022 (fig. 1)
+    draw over-optimisation: two panels, one colour per model, 95% intervals; models are
+    never joined by lines, except the members of one family, which form a curve: one
+    method over a sweep's variants (the point's "family", e.g. PPO over β), best-of-n
+    over n, SFT over temperature. points: {"label", "kl", "gold", "gold_err", "rm",
+    "rm_err", optional "family"}; a point with no KL is left out."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    pts = sorted(points, key=lambda p: p["kl"])
-    x = np.sqrt(np.maximum([p["kl"] for p in pts], 0.0))
-    for key, style in (("gold", "o-"), ("rm", "s--")):
-        y = [p[key] for p in pts]
-        ax.errorbar(x, y, yerr=[p.get(key + "_err", 0.0) for p in pts], fmt=style, label=key)
-    for xi, p in zip(x, pts):
-        ax.annotate(
-            p["label"], (xi, p["gold"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
-        )
-    ax.set_xlabel("sqrt(KL to SFT) (nats^0.5, temperature-1 samples)")
-    ax.set_ylabel("reward")
-    ax.set_title(title)
-    ax.legend()
+    pts = [p for p in points if np.isfinite(p["kl"])]
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 3.8), sharex=True)
+    families = {"best-of-": "best-of-n", "SFT T=": "SFT at T < 1"}
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    groups: dict[str, list[dict]] = {}
+    for p in pts:
+        model = p.get("family", p["label"])
+        family = next((f for f in families if model.startswith(f)), None)
+        groups.setdefault(families[family] if family else model, []).append(p)
+    for ax, key, name in ((axes[0], "gold", "gold reward"), (axes[1], "rm", "proxy (RM) reward")):
+        for c, (label, members) in enumerate(groups.items()):
+            members = sorted(members, key=lambda p: p["kl"])
+            x = np.sqrt(np.maximum([p["kl"] for p in members], 0.0))
+            y = [p[key] for p in members]
+            err = [p.get(key + "_err", 0.0) for p in members]
+            fmt = "s--" if len(members) > 1 else "o"
+            ax.errorbar(x, y, yerr=err, fmt=fmt, ms=5, capsize=2, label=label,
+                        color=colours[c % len(colours)])  # fmt: skip
+        ax.set_xlabel("sqrt(KL to SFT) (nats^0.5 per reply, T=1 samples)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+# Training curves: the metrics a researcher reads first, per kind of stage (those present).
+CURVES = (
+    ("loss", "loss"),
+    ("eval/loss", "held-out loss"),
+    ("accuracy", "accuracy"),
+    ("eval/accuracy", "held-out accuracy"),
+    ("score", "RM score"),
+    ("reward", "reward (score - KL penalty)"),
+    ("kl", "KL to reference (nats/reply)"),
+    ("kl_coef", "β"),
+    ("entropy", "entropy (nats/token)"),
+    ("clipfrac", "clip fraction"),
+    ("value_loss", "value loss"),
+    ("eval/sample/gold_reward", "gold reward (T=1, eval)"),
+    ("margin", "margin"),
+)
+
+
+def plot_training_curves(path: str, rows: list[dict], title: str) -> bool:
+    """One panel per CURVES metric the stage logged, against its step. False (no file)
+    when it logged none of them."""
+    panels = [(k, name) for k, name in CURVES if any(k in r for r in rows)]
+    if not panels:
+        return False
+    plt = _pyplot()
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.0 * cols, 2.3 * nrows), squeeze=False)
+    for ax, (key, name) in zip(axes.flat, panels):
+        xy = [(r["step"], r[key]) for r in rows if key in r and r[key] is not None]
+        ax.plot(*zip(*xy), ".-" if len(xy) < 40 else "-", lw=1, ms=3)
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def kl_points(variants: dict) -> list[dict]:
-    """Reward-vs-KL points of the variants that have a KL to SFT (sample protocol)."""
+    """Reward-vs-KL points of the variants that have a KL to SFT (sample protocol); the
+    base model is not a policy derived from SFT (its KL would be off scale)."""
     points = []
     for name, res in variants.items():
         s = res.get("sample", {})
-        if not s.get("kl_to_sft", {}).get("n"):
+        if name.startswith("base") or not s.get("kl_to_sft", {}).get("n"):
             continue
         gold, rm = s["gold_reward"], s["rm_reward"]
         points.append(

@@ -181,8 +181,10 @@ def write_run_report(
     gates: list[dict],
     stage_times: dict[str, float],
     prov: dict,
+    workdir: str | None = None,
 ) -> dict[str, str]:
-    """report.md, results.csv, provenance.json and plots for one pipeline run."""
+    """report.md, results.csv, provenance.json and plots for one pipeline run (with the
+    workdir: each trained stage's training curves too)."""
     os.makedirs(directory, exist_ok=True)
     paths = {
         "report": os.path.join(directory, "report.md"),
@@ -210,9 +212,31 @@ def write_run_report(
     lines += [f"![gold reward]({os.path.basename(paths['gold_plot'])})", ""]
     if "kl_plot" in paths:
         lines += [f"![reward vs KL]({os.path.basename(paths['kl_plot'])})", ""]
+    curves = training_curves(workdir, directory) if workdir else {}
+    if curves:
+        lines += ["## Training curves", ""]
+        lines += [f"![{stage}]({os.path.basename(p)})" for stage, p in curves.items()] + [""]
+        paths.update({f"curves_{stage}": p for stage, p in curves.items()})
     with open(paths["report"], "w") as f:
         f.write("\n".join(lines))
     return paths
+
+
+def training_curves(workdir: str, directory: str) -> dict[str, str]:
+    """{stage: PNG} of every stage in the workdir that logged metrics (its metrics.jsonl,
+    or the RM's train/metrics.jsonl), in the workdir's stage order."""
+    out = {}
+    for stage in sorted(os.listdir(workdir)):
+        for rel in ("metrics.jsonl", os.path.join("train", "metrics.jsonl")):
+            path = os.path.join(workdir, stage, rel)
+            if os.path.isfile(path):
+                with open(path) as f:
+                    rows = [json.loads(line) for line in f if line.strip()]
+                png = os.path.join(directory, f"curves_{stage}.png")
+                if plots.plot_training_curves(png, rows, f"{stage}: training curves"):
+                    out[stage] = png
+                break
+    return out
 
 
 def gate_line(row: dict) -> str:
@@ -259,7 +283,7 @@ def run(ctx) -> dict:
     prov = provenance(config, world_hash, tokenizer.hash)
     text = eval_stats.format_results(results, world_eval.TABLE_METRICS, world_eval.MODEL_METRICS)
     paths = write_run_report(
-        os.path.join(workdir, "report"), text, results["variants"], rows, times, prov
+        os.path.join(workdir, "report"), text, results["variants"], rows, times, prov, workdir
     )
     failed = [r for r in rows if r["passed"] is False]
     lines = [text, "", "gates:"] + [gate_line(r) for r in rows]

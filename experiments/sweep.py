@@ -313,6 +313,7 @@ def sweep_plots(directory: str, agg: dict) -> dict[str, str]:
         points.append(
             {
                 "label": f"{variant}/{model}",
+                "family": model,  # one curve per method across the variants
                 "kl": mean,
                 "gold": gold[0],
                 "gold_err": err(gold),

@@ -245,9 +245,21 @@ def test_run_report_from_fake_eval_results(tmp_path):
         "tokenizer_hash": "t" * 16,
         "seeds": {"init": 0},
     }
-    paths = report.write_run_report(str(tmp_path), "TABLE", variants, gates, {"sft": 61.0}, prov)
+    # A workdir with a PPO stage's and the RM's logged metrics: one curve figure each.
+    workdir = tmp_path / "run"
+    (workdir / "ppo").mkdir(parents=True)
+    (workdir / "rm" / "train").mkdir(parents=True)
+    rows = [{"step": i, "kl": 0.1 * i, "clipfrac": 0.1, "score": i} for i in range(1, 6)]
+    (workdir / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (workdir / "rm" / "train" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n')
+    (workdir / "eval").mkdir()  # no metrics: no figure
+    paths = report.write_run_report(
+        str(tmp_path / "report"), "TABLE", variants, gates, {"sft": 61.0}, prov, str(workdir)
+    )
     text = open(paths["report"]).read()
     assert "TABLE" in text and "PASS" in text and "| sft | 61 |" in text
+    assert {k for k in paths if k.startswith("curves_")} == {"curves_ppo", "curves_rm"}
+    assert "![ppo](curves_ppo.png)" in text and os.path.getsize(paths["curves_ppo"]) > 1000
     assert os.path.getsize(paths["gold_plot"]) > 1000 and os.path.exists(paths["kl_plot"])
     assert len(report.read_csv(paths["csv"])) == sum(
         len(v[p]) for v in variants.values() for p in ("greedy", "sample", "model")
