@@ -10,7 +10,8 @@
 Presets: tiny (CPU, minutes), small_cpu (CPU, ~12M params), gpt2_4l (CPU, the benchmark's
 mid-size shape), gpt2_124m, gpt2_350m, gpt2_1.5b, llama_1b, llama_7b, gpt3_175b (TPU;
 each with a target slice and the settings that fit it, configs/model.py TARGETS/FITS).
-The arg is `MODEL[,mesh=MESH]`. The sections are written for the TPU presets; the CPU
+The arg is `MODEL[,mesh=MESH][,rounds=2]` (rounds=2: a second comparison round from
+the PPO policy, `_second_round`). The sections are written for the TPU presets; the CPU
 presets are shrunk in one place, `_runlocal` (big_vision's runlocal).
 
 Sections (each field documented once: in the dataclass named, or next to its value here):
@@ -112,9 +113,11 @@ def _compare() -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     name, opts = model_presets.parse_arg(arg)
-    unknown = set(opts) - {"mesh"}
+    unknown = set(opts) - {"mesh", "rounds"}
     if unknown:
-        raise ValueError(f"unknown config arg options {sorted(unknown)} in {arg!r}; known: mesh")
+        raise ValueError(
+            f"unknown config arg options {sorted(unknown)} in {arg!r}; known: mesh, rounds"
+        )
     c = ml_collections.ConfigDict()
     c.preset = name
     c.seeds = ml_collections.ConfigDict(dict(world=0, init=0, data=0, sampling=0))
@@ -190,7 +193,29 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         _runlocal(c, name)
     else:  # microbatching etc. that fit the preset's TPU slice (configs/model.py)
         model_presets.apply_fit(c, name)
+    if opts.get("rounds", "1") != "1":
+        if opts["rounds"] != "2":
+            raise ValueError(f"rounds={opts['rounds']}: 1 or 2")
+        _second_round(c)
     return c
+
+
+def _second_round(c: ml_collections.ConfigDict) -> None:
+    """`rounds=2`: InstructGPT's iterated collection. compare_2 samples the round-1 PPO
+    policy on the same prompts and keeps round 1's comparisons (so the labeler now ranks
+    the policy's abstentions against right answers too); rm_2 trains on both rounds;
+    ppo_2 trains from SFT against rm_2; eval_2 evaluates it (as "PPO", rm_2 as the RM).
+        python -m experiments.main --config=configs/pipeline.py:tiny,rounds=2 \
+            --stages=compare_2,rm_2,ppo_2,eval_2 --workdir=RUN   # after a default run
+    """
+    for name in ("compare", "rm", "ppo", "eval"):
+        c[f"{name}_2"] = c[name].copy_and_resolve_references()
+    c.instances = {
+        "compare_2": {"like": "compare", "reads": {"init": "ppo", "previous": "compare"}},
+        "rm_2": {"like": "rm", "reads": {"comparisons": "compare_2"}},
+        "ppo_2": {"like": "ppo", "reads": {"rm": "rm_2"}},
+        "eval_2": {"like": "eval", "reads": {"ppo": "ppo_2", "rm": "rm_2"}},
+    }
 
 
 def _runlocal(c: ml_collections.ConfigDict, name: str) -> None:

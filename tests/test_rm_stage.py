@@ -206,6 +206,21 @@ def test_compare_with_a_plugged_in_labeler(sft_workdir):
         assert meta["task"]["prompt"] == rec["prompt"]
         assert meta["gold_ranks"] == compare.gold_ranks(meta["gold_scores"])
 
+    # A second round (an instance reading the first as "previous") keeps round 1's
+    # comparisons first and adds its own.
+    config = config_from_flags(flags)
+    config.compare_2 = config.compare.copy_and_resolve_references()
+    config.compare_2.n_prompts = 8
+    config.instances = {"compare_2": {"like": "compare", "reads": {"previous": "compare"}}}
+    assert pipeline_lib.run_guarded(config, str(workdir), ["compare_2"]) == 0
+    paths_2 = sources.compare_paths(workdir / "compare_2")
+    two = {s: list(formats.read_comparisons(p)) for s, p in paths_2.items()}
+    done_2 = json.load(open(workdir / "compare_2" / "done.json"))
+    for split, first in records.items():
+        assert two[split][: len(first)] == first
+        assert done_2["this_round"][split] == len(two[split]) - len(first)
+    assert sum(done_2["this_round"].values()) > 0
+
     # Same settings: the finished files are reused, not sampled again.
     mtime = os.path.getmtime(paths["train"])
     again = _main(workdir, "--stages=compare", *flags)

@@ -33,6 +33,7 @@ from experiments import sources
 from experiments.rundir import StageContext, write_json, write_text
 from gptjax import config as config_lib
 from gptjax import evaluate
+from gptjax.data import formats
 from gptjax.errors import ConfigError
 from gptjax.world import gold_score, noisy_ranking
 
@@ -101,7 +102,29 @@ def fingerprint(ctx: StageContext, tokenizer) -> dict:
         "seed": config.seeds.sampling,
         "tokenizer_hash": tokenizer.hash,
         "sft": [os.path.abspath(sft_dir), max(steps, default=None)],
+        # A later round carries the earlier rounds' comparisons: their fingerprint too.
+        "previous": _previous_done(ctx).get("fingerprint"),
     }
+
+
+def _previous_done(ctx: StageContext) -> dict:
+    """The earlier round's done.json (role "previous", an instance's read), or {}."""
+    if "previous" not in ctx.inputs:
+        return {}
+    path = os.path.join(ctx.input_dir("previous"), "done.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no comparisons at {path}: run {ctx.inputs['previous']} first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def previous_round(ctx: StageContext) -> dict[str, list[dict]]:
+    """The earlier round's comparisons by split ({} in a first round): InstructGPT's RM
+    trained on every round collected so far."""
+    if not _previous_done(ctx):
+        return {split: [] for split in SPLITS}
+    paths = sources.compare_paths(ctx.input_dir("previous"))
+    return {split: list(formats.read_comparisons(paths[split])) for split in SPLITS}
 
 
 def label(records, replies, k: int, labeler: Callable | None, config, tokenizer) -> list[dict]:
@@ -195,18 +218,22 @@ def run(ctx: StageContext) -> dict:
             tokenizer,
         ),
     }
+    fresh, earlier = comparisons, previous_round(ctx)
+    new = {split: len(fresh[split]) for split in SPLITS}
+    comparisons = {split: earlier[split] + fresh[split] for split in SPLITS}
     os.makedirs(out_dir, exist_ok=True)
     for split, path in sources.compare_paths(out_dir).items():
         _write_jsonl(path, comparisons[split])
-    all_replies = [r for split in SPLITS for rec in comparisons[split] for r in rec["responses"]]
+    all_replies = [r for split in SPLITS for rec in fresh[split] for r in rec["responses"]]
     done = {
         "fingerprint": fp,
         "prompts": n,
         "comparisons": {s: len(comparisons[s]) for s in SPLITS},
-        "dropped_all_tied": n - sum(len(comparisons[s]) for s in SPLITS),
+        "dropped_all_tied": n - sum(new.values()),
+        "this_round": new,  # the rest came from the previous round ("previous")
         "k": c.k,
         "labeler": c.labeler or "world noisy gold labeler",
-        "distinct_reply_frac": _distinct_frac(comparisons),
+        "distinct_reply_frac": _distinct_frac(fresh),
         "eos_rate": float(np.mean([r.ended for r in replies])),
         "mean_reply_words": float(np.mean([len(t.split()) for t in all_replies])),
     }
@@ -222,11 +249,17 @@ def _distinct_frac(comparisons) -> float:
 
 def _text(name: str, done: dict, out_dir: str, reused: bool) -> str:
     n = done["comparisons"]
+    fresh = done.get("this_round", n)
     head = f"== {name}: reused" if reused else f"== {name}:"
+    rounds = (
+        f"  this round {fresh['train']} + {fresh['heldout']}; the rest from the previous round\n"
+        if fresh != n
+        else ""
+    )
     return (
         f"{head} {n['train']} train + {n['heldout']} held-out comparisons of K={done['k']} "
         f"replies ({done['prompts']} prompts, {done['dropped_all_tied']} dropped as all tied) "
-        f"in {out_dir}\n"
+        f"in {out_dir}\n{rounds}"
         f"  labeler: {done['labeler']}; distinct replies per prompt "
         f"{done['distinct_reply_frac']:.2f} of K, EOS rate {done['eos_rate']:.2f}, "
         f"{done['mean_reply_words']:.1f} words per reply"
