@@ -201,18 +201,16 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
             f"{v['effect']:.3f} | [{v['lo']:.3f}, {v['hi']:.3f}] | {v['seeds']} | "
             f"**{v['verdict']}** |"
         )
-    lines += ["", "## Per variant (mean over seeds, 95% t-interval)", ""]
-    metrics = ("gold_reward", "rm_reward", "kl_to_sft", "accuracy", "entropy", "distinct_2")
-    lines += [
-        "| variant / model | " + " | ".join(metrics) + " |",
-        "|---" * (len(metrics) + 1) + "|",
-    ]
-    for variant, model in sorted({(k[0], k[1]) for k in agg}):
-        cells_md = []
-        for m in metrics:
-            stat = agg.get((variant, model, "sample", m))
-            cells_md.append("—" if stat is None else _fmt(stat))
-        lines.append(f"| {variant} / {model} | " + " | ".join(cells_md) + " |")
+    for protocol, metrics in PER_VARIANT.items():
+        lines += ["", f"## Per variant, {protocol} (mean over seeds, 95% t-interval)", ""]
+        lines += [
+            "| variant / model | " + " | ".join(metrics) + " |",
+            "|---" * (len(metrics) + 1) + "|",
+        ]
+        for variant, model in sorted({(k[0], k[1]) for k in agg if k[2] == protocol}):
+            stats = [agg.get((variant, model, protocol, m)) for m in metrics]
+            row = ["—" if stat is None else _fmt(stat) for stat in stats]
+            lines.append(f"| {variant} / {model} | " + " | ".join(row) + " |")
     gate_rows = gate_stats(cells)
     if gate_rows:
         lines += ["", *gate_lines(gate_rows)]
@@ -227,6 +225,19 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return {"report": path, "verdicts": verdicts, "plots": figures, "frontier": analysis}
+
+
+# The report's per-variant tables: per protocol, the metrics shown.
+PER_VARIANT = {
+    "sample": ("gold_reward", "rm_reward", "kl_to_sft", "accuracy", "entropy", "distinct_2"),
+    "greedy": (
+        "gold_reward",
+        "accuracy",
+        "accuracy_known_not_in_demos",
+        "idk_known",
+        "abstention_unknown",
+    ),
+}
 
 
 def gate_stats(cells: list[dict]) -> list[dict]:
