@@ -239,10 +239,26 @@ def training_curves(workdir: str, directory: str) -> dict[str, str]:
     return out
 
 
-def gate_line(row: dict) -> str:
+def gate_status(row: dict) -> str:
+    """PASS / FAIL / not measured; a demoted gate (a reported metric) says so instead."""
     status = {True: "PASS", False: "FAIL", None: "not measured"}[row["passed"]]
+    if row.get("demoted"):
+        where = {True: "above floor", False: "below floor", None: "not measured"}[row["passed"]]
+        return f"reported, not gated ({where})"
+    return status
+
+
+def gate_failed(row: dict) -> bool:
+    return row["passed"] is False and not row.get("demoted")
+
+
+def gate_line(row: dict) -> str:
     value = "—" if row["value"] is None else f"{row['value']:.3f}"
-    return f"  [gate {status}] {row['description']}: {value} ({row['op']} {row['threshold']})"
+    kind = "metric" if row.get("demoted") else "gate"
+    return (
+        f"  [{kind} {gate_status(row)}] {row['description']}: {value} "
+        f"({row['op']} {row['threshold']})"
+    )
 
 
 def record_stage_time(workdir: str, stage: str, seconds: float) -> None:
@@ -285,11 +301,12 @@ def run(ctx) -> dict:
     paths = write_run_report(
         os.path.join(workdir, "report"), text, results["variants"], rows, times, prov, workdir
     )
-    failed = [r for r in rows if r["passed"] is False]
+    failed = [r for r in rows if gate_failed(r)]
+    gated = [r for r in rows if not r.get("demoted")]
     lines = [text, "", "gates:"] + [gate_line(r) for r in rows]
     lines += [
         "",
-        f"{len(rows) - len(failed)}/{len(rows)} gates passed"
+        f"{len(gated) - len(failed)}/{len(gated)} gates passed"
         + (f"; FAILED: {', '.join(r['name'] for r in failed)}" if failed else ""),
         f"report: {paths['report']}",
     ]
@@ -300,8 +317,11 @@ def gates_md(gates: list[dict]) -> str:
     lines = ["| gate | value | threshold | result |", "|---|---|---|---|"]
     for g in gates:
         value = "—" if g["value"] is None else f"{g['value']:.3f}"
-        result = {True: "PASS", False: "FAIL", None: "not measured"}[g["passed"]]
-        lines.append(f"| {g['description']} | {value} | {g['op']} {g['threshold']} | {result} |")
+        result = gate_status(g)
+        why = f" ({g['demoted']})" if g.get("demoted") else ""
+        lines.append(
+            f"| {g['description']}{why} | {value} | {g['op']} {g['threshold']} | {result} |"
+        )
     return "\n".join(lines)
 
 

@@ -270,6 +270,7 @@ def gate_stats(cells: list[dict]) -> list[dict]:
                 max=float(x.max()),
                 sd=sd,
                 passed=sum(bool(r["passed"]) for r in rows),
+                demoted=rows[-1].get("demoted", ""),
                 n=len(rows),
                 fragile=bool(margin < 2 * sd) if len(x) > 1 else True,
             )
@@ -289,8 +290,9 @@ def gate_lines(rows: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        kind = " (a reported metric, not gated)" if r["demoted"] else ""
         lines.append(
-            f"| {r['description']} | {r['op']} {r['floor']:g} | {r['mean']:.3f} "
+            f"| {r['description']}{kind} | {r['op']} {r['floor']:g} | {r['mean']:.3f} "
             f"[{r['lo']:.3f}, {r['hi']:.3f}] | {r['min']:.3f} | {r['max']:.3f} | "
             f"{r['sd']:.3f} | {r['passed']}/{r['n']} | {'**yes**' if r['fragile'] else 'no'} |"
         )

@@ -345,3 +345,17 @@ def test_gate_stats_flag_a_gate_whose_worst_seed_is_within_two_sd_of_its_floor()
     assert not acc["fragile"]  # 0.69 - 0.6 = 0.09 > 2 x 0.011
     assert gap["fragile"]  # worst 0.79 is 0.01 from 0.8, sd 0.08
     assert "| accuracy | >= 0.6 |" in "\n".join(sweep_lib.gate_lines(list(rows.values())))
+
+
+def test_a_demoted_gate_is_reported_against_its_floor_but_never_fails_a_run():
+    from gptjax.world.calibration import Gate, check
+
+    gate = Gate("g", "PPO − SFT accuracy", ">=", -0.02, "eval")
+    demoted = Gate("g", "PPO − SFT accuracy", ">=", -0.02, "eval", demoted="fragile over 5 seeds")
+    row, row_d = check(gate, -0.04), check(demoted, -0.04)
+    assert report.gate_failed(row) and not report.gate_failed(row_d)
+    assert row_d["passed"] is False  # still measured against its floor
+    assert "[gate FAIL]" in report.gate_line(row)
+    assert "[metric reported, not gated (below floor)]" in report.gate_line(row_d)
+    table = report.gates_md([row_d])
+    assert "fragile over 5 seeds" in table and "FAIL" not in table

@@ -31,6 +31,10 @@ class Gate:
     op: str  # ">=", "<=" or ">"
     threshold: float
     stage: str  # the stage whose model the gate measures
+    # Non-empty: why this is a reported metric, not a gate (measured fragile over seeds:
+    # its worst seed within 2 sd of its floor). Still computed and shown against its
+    # floor; a run does not fail on it.
+    demoted: str = ""
 
 
 GATES = (
