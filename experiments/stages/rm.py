@@ -173,6 +173,9 @@ def run(ctx: StageContext) -> dict:
         "comparisons": {"train": len(parts["train_src"]), "heldout": len(heldout), "k": k_max},
         "bias_subtracted": bias,
         "bias_demos": parts["demo_what"],
+        # The learned weight of the reference feature (0 when rm.ref_logprob is off): with
+        # it, PPO's optimum is partly SFT at a lower temperature (issue 19, item 3).
+        "score_logp": float(np.asarray(params["score_logp"].addressable_data(0)).reshape(-1)[0]),
         # The headline numbers at the top level (gates and reports read these).
         "heldout_accuracy": metrics["accuracy"],
         "heldout_gold_accuracy": metrics.get("gold_accuracy"),
@@ -188,7 +191,8 @@ def summary_text(name: str, s: dict, out_dir: str) -> str:
     resumed = f" (resumed from step {s['resumed_from']})" if s["resumed_from"] else ""
     lines = [
         f"== {name}: {s['steps_run']} steps in {s['wall_s']:.0f} s{resumed}; {c['train']} train / "
-        f"{c['heldout']} held-out comparisons, K <= {c['k']}",
+        f"{c['heldout']} held-out comparisons, K <= {c['k']}; reference-feature weight "
+        f"score_logp {s['score_logp']:.3f}",
         f"pairwise accuracy vs labels: train {m['train_accuracy']:.3f}, held-out "
         f"{m['accuracy']:.3f} over {m['pairs']} pairs; mean margin {m['margin']:.3f}",
     ]
