@@ -4,18 +4,22 @@ A run that "finishes" by training too little to learn anything must show failed 
 not a clean table. Gates on the built-in world only (user data has no gold labeler):
 
   pretrain  base model completes held-out facts in pretraining format >= 0.80
-  sft       SFT accuracy on known people absent from the demos >= 0.60; SFT's T=1 gold
-            reward over best-of-16's <= 0.80 (headroom for RLHF)  [world calibration]
-  rm        RM held-out accuracy against the noiseless gold ranking >= 0.75
-  eval      SFT above base zero-shot and base few-shot on gold reward; PPO and PPO-ptx
-            above SFT on gold reward, greedy and T=1; PPO's accuracy on answerable
-            prompts not below SFT's by more than 0.02
+  sft       SFT's T=1 gold reward over best-of-16's <= 0.80 (headroom for RLHF)
+  eval      SFT above base zero-shot on gold reward, greedy and T=1; PPO-ptx above SFT
+            on gold reward at T=1
+
+Reported against their floors but not gated (DEMOTED: fragile over 5 seeds, README
+Results): SFT accuracy on known people absent from the demos >= 0.60; RM held-out
+accuracy against the noiseless gold ranking >= 0.75; SFT above base few-shot (greedy,
+T=1); PPO above SFT (greedy, T=1) and PPO-ptx above SFT (greedy); PPO's accuracy on
+answerable prompts not below SFT's by more than 0.02.
 
 The rows of a workdir accumulate in <workdir>/gates.json (a rerun replaces a gate's row).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -24,6 +28,26 @@ from experiments.rundir import write_json
 from gptjax.world import calibration
 from gptjax.world.calibration import GATES as WORLD_GATES
 from gptjax.world.calibration import Gate, check
+
+# Gates demoted to reported metrics (issue 19): over 5 whole-pipeline seeds (the `gates`
+# sweep, README Results) each one's worst seed lay within 2 sd of its floor, so a run on
+# another seed or machine may fail it by chance. Their floors are unchanged; the run
+# reports each against its floor and does not fail on it. The README gives their
+# 5-seed means and intervals.
+FRAGILE = "fragile over 5 seeds: the worst seed is within 2 sd of the floor"
+DEMOTED = {
+    name: FRAGILE
+    for name in (
+        "sft_unseen_people_accuracy",
+        "rm_gold_accuracy",
+        "sft_over_base_fs_greedy",
+        "sft_over_base_fs_sample",
+        "ppo_over_sft_greedy",
+        "ppo_over_sft_sample",
+        "ppo_ptx_over_sft_greedy",
+        "ppo_accuracy_kept",
+    )
+}
 
 RM_GATE = Gate(
     "rm_gold_accuracy", "RM held-out accuracy vs noiseless gold ranking", ">=", 0.75, "rm"
@@ -70,16 +94,20 @@ def sft_gates(config, workdir: str, checkpoints: str, stage: str = "sft") -> dic
     return calibration.sft_gates(model, params, tokenizer, records, sources.protocol(config))
 
 
+def _check(gate: Gate, value) -> dict:
+    return check(dataclasses.replace(gate, demoted=DEMOTED.get(gate.name, "")), value)
+
+
 def _rows_for(ctx, summary: dict) -> list[dict]:
     config, workdir, checkpoints = ctx.config, ctx.workdir, os.path.join(ctx.dir, "checkpoints")
     if ctx.name == "pretrain":
         value = base_fact_completion(config, workdir, checkpoints)["accuracy"]
-        return [check(WORLD_GATES[0], value)]
+        return [_check(WORLD_GATES[0], value)]
     if ctx.name == "sft":
         values = sft_gates(config, workdir, checkpoints)
-        return [check(g, values.get(g.name)) for g in WORLD_GATES[1:]]
+        return [_check(g, values.get(g.name)) for g in WORLD_GATES[1:]]
     if ctx.name == "rm":
-        return [check(RM_GATE, summary.get("heldout_gold_accuracy"))]
+        return [_check(RM_GATE, summary.get("heldout_gold_accuracy"))]
     if ctx.name == "eval":
         variants = summary["variants"]
         rows = []
@@ -89,7 +117,7 @@ def _rows_for(ctx, summary: dict) -> list[dict]:
                     variants[a][protocol]["gold_reward"]["mean"]
                     - variants[b][protocol]["gold_reward"]["mean"]
                 )
-                rows.append(check(gate, gap))
+                rows.append(_check(gate, gap))
         if "PPO" in variants and "SFT" in variants:
             gate = Gate(
                 "ppo_accuracy_kept",
@@ -99,7 +127,7 @@ def _rows_for(ctx, summary: dict) -> list[dict]:
                 "eval",
             )
             acc = lambda v: variants[v]["greedy"]["accuracy"]["mean"]  # noqa: E731
-            rows.append(check(gate, acc("PPO") - acc("SFT")))
+            rows.append(_check(gate, acc("PPO") - acc("SFT")))
         return rows
     return []
 
@@ -118,8 +146,11 @@ def after_stage(ctx, summary: dict) -> list[dict]:
 
 
 def load(workdir: str) -> dict[str, dict]:
+    """The workdir's gate rows, each marked demoted or not by the current DEMOTED (rows
+    written before a demotion are read as the code now judges them)."""
     path = os.path.join(workdir, "gates.json")
     if not os.path.exists(path):
         return {}
     with open(path) as f:
-        return json.load(f)
+        rows = json.load(f)
+    return {name: {**row, "demoted": DEMOTED.get(name, "")} for name, row in rows.items()}

@@ -359,3 +359,11 @@ def test_a_demoted_gate_is_reported_against_its_floor_but_never_fails_a_run():
     assert "[metric reported, not gated (below floor)]" in report.gate_line(row_d)
     table = report.gates_md([row_d])
     assert "fragile over 5 seeds" in table and "FAIL" not in table
+
+
+def test_every_demoted_gate_is_a_gate():
+    from experiments import gates
+
+    names = {g.name for g in gates.WORLD_GATES} | {gates.RM_GATE.name, "ppo_accuracy_kept"}
+    names |= {g.name for g, _ in gates.EVAL_GATES}
+    assert set(gates.DEMOTED) <= names and len(names - set(gates.DEMOTED)) == 5
