@@ -318,10 +318,10 @@ def gates_md(gates: list[dict]) -> str:
     for g in gates:
         value = "—" if g["value"] is None else f"{g['value']:.3f}"
         result = gate_status(g)
-        why = f" ({g['demoted']})" if g.get("demoted") else ""
-        lines.append(
-            f"| {g['description']}{why} | {value} | {g['op']} {g['threshold']} | {result} |"
-        )
+        lines.append(f"| {g['description']} | {value} | {g['op']} {g['threshold']} | {result} |")
+    reasons = sorted({g["demoted"] for g in gates if g.get("demoted")})
+    if reasons:
+        lines += ["", "Reported, not gated: " + "; ".join(reasons) + "."]
     return "\n".join(lines)
 
 
