@@ -302,8 +302,61 @@ PRESETS["algorithms"] = (
 # default run itself per seed (its stages, its eval size, every variant), each gate's
 # spread against its floor (the report's "Gates over seeds").
 PRESETS["gates"] = ({"default": {}}, (*ALL[:-1], "ppo_ptx", "eval"), (), (), [])
+# Is the RM's reference feature (rm.ref_logprob: w · mean log π_SFT(reply)) what makes
+# PPO work here? With it PPO's optimum is partly SFT at a lower temperature. PPO with
+# and without it, each against SFT over temperature and best-of-n (picked by the same
+# variant's RM) at PPO's own KL, over 5 whole-pipeline seeds.
+_REFERENCES = {"eval.sft_temperatures": (0.4, 0.6, 0.8), "eval.best_of_curve": (2, 4, 8)}
+PRESETS["ref_feature"] = (
+    {
+        "with_feature": {"rm.ref_logprob": True, **_REFERENCES},
+        "without_feature": {"rm.ref_logprob": False, **_REFERENCES},
+    },
+    ALL,
+    (),
+    ("SFT", "SFT T", "best-of-n", "PPO"),
+    [
+        _finding(
+            "PPO gains more gold with the reference feature",
+            "gold_reward",
+            "sample",
+            ("with_feature", "PPO"),
+            ("without_feature", "PPO"),
+            +1,
+            "the feature gives the RM the SFT model's knowledge of facts",
+        ),
+        _finding(
+            "the RM feature's PPO beats SFT on gold",
+            "gold_reward",
+            "sample",
+            ("with_feature", "PPO"),
+            ("with_feature", "SFT"),
+            +1,
+            "RLHF with the default RM",
+        ),
+        _finding(
+            "PPO without the feature beats SFT on gold",
+            "gold_reward",
+            "sample",
+            ("without_feature", "PPO"),
+            ("without_feature", "SFT"),
+            +1,
+            "RLHF with the InstructGPT RM (head only)",
+        ),
+    ],
+)
 EXTRA = {
     "gates": dict(seed_all=True, seeds=[0, 1, 2, 3, 4], overrides=[]),
+    "ref_feature": dict(
+        seed_all=True,
+        seeds=[0, 1, 2, 3, 4],
+        frontier=dict(
+            methods=[],
+            gold_methods=[],
+            matched_kl=[],
+            own_kl=[["with_feature", "PPO"], ["without_feature", "PPO"]],
+        ),
+    ),
     "algorithms": dict(
         seed_all=True,
         # The analysis of experiments/frontier.py: RM-trained methods, gold-trained ones,

@@ -40,12 +40,15 @@ def _stat(cell, model, protocol, metric):
     return None if res is None or not res.get("n") else res["mean"]
 
 
-def curve(cells, model: str, seed: int, protocol: str = "sample") -> list[tuple[float, float]]:
-    """(KL to SFT, gold reward) of `model` in every cell of `seed` (a reference prefix,
-    e.g. "SFT T=", takes every model it starts), with SFT at KL 0 for references; sorted."""
+def curve(
+    cells, model: str, seed: int, protocol: str = "sample", variant: str | None = None
+) -> list[tuple[float, float]]:
+    """(KL to SFT, gold reward) of `model` in every cell of `seed` (of `variant` only, if
+    given; a reference prefix, e.g. "SFT T=", takes every model it starts), with SFT at
+    KL 0 for references; sorted."""
     out = set()
     for c in cells:
-        if c["seed"] != seed:
+        if c["seed"] != seed or (variant is not None and c["variant"] != variant):
             continue
         for name in _names(c, model):
             kl = _stat(c, name, "sample", "kl_to_sft")
@@ -105,6 +108,25 @@ def beats_sft(cells, seeds, model: str, variant: str) -> dict:
     return {**out, "verdict": word}
 
 
+def at_own_kl(cells, seeds, variant: str, model: str, reference: str) -> dict:
+    """`model`'s gold (T=1) in `variant` minus the reference curve (SFT over temperature,
+    or best-of-n over n, picked by the same variant's RM) read at the model's own KL to
+    SFT, paired by seed; a seed whose reference range misses that KL gives no value."""
+    effects = []
+    for s in seeds:
+        cell = next((c for c in cells if c["seed"] == s and c["variant"] == variant), None)
+        kl = None if cell is None else _stat(cell, model, "sample", "kl_to_sft")
+        gold = None if cell is None else _stat(cell, model, "sample", "gold_reward")
+        ref = None if kl is None else at_kl(curve(cells, reference, s, variant=variant), kl)
+        if gold is not None and ref is not None:
+            effects.append(gold - ref)
+    stat = eval_stats.t_interval(effects) if effects else (math.nan,) * 3
+    word = "inconclusive"
+    if not math.isnan(stat[1]):
+        word = "beats" if stat[1] > 0 else ("loses to" if stat[2] < 0 else word)
+    return {"stat": stat, "seeds": len(effects), "verdict": word}
+
+
 def _ci(stat) -> str:
     mean, lo, hi = stat
     if math.isnan(mean):
@@ -142,7 +164,12 @@ def analyse(spec, sweep, cells) -> dict:
                 vs[m, ref] = {"stat": stat, "seeds": len(effects), "verdict": word}
         row["versus"] = vs
         at.append(row)
-    return {"seeds": seeds, "beats_sft": beats, "matched": at}
+    own = [
+        {"variant": v, "model": m, "reference": name, **at_own_kl(cells, seeds, v, m, ref)}
+        for v, m in spec.get("own_kl") or []
+        for name, ref in refs.items()
+    ]
+    return {"seeds": seeds, "beats_sft": beats, "matched": at, "own_kl": own}
 
 
 def report_lines(analysis: dict, spec) -> list[str]:
@@ -172,11 +199,27 @@ def report_lines(analysis: dict, spec) -> list[str]:
         lines += ["", "| method − reference | difference | seeds | verdict |", "|---|---|---|---|"]
         for (m, ref), v in row["versus"].items():
             lines.append(f"| {m} − {ref} | {_ci(v['stat'])} | {v['seeds']} | **{v['verdict']}** |")
-    lines += [
-        "",
-        "Methods trained on the gold reward itself (an upper reference, not ranked with the "
-        "RM-trained methods): see their rows in the per-variant table.",
-    ]
+    if analysis.get("own_kl"):
+        lines += ["", "### Gold (T=1) minus the reference at the method's own KL", ""]
+        lines += [
+            "Each seed's reference curve (its variant's SFT over temperature, or best-of-n "
+            "picked by its variant's RM) read at the method's measured KL to SFT; paired by "
+            "seed.",
+            "",
+            "| variant / method − reference | difference | seeds | verdict |",
+            "|---|---|---|---|",
+        ]
+        for r in analysis["own_kl"]:
+            lines.append(
+                f"| {r['variant']} / {r['model']} − {r['reference']} | {_ci(r['stat'])} | "
+                f"{r['seeds']} | **{r['verdict']}** |"
+            )
+    if spec.gold_methods:
+        lines += [
+            "",
+            "Methods trained on the gold reward itself (an upper reference, not ranked with "
+            "the RM-trained methods): see their rows in the per-variant table.",
+        ]
     return lines
 
 

@@ -367,3 +367,21 @@ def test_every_demoted_gate_is_a_gate():
     names = {g.name for g in gates.WORLD_GATES} | {gates.RM_GATE.name, "ppo_accuracy_kept"}
     names |= {g.name for g, _ in gates.EVAL_GATES}
     assert set(gates.DEMOTED) <= names and len(names - set(gates.DEMOTED)) == 5
+
+
+def test_a_method_is_read_against_each_reference_at_its_own_kl():
+    from experiments import frontier
+
+    cells = [
+        _algorithm_cell(
+            "v", s, {"SFT": (0.0, 0.0), "SFT T=0.5": (1.0, 0.4), "PPO": (0.5, 0.3 + 0.01 * s)}
+        )
+        for s in range(3)
+    ]
+    cells.append(_algorithm_cell("w", 0, {"SFT": (0.0, 0.0), "SFT T=0.5": (1.0, 4.0)}))
+    got = frontier.at_own_kl(cells, [0, 1, 2], "v", "PPO", frontier.TEMPERATURE)
+    # SFT T's curve at PPO's KL 0.5 is 0.2 (variant w's curve is not read): +0.1, +0.11, +0.12
+    assert got["seeds"] == 3 and got["stat"][0] == pytest.approx(0.11)
+    assert got["verdict"] == "beats"
+    far = frontier.at_own_kl(cells, [0], "v", "PPO", frontier.BEST_OF)  # no best-of-n curve
+    assert far["seeds"] == 0 and far["verdict"] == "inconclusive"
