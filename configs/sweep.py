@@ -349,6 +349,7 @@ EXTRA = {
     "gates": dict(seed_all=True, seeds=[0, 1, 2, 3, 4], overrides=[]),
     "ref_feature": dict(
         seed_all=True,
+        curves_across_variants=False,  # two RMs, not a knob: a curve per variant
         seeds=[0, 1, 2, 3, 4],
         frontier=dict(
             methods=[],
@@ -387,6 +388,8 @@ def get_config(name: str = "kl") -> ml_collections.ConfigDict:
         eval_variants=list(eval_variants),
         findings=findings,
         frontier=None,  # the algorithms analysis (experiments/frontier.py)
+        # The reward-vs-KL plot joins a method's points across variants (a knob of it).
+        curves_across_variants=True,
     )
     fields.update(EXTRA.get(name, {}))
     return ml_collections.ConfigDict(fields)

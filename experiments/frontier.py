@@ -174,12 +174,13 @@ def analyse(spec, sweep, cells) -> dict:
 
 def report_lines(analysis: dict, spec) -> list[str]:
     lines = ["## Algorithms at matched KL", "", __doc__.split("\n\n")[1].replace("\n", " "), ""]
-    lines += [
-        "### Gold reward minus SFT's (paired by seed)",
-        "",
-        "| method | variant | greedy | sample (T=1) | verdict |",
-        "|---|---|---|---|---|",
-    ]
+    if analysis["beats_sft"]:
+        lines += [
+            "### Gold reward minus SFT's (paired by seed)",
+            "",
+            "| method | variant | greedy | sample (T=1) | verdict |",
+            "|---|---|---|---|---|",
+        ]
     for b in analysis["beats_sft"]:
         lines.append(
             f"| {b['method']} | {b['variant']} | {_ci(b['greedy'])} | {_ci(b['sample'])} | "

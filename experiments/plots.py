@@ -71,13 +71,10 @@ def plot_reward_vs_kl(path: str, points: list[dict], title: str) -> None:
     plt = _pyplot()
     pts = [p for p in points if np.isfinite(p["kl"])]
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 3.8), sharex=True)
-    families = {"best-of-": "best-of-n", "SFT T=": "SFT at T < 1"}
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     groups: dict[str, list[dict]] = {}
     for p in pts:
-        model = p.get("family", p["label"])
-        family = next((f for f in families if model.startswith(f)), None)
-        groups.setdefault(families[family] if family else model, []).append(p)
+        groups.setdefault(p.get("family") or family_of(p["label"]), []).append(p)
     for ax, key, name in ((axes[0], "gold", "gold reward"), (axes[1], "rm", "proxy (RM) reward")):
         for c, (label, members) in enumerate(groups.items()):
             members = sorted(members, key=lambda p: p["kl"])
@@ -95,6 +92,15 @@ def plot_reward_vs_kl(path: str, points: list[dict], title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+REFERENCE_FAMILIES = {"best-of-": "best-of-n", "SFT T=": "SFT at T < 1"}
+
+
+def family_of(model: str) -> str:
+    """The curve a model's point belongs to: best-of-n over n, SFT over temperature, or
+    the model itself."""
+    return next((f for p, f in REFERENCE_FAMILIES.items() if model.startswith(p)), model)
 
 
 # Training curves: the metrics a researcher reads first, per kind of stage (those present).

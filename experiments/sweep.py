@@ -186,7 +186,7 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
         json.dump(prov, f, indent=2, sort_keys=True)
     verdicts = judge([dict(f) for f in sweep.findings], cells)
     agg = aggregate(cells)
-    figures = sweep_plots(directory, agg)
+    figures = sweep_plots(directory, agg, sweep.get("curves_across_variants", True))
     lines = [f"# Sweep `{sweep_name}`", "", "## Provenance", "", *report.provenance_md(prov)]
     lines += [f"- cells: {len(cells)} ({len(sweep.variants)} variants x seeds {list(sweep.seeds)})"]
     lines += ["", "## Findings", "", "Rule: " + RULE, ""]
@@ -311,8 +311,9 @@ def _fmt(stat) -> str:
     return f"{mean:.3f}" if math.isnan(lo) else f"{mean:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-def sweep_plots(directory: str, agg: dict) -> dict[str, str]:
-    """Gold and RM reward against sqrt(KL); entropy and diversity; alignment tax."""
+def sweep_plots(directory: str, agg: dict, sweep_curves_across: bool = True) -> dict[str, str]:
+    """Gold and RM reward against sqrt(KL); entropy and diversity; alignment tax.
+    sweep_curves_across: a method's points in different variants form one curve."""
     out = {}
     points = []
     for (variant, model, protocol, metric), (mean, *_) in agg.items():
@@ -326,7 +327,13 @@ def sweep_plots(directory: str, agg: dict) -> dict[str, str]:
         points.append(
             {
                 "label": f"{variant}/{model}",
-                "family": model,  # one curve per method across the variants
+                # One curve per method across the variants when they are a knob of it
+                # (β, n, data size), else one per variant.
+                "family": (
+                    plots.family_of(model)
+                    if sweep_curves_across
+                    else f"{variant}/{plots.family_of(model)}"
+                ),
                 "kl": mean,
                 "gold": gold[0],
                 "gold_err": err(gold),
