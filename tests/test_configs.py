@@ -92,3 +92,20 @@ def test_unknown_preset_lists_known_ones():
     with pytest.raises(ValueError, match="gpt2_124m"):
         pipeline_configs.get_config("gpt5")
     assert isinstance(pipeline_configs.get_config(), ml_collections.ConfigDict)
+
+
+def test_a_second_round_config_declares_its_instances_in_order(tmp_path):
+    """tiny,rounds=2: compare_2 (from the PPO policy, keeping round 1), rm_2, ppo_2 and
+    eval_2, each after what it reads, each section validated like its runner's."""
+    config = pipeline_configs.get_config("tiny,rounds=2")
+    names = ["eval_2", "ppo_2", "rm_2", "compare_2"]
+    assert pipeline.order(config, names) == names[::-1]
+    rows = pipeline.table(config)
+    assert rows["compare_2"].reads == {"init": "ppo", "previous": "compare"}
+    assert rows["ppo_2"].reads["rm"] == "rm_2" and rows["eval_2"].reads["ppo"] == "ppo_2"
+    pipeline.validate(config, str(tmp_path), names)
+    config.ppo_2.kl_coef = -1.0
+    with pytest.raises(ConfigError, match="ppo_2.kl_coef"):
+        pipeline.validate(config, str(tmp_path), names)
+    with pytest.raises(ValueError, match="rounds=3"):
+        pipeline_configs.get_config("tiny,rounds=3")
