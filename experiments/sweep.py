@@ -354,9 +354,23 @@ def sweep_plots(directory: str, agg: dict, sweep_curves_across: bool = True) -> 
     return out
 
 
+# Stages whose outputs do not depend on the cell's seed: the evaluator samples with its
+# fixed protocol seed (eval.seed: every model on the same draws), the report reads files.
+UNSEEDED = ("eval", "report")
+
+
 def check_findings(sweep) -> None:
-    """Every finding compares variants the sweep has: a typo would only show, after
-    hours of cells, as an effect of nan."""
+    """Every finding compares variants the sweep has (a typo would only show, after
+    hours of cells, as an effect of nan), and the seeds change something: seeding only
+    the evaluator gives identical cells and zero-width intervals."""
+    if len(sweep.seeds) > 1 and not sweep.seed_all:
+        if not set(sweep.seeded) - set(UNSEEDED):
+            raise ConfigError(
+                "sweep.seeded",
+                f"{list(sweep.seeded)}: the evaluator samples with its fixed eval.seed, so "
+                "these seeds would give identical cells; seed a stage that trains or samples "
+                "(e.g. rm, ppo) or set seed_all",
+            )
     for f in sweep.findings:
         for side in ("a", "b"):
             variant = f[side][0]

@@ -9,6 +9,7 @@ import pytest
 from configs import sweep as sweep_configs
 from experiments import report
 from experiments import sweep as sweep_lib
+from gptjax.errors import ConfigError
 
 
 def _stat(mean):
@@ -385,3 +386,13 @@ def test_a_method_is_read_against_each_reference_at_its_own_kl():
     assert got["verdict"] == "beats"
     far = frontier.at_own_kl(cells, [0], "v", "PPO", frontier.BEST_OF)  # no best-of-n curve
     assert far["seeds"] == 0 and far["verdict"] == "inconclusive"
+
+
+def test_seeding_only_the_evaluator_is_refused():
+    sweep = sweep_configs.get_config("best_of_n")
+    sweep_lib.check_findings(sweep)
+    sweep.seeded = ["eval"]
+    with pytest.raises(ConfigError, match="sweep.seeded: .*identical cells"):
+        sweep_lib.check_findings(sweep)
+    sweep.seed_all = True
+    sweep_lib.check_findings(sweep)
