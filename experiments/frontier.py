@@ -224,10 +224,22 @@ def report_lines(analysis: dict, spec) -> list[str]:
     return lines
 
 
-def plot(path: str, cells, spec) -> None:
+def plot(path: str, cells, spec, across_variants: bool = True) -> None:
     """Gold reward (T=1) against KL to SFT: each method's points over its KL knob (mean
     over seeds, 95% intervals on both axes), the reference curves dashed, the
-    gold-trained methods as open markers."""
+    gold-trained methods as open markers. across_variants False (the variants are not a
+    knob): one series per variant and model."""
+    groups = sorted({c["variant"] for c in cells}) if not across_variants else [None]
+    series = []
+    for group in groups:
+        for s in _series(
+            cells if group is None else [c for c in cells if c["variant"] == group], spec
+        ):
+            series.append(s if group is None else {**s, "label": f"{group}/{s['label']}"})
+    plots.plot_frontier(path, series, "gold reward vs KL to SFT (mean over seeds, 95% CI)")
+
+
+def _series(cells, spec) -> list[dict]:
     series = []
     for model in [SFT, *spec.methods, TEMPERATURE, BEST_OF, *spec.gold_methods]:
         by_point: dict[str, list[tuple[float, float]]] = {}
@@ -247,7 +259,7 @@ def plot(path: str, cells, spec) -> None:
         kind = "gold" if model in spec.gold_methods else kind
         if pts:
             series.append({"label": label, "kind": kind, "points": pts})
-    plots.plot_frontier(path, series, "gold reward vs KL to SFT (mean over seeds, 95% CI)")
+    return series
 
 
 def _half(values) -> float:

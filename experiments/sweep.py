@@ -217,7 +217,9 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
     analysis = None
     if sweep.get("frontier"):
         figures["frontier"] = os.path.join(directory, "frontier.png")
-        frontier.plot(figures["frontier"], cells, sweep.frontier)
+        frontier.plot(
+            figures["frontier"], cells, sweep.frontier, sweep.get("curves_across_variants", True)
+        )
         analysis = frontier.analyse(sweep.frontier, sweep, cells)
         lines += ["", *frontier.report_lines(analysis, sweep.frontier)]
     lines += [""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures.items()]
