@@ -267,7 +267,8 @@ def compare_to(
     judges: Mapping[str, Callable[[dict, Reply], float | None]],
 ) -> list[Reply]:
     """Adds win_<judge> against the reference's reply to the same prompt and sample seed,
-    for each judge that scores both replies (judge(record, reply) -> score or None)."""
+    for each judge that scores both replies (judge(record, reply) -> score or None), and
+    length_diff, the reply's length minus the reference's in tokens."""
     ref = {(r.index, r.sample): r for r in reference}
     out = []
     for r in replies:
@@ -276,6 +277,7 @@ def compare_to(
             out.append(r)
             continue
         rec, extra = records[r.index], dict(r.extra)
+        extra["length_diff"] = float(r.n_tokens - other.n_tokens)  # for the LC win rate
         for name, judge in judges.items():
             a, b = judge(rec, r), judge(rec, other)
             if a is not None and b is not None:

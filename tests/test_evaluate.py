@@ -316,3 +316,30 @@ def test_the_paired_bootstrap_of_a_difference_equals_numpy_and_is_narrower():
     assert got["lo"] == pytest.approx(np.quantile(diffs[idx].mean(axis=1), 0.025))
     unpaired = eval_stats.bootstrap_ci(per_a, 500, 3)
     assert got["hi"] - got["lo"] < (unpaired[2] - unpaired[1]) / 3  # difficulty cancelled
+
+
+def test_the_length_controlled_win_rate_removes_a_length_bias():
+    """A judge that only likes length: the raw win rate is high, the win rate at equal
+    length is ½. Without a length effect the two agree."""
+    rng = np.random.default_rng(0)
+    diffs = rng.integers(-6, 7, size=4000).astype(float)
+    biased = (rng.random(4000) < 1 / (1 + np.exp(-(0.8 * diffs + 0.0)))).astype(float)
+    biased[diffs == 0] = 0.5  # equal length: a tie
+    shifted = diffs + 3  # ours is 3 tokens longer on average: the raw rate rises
+    wins = (rng.random(4000) < 1 / (1 + np.exp(-0.8 * shifted))).astype(float)
+    lc = eval_stats.length_controlled_win_rate(wins, shifted)
+    assert wins.mean() > 0.65 and lc == pytest.approx(0.5, abs=0.03)
+    assert eval_stats.length_controlled_win_rate(biased, diffs) == pytest.approx(0.5, abs=0.03)
+    fair = (rng.random(4000) < 0.7).astype(float)
+    assert eval_stats.length_controlled_win_rate(fair, diffs) == pytest.approx(
+        fair.mean(), abs=0.02
+    )
+    # Through compare_to's length_diff and the bootstrap over prompts.
+    records = eval_records()[:30]
+    ours = [Reply(i, 0, "x", True, 5 + i % 3, extra={}) for i in range(30)]
+    theirs = [Reply(i, 0, "y", True, 5, extra={}) for i in range(30)]
+    judged = evaluate.compare_to(records, ours, theirs, {"len": lambda rec, r: r.n_tokens})
+    assert [r.extra["length_diff"] for r in judged[:3]] == [0.0, 1.0, 2.0]
+    got = eval_stats.length_controlled(records, judged, "len", n_boot=50)
+    assert got["n"] == 30 and got["lo"] <= got["mean"] <= got["hi"]
+    assert got["mean"] < float(np.mean([r.extra["win_len"] for r in judged]))

@@ -282,6 +282,12 @@ def evaluate_all(ctx: StageContext) -> dict:
             if ("SFT", name) in replies:
                 r = evaluate.compare_to(records, r, replies["SFT", name], judges)
             results[v.name][name] = eval_stats.summarize(records, r, metrics, proto.bootstrap)
+            if ("SFT", name) in replies:
+                # The gold win rate at equal length (the raw one rewards or punishes length
+                # through the labeler's length weight).
+                results[v.name][name]["lc_win_rate_gold_vs_sft"] = eval_stats.length_controlled(
+                    records, r, "gold"
+                )
     return {
         "records": len(records),
         "variants": results,

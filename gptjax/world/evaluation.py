@@ -98,6 +98,7 @@ TABLE_METRICS = (
     "gold_reward",
     "rm_reward",
     "win_rate_gold_vs_sft",
+    "lc_win_rate_gold_vs_sft",
     "kl_to_sft",
     "accuracy",
     "accuracy_known_not_in_demos",
