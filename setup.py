@@ -25,8 +25,23 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
 ]
 
+# Hugging Face checkpoints: safetensors and config.json need nothing (gptjax/hf reads
+# them); their tokenizer.json files and chat templates need these.
+HF = ["tokenizers==0.23.3", "jinja2==3.1.6"]
+
 EXTRAS_REQUIRE = {
-    "test": ["pytest==9.0.3", "pytest-xdist==3.8.0", "ruff==0.17.6"],
+    "hf": HF,
+    # transformers and CPU torch are the references of the Hugging Face parity tests
+    # (tiny random models built in the tests). `torch==2.13.0` matches the CPU build
+    # 2.13.0+cpu from https://download.pytorch.org/whl/cpu (BUILD.md).
+    "test": [
+        "pytest==9.0.3",
+        "pytest-xdist==3.8.0",
+        "ruff==0.17.6",
+        *HF,
+        "torch==2.13.0",
+        "transformers==5.25.0",
+    ],
     # libtpu for TPU VMs; also lets a CPU host compile ahead of time for TPU topologies.
     "tpu": ["jax[tpu]==0.10.2"],
     # Reading registered TFDS datasets that need TensorFlow to prepare (lm1b, c4).

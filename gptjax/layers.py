@@ -12,9 +12,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def param_normal(rngs: nnx.Rngs, shape, axes, std: float, dtype) -> nnx.Param:
@@ -47,10 +48,37 @@ class Norm(nnx.Module):
         return y.astype(x_BxTxD.dtype)
 
 
-def rope(x_BxTxNxH, positions_BxT, theta: float):
+def rope_inv_freq(head_dim: int, theta: float, scaling=None):
+    """Rotary inverse frequencies [H/2], float32, bit for bit as transformers computes them.
+
+    scaling: None, or Llama 3.1's `llama3` rule as (factor, low_freq_factor,
+    high_freq_factor, original_max_len): wavelengths longer than original_max_len /
+    low_freq_factor are stretched by `factor`, those shorter than original_max_len /
+    high_freq_factor kept, and the band between blended linearly in original_max_len /
+    wavelength (transformers' `_compute_llama3_parameters`).
+    """
+
+    def default():
+        return 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+
+    if scaling is None:
+        return default()
+    # A constant of the config, computed on the host in float32 one rounding per operation
+    # as torch does (inside jit XLA would fuse multiply-adds and differ in the last bit).
+    with jax.ensure_compile_time_eval():
+        base = np.asarray(default())
+    f32 = np.float32
+    factor, low, high, original = (f32(v) for v in scaling)
+    wavelen = (f32(1) / base) * f32(2 * math.pi)  # torch's `scalar / t` is 1/t * scalar
+    scaled = np.where(wavelen > original / low, base / factor, base)
+    smooth = ((f32(1) / wavelen) * original - low) / (high - low)
+    blended = (f32(1) - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= original / high) & (wavelen <= original / low)
+    return jnp.asarray(np.where(medium, blended, scaled).astype(f32))
+
+
+def rope(x_BxTxNxH, positions_BxT, inv_freq_H2):
     """Rotary position embedding (Su et al. 2021, eq. 34), half-split layout as in LLaMA."""
-    h = x_BxTxNxH.shape[-1]
-    inv_freq_H2 = 1.0 / theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h)
     angle_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H2
     sin, cos = jnp.sin(angle_BxTxH2)[:, :, None], jnp.cos(angle_BxTxH2)[:, :, None]
     x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)

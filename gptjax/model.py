@@ -43,6 +43,7 @@ from gptjax.layers import (
     param_const,
     param_normal,
     rope,
+    rope_inv_freq,
 )
 from gptjax.sharding import constrain
 
@@ -75,10 +76,21 @@ class ModelConfig:
     max_len: int = 64  # longest sequence (sizes the learned position table)
     positions: str = "learned"  # learned (GPT-2) | rope (LLaMA)
     rope_theta: float = 10_000.0
+    # Rotary frequency scaling: none | llama3 (Llama 3.1+; gptjax/layers.py rope_inv_freq),
+    # with that rule's four numbers as Hugging Face's rope_scaling names them.
+    rope_scaling: str = "none"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (LLaMA)
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # gelu (GPT-2, tanh approximation) | swiglu (LLaMA)
     tie_embeddings: bool = True  # unembedding = embedding^T (GPT-2) or its own matrix
+    # Biases, off in gptjax's own models, on where an imported checkpoint has them:
+    qkv_bias: bool = False  # query/key/value projections (GPT-2, Qwen2)
+    out_bias: bool = False  # attention output projection (GPT-2)
+    mlp_bias: bool = False  # MLP projections (GPT-2)
     head: str = "lm"  # lm (logits over the vocabulary) | scalar (a value per position)
     dropout: float = 0.0  # on embeddings and residual branches
     init_std: float = 0.02
@@ -92,6 +104,17 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def rope_inv_freq(self):
+        scaling = None
+        if self.rope_scaling == "llama3":
+            scaling = (
+                self.rope_factor,
+                self.rope_low_freq_factor,
+                self.rope_high_freq_factor,
+                self.rope_original_max_len,
+            )
+        return rope_inv_freq(self.head_dim, self.rope_theta, scaling)
 
     def __post_init__(self):
         for name in (
@@ -128,6 +151,17 @@ class ModelConfig:
             f"rope needs an even head dim, got d_model/n_heads={self.head_dim}",
         )
         need(
+            self.rope_scaling in ("none", "llama3"),
+            "rope_scaling",
+            f"{self.rope_scaling!r} not in none|llama3",
+        )
+        need(
+            self.rope_scaling == "none"
+            or (self.rope_factor >= 1.0 and self.rope_high_freq_factor > self.rope_low_freq_factor),
+            "rope_scaling",
+            "llama3 needs rope_factor >= 1 and rope_high_freq_factor > rope_low_freq_factor",
+        )
+        need(
             self.norm in ("layernorm", "rmsnorm"), "norm", f"{self.norm!r} not in layernorm|rmsnorm"
         )
         need(self.mlp in ("gelu", "swiglu"), "mlp", f"{self.mlp!r} not in gelu|swiglu")
@@ -138,6 +172,10 @@ class ModelConfig:
         )
         need(self.dtype in DTYPES, "dtype", f"{self.dtype!r} not in {list(DTYPES)}")
         need(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} not in {list(REMAT_POLICIES)}")
+
+
+def _b(bias, dt):
+    return bias[...].astype(dt)
 
 
 class Block(nnx.Module):
@@ -168,6 +206,19 @@ class Block(nnx.Module):
             self.w_gate = param_normal(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pdt)
         self.w_up = param_normal(rngs, (L, D, F), ("layers", "embed", "mlp"), std, pdt)
         self.w_down = param_normal(rngs, (L, F, D), ("layers", "mlp", "embed"), out_std, pdt)
+        # Biases start at zero and take no random draws: a config without them initialises
+        # exactly as before they existed.
+        if cfg.qkv_bias:
+            self.bq = param_const((L, N, H), ("layers", "heads", "kv"), 0.0, pdt)
+            self.bk = param_const((L, K, H), ("layers", "kv_heads", "kv"), 0.0, pdt)
+            self.bv = param_const((L, K, H), ("layers", "kv_heads", "kv"), 0.0, pdt)
+        if cfg.out_bias:
+            self.bo = param_const((L, D), ("layers", "embed"), 0.0, pdt)
+        if cfg.mlp_bias:
+            if cfg.mlp == "swiglu":
+                self.b_gate = param_const((L, F), ("layers", "mlp"), 0.0, pdt)
+            self.b_up = param_const((L, F), ("layers", "mlp"), 0.0, pdt)
+            self.b_down = param_const((L, D), ("layers", "embed"), 0.0, pdt)
 
     def __call__(
         self, x_BxTxD, mask_BxTxS, positions_BxT, rng=None, kv_cache=None, cache_index=None
@@ -181,8 +232,11 @@ class Block(nnx.Module):
         q = dense(h, self.wq[...], dt)
         k = dense(h, self.wk[...], dt)
         v = dense(h, self.wv[...], dt)
+        if cfg.qkv_bias:
+            q, k, v = q + _b(self.bq, dt), k + _b(self.bk, dt), v + _b(self.bv, dt)
         if cfg.positions == "rope":
-            q, k = rope(q, positions_BxT, cfg.rope_theta), rope(k, positions_BxT, cfg.rope_theta)
+            inv_freq_H2 = cfg.rope_inv_freq()
+            q, k = rope(q, positions_BxT, inv_freq_H2), rope(k, positions_BxT, inv_freq_H2)
         q = constrain(q, BTNH)
         if kv_cache is not None:
             # In place inside the decode loop: XLA aliases a loop carry updated by
@@ -196,18 +250,27 @@ class Block(nnx.Module):
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
         k, v = constrain(k, BSKH), constrain(v, BSKH)
         a = constrain(attend(q, k, v, mask_BxTxS), BTNH)
-        x_BxTxD = x_BxTxD + apply_dropout(dense(a, self.wo[...], dt, n_in=2), cfg.dropout, rng_attn)
+        out = dense(a, self.wo[...], dt, n_in=2)
+        if cfg.out_bias:
+            out = out + _b(self.bo, dt)
+        x_BxTxD = x_BxTxD + apply_dropout(out, cfg.dropout, rng_attn)
         x_BxTxD = constrain(x_BxTxD, BTD)
 
         h = self.mlp_norm(x_BxTxD)
         up_BxTxF = dense(h, self.w_up[...], dt)
+        if cfg.mlp_bias:
+            up_BxTxF = up_BxTxF + _b(self.b_up, dt)
         if cfg.mlp == "swiglu":
             gate = dense(h, self.w_gate[...], dt)
+            if cfg.mlp_bias:
+                gate = gate + _b(self.b_gate, dt)
             up_BxTxF = jax.nn.silu(gate) * up_BxTxF
         else:
             # tanh approximation: on XLA:CPU exact erf costs about half the MLP throughput.
             up_BxTxF = gelu_tanh(up_BxTxF)
         out = dense(constrain(up_BxTxF, BTF), self.w_down[...], dt)
+        if cfg.mlp_bias:
+            out = out + _b(self.b_down, dt)
         x_BxTxD = constrain(x_BxTxD + apply_dropout(out, cfg.dropout, rng_mlp), BTD)
         return x_BxTxD if kv_cache is None else (x_BxTxD, kv_cache)
 
