@@ -77,10 +77,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling=None):
     return jnp.asarray(np.where(medium, blended, scaled).astype(f32))
 
 
-def rope(x_BxTxNxH, positions_BxT, inv_freq_H2):
-    """Rotary position embedding (Su et al. 2021, eq. 34), half-split layout as in LLaMA."""
-    angle_BxTxH2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_H2
-    sin, cos = jnp.sin(angle_BxTxH2)[:, :, None], jnp.cos(angle_BxTxH2)[:, :, None]
+def rope(x_BxTxNxH, positions_BxT, inv_freq_R2):
+    """Rotary position embedding (Su et al. 2021, eq. 34), half-split layout as in LLaMA, on
+    the first R = 2 * len(inv_freq) dims of each head (all of them unless partial, as in
+    GPT-NeoX); the other H - R dims pass unchanged."""
+    r = 2 * inv_freq_R2.shape[0]
+    if r < x_BxTxNxH.shape[-1]:
+        x_rot, x_pass = x_BxTxNxH[..., :r], x_BxTxNxH[..., r:]
+        return jnp.concatenate([rope(x_rot, positions_BxT, inv_freq_R2), x_pass], axis=-1)
+    angle_BxTxR2 = positions_BxT[..., None].astype(jnp.float32) * inv_freq_R2
+    sin, cos = jnp.sin(angle_BxTxR2)[:, :, None], jnp.cos(angle_BxTxR2)[:, :, None]
     x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BxTxNxH.dtype)

@@ -85,7 +85,13 @@ class ModelConfig:
     rope_original_max_len: int = 8192
     norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm (LLaMA)
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu (GPT-2, tanh approximation) | swiglu (LLaMA)
+    # gelu (GPT-2, tanh approximation) | gelu_exact (erf: GPT-NeoX/Pythia) | swiglu (LLaMA)
+    mlp: str = "gelu"
+    # Fraction of each head's dims that rotary positions rotate (the first ones; GPT-NeoX's
+    # partial_rotary_factor, 0.25 in Pythia); the rest carry no position.
+    rope_fraction: float = 1.0
+    # x + attn(norm1(x)) + mlp(norm2(x)) (GPT-NeoX, GPT-J) instead of one after the other.
+    parallel_residual: bool = False
     tie_embeddings: bool = True  # unembedding = embedding^T (GPT-2) or its own matrix
     # Biases, off in gptjax's own models, on where an imported checkpoint has them:
     qkv_bias: bool = False  # query/key/value projections (GPT-2, Qwen2)
@@ -105,6 +111,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def rope_dims(self) -> int:
+        """How many leading dims of each head rotary positions rotate (HF's rotary_ndims)."""
+        return int(self.head_dim * self.rope_fraction)
+
     def rope_inv_freq(self):
         scaling = None
         if self.rope_scaling == "llama3":
@@ -114,7 +125,7 @@ class ModelConfig:
                 self.rope_high_freq_factor,
                 self.rope_original_max_len,
             )
-        return rope_inv_freq(self.head_dim, self.rope_theta, scaling)
+        return rope_inv_freq(self.rope_dims, self.rope_theta, scaling)
 
     def __post_init__(self):
         for name in (
@@ -164,7 +175,16 @@ class ModelConfig:
         need(
             self.norm in ("layernorm", "rmsnorm"), "norm", f"{self.norm!r} not in layernorm|rmsnorm"
         )
-        need(self.mlp in ("gelu", "swiglu"), "mlp", f"{self.mlp!r} not in gelu|swiglu")
+        need(
+            self.mlp in ("gelu", "gelu_exact", "swiglu"),
+            "mlp",
+            f"{self.mlp!r} not in gelu|gelu_exact|swiglu",
+        )
+        need(
+            0 < self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0,
+            "rope_fraction",
+            f"{self.rope_fraction} of head dim {self.head_dim} must be a positive even count",
+        )
         need(self.head in ("lm", "scalar"), "head", f"{self.head!r} not in lm|scalar")
         need(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         need(
@@ -253,10 +273,12 @@ class Block(nnx.Module):
         out = dense(a, self.wo[...], dt, n_in=2)
         if cfg.out_bias:
             out = out + _b(self.bo, dt)
-        x_BxTxD = x_BxTxD + apply_dropout(out, cfg.dropout, rng_attn)
-        x_BxTxD = constrain(x_BxTxD, BTD)
-
-        h = self.mlp_norm(x_BxTxD)
+        attn_out = apply_dropout(out, cfg.dropout, rng_attn)
+        if cfg.parallel_residual:
+            h = self.mlp_norm(x_BxTxD)
+        else:
+            x_BxTxD = constrain(x_BxTxD + attn_out, BTD)
+            h = self.mlp_norm(x_BxTxD)
         up_BxTxF = dense(h, self.w_up[...], dt)
         if cfg.mlp_bias:
             up_BxTxF = up_BxTxF + _b(self.b_up, dt)
@@ -265,13 +287,19 @@ class Block(nnx.Module):
             if cfg.mlp_bias:
                 gate = gate + _b(self.b_gate, dt)
             up_BxTxF = jax.nn.silu(gate) * up_BxTxF
+        elif cfg.mlp == "gelu_exact":
+            up_BxTxF = jax.nn.gelu(up_BxTxF, approximate=False)
         else:
             # tanh approximation: on XLA:CPU exact erf costs about half the MLP throughput.
             up_BxTxF = gelu_tanh(up_BxTxF)
         out = dense(constrain(up_BxTxF, BTF), self.w_down[...], dt)
         if cfg.mlp_bias:
             out = out + _b(self.b_down, dt)
-        x_BxTxD = constrain(x_BxTxD + apply_dropout(out, cfg.dropout, rng_mlp), BTD)
+        mlp_out = apply_dropout(out, cfg.dropout, rng_mlp)
+        if cfg.parallel_residual:
+            x_BxTxD = constrain(mlp_out + attn_out + x_BxTxD, BTD)
+        else:
+            x_BxTxD = constrain(x_BxTxD + mlp_out, BTD)
         return x_BxTxD if kv_cache is None else (x_BxTxD, kv_cache)
 
 

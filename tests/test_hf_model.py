@@ -27,6 +27,16 @@ def _config(kind: str, **kw):
         return transformers.GPT2Config(
             **common, n_embd=32, n_layer=2, n_head=4, n_positions=80, **kw
         )
+    if kind == "gpt_neox":
+        return transformers.GPTNeoXConfig(
+            **common,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=48,
+            max_position_embeddings=128,
+            **kw,
+        )
     llama_like = dict(
         **common,
         hidden_size=32,
@@ -99,20 +109,32 @@ LLAMA3_ROPE = dict(
 )
 
 CASES = {
-    "gpt2": dict(),
-    "llama_gqa_llama3_rope": dict(rope_parameters=LLAMA3_ROPE),
-    "llama_tied": dict(tie_word_embeddings=True),
-    "llama_biases": dict(attention_bias=True, mlp_bias=True),
-    "mistral": dict(sliding_window=None),
-    "qwen2": dict(),
-    "qwen2_tied": dict(tie_word_embeddings=True),
+    "gpt2": ("gpt2", dict()),
+    "gpt2_exact_gelu": ("gpt2", dict(activation_function="gelu")),
+    # Pythia's shape: parallel residual, a quarter of each head rotated, exact GELU.
+    "gpt_neox_pythia": ("gpt_neox", dict()),
+    "gpt_neox_sequential_tied": (
+        "gpt_neox",
+        dict(
+            use_parallel_residual=False,
+            tie_word_embeddings=True,
+            hidden_act="gelu_new",
+            rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=1.0),
+        ),
+    ),
+    "llama_gqa_llama3_rope": ("llama", dict(rope_parameters=LLAMA3_ROPE)),
+    "llama_tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama_biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "qwen2": ("qwen2", dict()),
+    "qwen2_tied": ("qwen2", dict(tie_word_embeddings=True)),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(tmp_path, case):
-    kind = case.split("_")[0]
-    model, directory = _save(tmp_path, kind, **CASES[case])
+    kind, fields = CASES[case]
+    model, directory = _save(tmp_path, kind, **fields)
     cfg, params, note = import_model(directory)
     assert "float32, kept" in note
     tokens, mask, positions = _batch(t=40 if "rope" in case else 12)
@@ -205,7 +227,7 @@ def test_bf16_checkpoint_keeps_its_dtype(tmp_path):
     assert "cast to float32" in note32 and params32["embed"].dtype == jnp.float32
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox", "llama", "qwen2"])
 def test_export_loads_in_transformers(tmp_path, kind):
     """gptjax params (imported, then perturbed as training would) exported and read back by
     transformers give the same logits; the export re-imports to the same params."""
@@ -223,24 +245,39 @@ def test_export_loads_in_transformers(tmp_path, kind):
     jax.tree.map(np.testing.assert_array_equal, params2, params)
 
 
-@pytest.mark.parametrize("positions", ["learned", "rope"])
-def test_export_gptjax_model(tmp_path, positions):
-    """A model gptjax built itself exports as GPT-2 (learned positions) or Llama (rope)."""
-    extra = {} if positions == "learned" else dict(norm="rmsnorm", mlp="swiglu", n_kv_heads=2)
-    cfg = ModelConfig(vocab_size=V, d_model=32, n_heads=4, d_ff=64, positions=positions, **extra)
+@pytest.mark.parametrize(
+    "kind,fields",
+    [
+        ("gpt2", dict(positions="learned")),
+        # gptjax's CPU presets: rotary positions with LayerNorm and GELU.
+        ("gpt_neox", dict(positions="rope")),
+        ("llama", dict(positions="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2)),
+    ],
+)
+def test_export_gptjax_model(tmp_path, kind, fields):
+    """A model gptjax built itself (no biases) exports to the architecture that holds it,
+    with the biases that architecture always stores written as zeros."""
+    cfg = ModelConfig(vocab_size=V, d_model=32, n_heads=4, d_ff=64, **fields)
     params = get_model(cfg).init(jax.random.key(0))
+    params["final_norm"]["scale"] = params["final_norm"]["scale"] * 1.5  # not the HF init
     out = str(tmp_path / "export")
-    kind = export_model(out, params, cfg)
-    assert kind == ("gpt2" if positions == "learned" else "llama")
+    assert export_model(out, params, cfg) == kind
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     tokens, mask, pos = _batch()
     ours = _our_logits(cfg, params, tokens, mask, pos)
     assert _max_diff(ours, _hf_logits(loaded, tokens, mask, pos), mask) <= 1e-4
+    from gptjax.hf.safetensors import Checkpoint
+
+    stored = Checkpoint(out).names()
+    if kind == "gpt2":
+        assert "transformer.h.0.mlp.c_fc.bias" in stored  # GPT-2 always has biases
+    if kind == "gpt_neox":
+        assert "gpt_neox.layers.0.mlp.dense_h_to_4h.bias" in stored
 
 
 def test_export_refuses_what_no_architecture_holds():
-    cfg = ModelConfig(positions="rope")  # rope with LayerNorm and GELU: no HF match
-    with pytest.raises(ConfigError, match="model.norm"):
+    cfg = ModelConfig(positions="rope", norm="rmsnorm")  # rope, RMSNorm, GELU: no HF match
+    with pytest.raises(ConfigError, match="model.mlp"):
         hf_config.export_type(cfg)
 
 

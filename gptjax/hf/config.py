@@ -19,13 +19,19 @@ from gptjax.model import ModelConfig
 
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
+    "gpt_neox": "GPTNeoXForCausalLM",
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
 DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-# GPT-2's activation names that mean the tanh approximation gptjax computes.
-GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# Activation names (transformers' ACT2FN) -> ModelConfig.mlp.
+GELUS = {
+    "gelu_new": "gelu",
+    "gelu_pytorch_tanh": "gelu",
+    "gelu_fast": "gelu",
+    "gelu": "gelu_exact",
+}
 
 
 class HFConfigError(ConfigError):
@@ -59,9 +65,12 @@ def _rope(hf: dict, path: str) -> dict:
     if params and all(isinstance(v, dict) for v in params.values()):
         raise HFConfigError(path, "rope_parameters", "per layer type is not supported")
     merged = {**scaling, **params}
-    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    theta = merged.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10_000.0)))
     kind = merged.get("rope_type", merged.get("type", "default")) or "default"
-    out = {"rope_theta": theta}
+    # GPT-NeoX rotates a quarter of each head unless told otherwise (transformers' default).
+    fraction = 0.25 if hf.get("model_type") == "gpt_neox" else 1.0
+    fraction = merged.get("partial_rotary_factor", hf.get("rotary_pct", fraction))
+    out = {"rope_theta": float(theta), "rope_fraction": float(fraction)}
     if kind == "default":
         return out
     if kind != "llama3":
@@ -77,10 +86,15 @@ def _rope(hf: dict, path: str) -> dict:
     return out
 
 
+def _gelu(hf: dict, path: str, field: str, default: str) -> str:
+    act = hf.get(field, default)
+    if act not in GELUS:
+        raise HFConfigError(path, field, f"{act!r} is not supported {sorted(GELUS)}")
+    return GELUS[act]
+
+
 def _gpt2(hf: dict, path: str) -> dict:
-    act = hf.get("activation_function", "gelu_new")
-    if act not in GELU_TANH:
-        raise HFConfigError(path, "activation_function", f"{act!r} is not supported {GELU_TANH}")
+    mlp = _gelu(hf, path, "activation_function", "gelu_new")
     if hf.get("scale_attn_by_inverse_layer_idx"):
         raise HFConfigError(path, "scale_attn_by_inverse_layer_idx", "is not supported")
     if not hf.get("scale_attn_weights", True):
@@ -97,11 +111,35 @@ def _gpt2(hf: dict, path: str) -> dict:
         positions="learned",
         norm="layernorm",
         norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-        mlp="gelu",
+        mlp=mlp,
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         qkv_bias=True,
         out_bias=True,
         mlp_bias=True,
+    )
+
+
+def _gpt_neox(hf: dict, path: str) -> dict:
+    n = hf["num_attention_heads"]
+    bias = bool(hf.get("attention_bias", True))
+    return dict(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n,
+        n_kv_heads=n,
+        d_ff=hf["intermediate_size"],
+        max_len=hf.get("max_position_embeddings", 2048),
+        positions="rope",
+        norm="layernorm",
+        norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+        mlp=_gelu(hf, path, "hidden_act", "gelu"),
+        parallel_residual=bool(hf.get("use_parallel_residual", True)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=bias,
+        out_bias=bias,
+        mlp_bias=True,
+        **_rope(hf, path),
     )
 
 
@@ -160,7 +198,12 @@ def to_model_config(hf: dict, path: str = "config.json", **overrides) -> ModelCo
     """ModelConfig for a config.json's contents. Weights keep the checkpoint's dtype
     (param_dtype and compute dtype) unless `overrides` say otherwise."""
     kind = model_type(hf, path)
-    fields = _gpt2(hf, path) if kind == "gpt2" else _llama_like(hf, path, kind)
+    if kind == "gpt2":
+        fields = _gpt2(hf, path)
+    elif kind == "gpt_neox":
+        fields = _gpt_neox(hf, path)
+    else:
+        fields = _llama_like(hf, path, kind)
     dtype = checkpoint_dtype(hf)
     fields.update(param_dtype=dtype, dtype=dtype)
     fields.update(overrides)
@@ -170,38 +213,59 @@ def to_model_config(hf: dict, path: str = "config.json", **overrides) -> ModelCo
         raise HFConfigError(path, e.field, e.detail) from None
 
 
-def export_type(cfg: ModelConfig) -> str:
-    """The Hugging Face architecture that holds a gptjax model exactly, or a ConfigError
-    naming the ModelConfig field no supported architecture matches."""
-    if cfg.positions == "learned":
-        for field, want in (("norm", "layernorm"), ("mlp", "gelu"), ("tie_embeddings", True)):
-            if getattr(cfg, field) != want:
-                raise ConfigError(
-                    f"model.{field}",
-                    f"learned positions export as GPT-2, which needs {field}={want!r}",
-                )
-        if cfg.n_kv_heads != cfg.n_heads:
-            raise ConfigError("model.n_kv_heads", "GPT-2 has no grouped-query attention")
-        return "gpt2"
-    for field, want in (("norm", "rmsnorm"), ("mlp", "swiglu")):
-        if getattr(cfg, field) != want:
+def _need(cfg: ModelConfig, kind: str, **want) -> None:
+    for field, value in want.items():
+        if getattr(cfg, field) != value:
             raise ConfigError(
                 f"model.{field}",
-                f"rotary positions export as Llama or Qwen2, which need {field}={want!r} "
-                f"(no Hugging Face architecture has rope with {getattr(cfg, field)!r})",
+                f"{getattr(cfg, field)!r}: the Hugging Face architecture for this model "
+                f"({kind}) needs {value!r}",
             )
+
+
+def export_type(cfg: ModelConfig) -> str:
+    """The Hugging Face architecture that holds a gptjax model exactly: learned positions
+    -> GPT-2; rotary with LayerNorm and GELU (gptjax's CPU presets) -> GPT-NeoX; rotary with
+    RMSNorm and SwiGLU -> Llama (Qwen2 with q/k/v biases alone). Anything else is a
+    ConfigError naming the ModelConfig field none of them matches."""
+    if cfg.positions == "learned":
+        _need(cfg, "gpt2", norm="layernorm", tie_embeddings=True, parallel_residual=False)
+        _need(cfg, "gpt2", n_kv_heads=cfg.n_heads)
+        if cfg.mlp == "swiglu":
+            raise ConfigError("model.mlp", "'swiglu': GPT-2 (learned positions) has a GELU MLP")
+        return "gpt2"
+    if cfg.norm == "layernorm":
+        _need(cfg, "gpt_neox", n_kv_heads=cfg.n_heads, rope_scaling="none", out_bias=cfg.qkv_bias)
+        if cfg.mlp == "swiglu":
+            raise ConfigError("model.mlp", "'swiglu': GPT-NeoX (rope + LayerNorm) has a GELU MLP")
+        return "gpt_neox"
+    _need(cfg, "llama", mlp="swiglu", parallel_residual=False, rope_fraction=1.0)
     if cfg.qkv_bias and not cfg.out_bias and not cfg.mlp_bias and cfg.rope_scaling == "none":
         return "qwen2"
-    if cfg.qkv_bias != cfg.out_bias:
-        raise ConfigError("model.out_bias", "Llama has q/k/v/o biases together or none")
+    _need(cfg, "llama", out_bias=cfg.qkv_bias)
     return "llama"
+
+
+def export_config(cfg: ModelConfig, kind: str) -> ModelConfig:
+    """`cfg` with the biases architecture `kind` always stores switched on (exported as
+    zeros where the model has none: the same function)."""
+    always = {
+        "gpt2": dict(qkv_bias=True, out_bias=True, mlp_bias=True),
+        "gpt_neox": dict(mlp_bias=True),
+        "qwen2": dict(qkv_bias=True),
+    }.get(kind, {})
+    return dataclasses.replace(cfg, **always)
+
+
+def _act(cfg: ModelConfig) -> str:
+    return "gelu" if cfg.mlp == "gelu_exact" else "gelu_new"
 
 
 def from_model_config(cfg: ModelConfig, kind: str, base: dict | None = None, **extra) -> dict:
     """config.json contents for `cfg` as architecture `kind`. `base` (an imported model's
     own config.json) keeps every field gptjax does not own (token ids, names, ...)."""
     hf = dict(base or {})
-    for key in ("rope_scaling", "rope_parameters", "torch_dtype"):
+    for key in ("rope_scaling", "rope_parameters", "torch_dtype", "rotary_pct", "rotary_emb_base"):
         hf.pop(key, None)
     hf.update(model_type=kind, architectures=[ARCHITECTURES[kind]], dtype=cfg.param_dtype)
     hf["vocab_size"] = cfg.vocab_size
@@ -214,33 +278,53 @@ def from_model_config(cfg: ModelConfig, kind: str, base: dict | None = None, **e
             n_inner=cfg.d_ff,
             n_positions=cfg.max_len,
             layer_norm_epsilon=cfg.norm_eps,
-            activation_function="gelu_new",
+            activation_function=_act(cfg),
         )
-    else:
+        hf.update(extra)
+        return hf
+    hf.update(
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.d_ff,
+        max_position_embeddings=cfg.max_len,
+    )
+    if kind == "gpt_neox":
         hf.update(
-            hidden_size=cfg.d_model,
-            num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads,
-            num_key_value_heads=cfg.n_kv_heads,
-            head_dim=cfg.head_dim,
-            intermediate_size=cfg.d_ff,
-            max_position_embeddings=cfg.max_len,
-            rms_norm_eps=cfg.norm_eps,
-            hidden_act="silu",
-            rope_theta=cfg.rope_theta,
+            layer_norm_eps=cfg.norm_eps,
+            hidden_act=_act(cfg),
+            use_parallel_residual=cfg.parallel_residual,
+            attention_bias=cfg.qkv_bias,
+            # Both spellings: transformers 5 reads rope_parameters, older readers these.
+            rotary_pct=cfg.rope_fraction,
+            rotary_emb_base=cfg.rope_theta,
+            rope_parameters=dict(
+                rope_type="default",
+                rope_theta=cfg.rope_theta,
+                partial_rotary_factor=cfg.rope_fraction,
+            ),
         )
-        if kind == "llama":
-            hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
-        if kind == "qwen2":
-            hf.setdefault("use_sliding_window", False)
-        if cfg.rope_scaling == "llama3":
-            hf["rope_scaling"] = dict(
-                rope_type="llama3",
-                factor=cfg.rope_factor,
-                low_freq_factor=cfg.rope_low_freq_factor,
-                high_freq_factor=cfg.rope_high_freq_factor,
-                original_max_position_embeddings=cfg.rope_original_max_len,
-            )
+        hf.update(extra)
+        return hf
+    hf.update(
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_eps,
+        hidden_act="silu",
+        rope_theta=cfg.rope_theta,
+    )
+    if kind == "llama":
+        hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+    if kind == "qwen2":
+        hf.setdefault("use_sliding_window", False)
+    if cfg.rope_scaling == "llama3":
+        hf["rope_scaling"] = dict(
+            rope_type="llama3",
+            factor=cfg.rope_factor,
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_len,
+        )
     hf.update(extra)
     return hf
 

@@ -55,8 +55,9 @@ def export_model(
 ) -> str:
     """Writes config.json and safetensors for `params` into out_dir (created), as the
     architecture of `base` (an imported model's config.json) or the one gptjax's config
-    matches (GPT-2 or Llama; hf_config.export_type). Returns the architecture."""
+    matches (hf_config.export_type). Returns the architecture."""
     kind = hf_config.model_type(base, "base config.json") if base else hf_config.export_type(cfg)
+    cfg = hf_config.export_config(cfg, kind)
     os.makedirs(out_dir, exist_ok=True)
     tensors = weights.to_tensors(params, kind, cfg)
     safetensors.write_sharded(out_dir, tensors, max_shard_bytes)

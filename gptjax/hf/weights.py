@@ -32,14 +32,16 @@ class Entry:
     transpose: stored as nn.Linear's [out, in].
     lead: how many of the leaf's (per-layer) axes fold into the tensor's first axis;
       None for a 1-D tensor (biases, norm scales).
-    part: (j, k): the leaf is the j-th of k equal pieces of the tensor's last axis
-      (GPT-2's fused c_attn).
+    part: (j, k): the leaf is the j-th of k pieces of the (untransposed) output axis:
+      contiguous (GPT-2's fused c_attn: q | k | v) or, with `heads`, interleaved per head
+      (GPT-NeoX's query_key_value: [heads, k, head_dim]).
     """
 
     name: str
     transpose: bool = False
     lead: int | None = 1
     part: tuple[int, int] | None = None
+    heads: int = 0
 
     @property
     def layered(self) -> bool:
@@ -89,7 +91,38 @@ def _llama(cfg: ModelConfig, prefix: str = "model.") -> dict[tuple, Entry]:
     return t
 
 
-LAYOUTS = {"gpt2": _gpt2, "llama": _llama, "mistral": _llama, "qwen2": _llama}
+def _gpt_neox(cfg: ModelConfig, prefix: str = "gpt_neox.") -> dict[tuple, Entry]:
+    h = prefix + "layers.{i}."
+    t = {
+        ("embed",): Entry(prefix + "embed_in.weight"),
+        ("unembed",): Entry("embed_out.weight", transpose=True),
+        ("final_norm", "scale"): Entry(prefix + "final_layer_norm.weight", lead=None),
+        ("final_norm", "bias"): Entry(prefix + "final_layer_norm.bias", lead=None),
+        ("blocks", "wo"): Entry(h + "attention.dense.weight", transpose=True, lead=2),
+        ("blocks", "bo"): Entry(h + "attention.dense.bias", lead=None),
+        ("blocks", "w_up"): Entry(h + "mlp.dense_h_to_4h.weight", transpose=True),
+        ("blocks", "b_up"): Entry(h + "mlp.dense_h_to_4h.bias", lead=None),
+        ("blocks", "w_down"): Entry(h + "mlp.dense_4h_to_h.weight", transpose=True),
+        ("blocks", "b_down"): Entry(h + "mlp.dense_4h_to_h.bias", lead=None),
+    }
+    for norm, ln in (("attn_norm", "input_layernorm"), ("mlp_norm", "post_attention_layernorm")):
+        t["blocks", norm, "scale"] = Entry(h + ln + ".weight", lead=None)
+        t["blocks", norm, "bias"] = Entry(h + ln + ".bias", lead=None)
+    qkv = h + "attention.query_key_value."
+    for j, x in enumerate("qkv"):
+        fused = dict(part=(j, 3), heads=cfg.n_heads)
+        t["blocks", "w" + x] = Entry(qkv + "weight", transpose=True, **fused)
+        t["blocks", "b" + x] = Entry(qkv + "bias", lead=None, **fused)
+    return t
+
+
+LAYOUTS = {
+    "gpt2": _gpt2,
+    "gpt_neox": _gpt_neox,
+    "llama": _llama,
+    "mistral": _llama,
+    "qwen2": _llama,
+}
 
 
 def _paths(tree, prefix=()):
@@ -122,26 +155,44 @@ def layout(kind: str, cfg: ModelConfig, names=()) -> dict[tuple, Entry]:
 
 def _piece(x: np.ndarray, e: Entry, layer_shape) -> np.ndarray:
     """The leaf's per-layer value (a view where possible) from its stored tensor."""
-    if e.part is not None:
-        j, k = e.part
-        n = x.shape[-1] // k
-        x = x[..., j * n : (j + 1) * n]
     if e.transpose:
         x = x.T
+    if e.part is not None:
+        j, k = e.part
+        if e.heads:
+            x = x.reshape(*x.shape[:-1], e.heads, k, -1)[..., j, :]
+        else:
+            n = x.shape[-1] // k
+            x = x[..., j * n : (j + 1) * n]
     return x.reshape(layer_shape)
+
+
+def _join(pieces: list[np.ndarray], e: Entry) -> np.ndarray:
+    """The stored tensor from its pieces (each already [..., out]): _piece's inverse."""
+    if e.part is None:
+        (x,) = pieces
+    elif e.heads:
+        split = [p.reshape(*p.shape[:-1], e.heads, -1) for p in pieces]
+        x = np.stack(split, axis=-2).reshape(*pieces[0].shape[:-1], -1)
+    else:
+        x = np.concatenate(pieces, axis=-1)
+    return np.ascontiguousarray(x.T if e.transpose else x)
 
 
 def _tensor_shape(e: Entry, layer_shape) -> tuple[int, ...]:
     """The stored tensor's shape for a leaf of per-layer shape `layer_shape`."""
-    if e.lead is None:
-        shape = (math.prod(layer_shape),)
-    else:
-        shape = (math.prod(layer_shape[: e.lead]), math.prod(layer_shape[e.lead :]))
-    if e.transpose:
-        shape = shape[::-1]
+    shape = _folded(e, layer_shape)
     if e.part is not None:
         shape = (*shape[:-1], shape[-1] * e.part[1])
-    return shape
+    return shape[::-1] if e.transpose else shape
+
+
+def _folded(e: Entry, layer_shape) -> tuple[int, ...]:
+    """The leaf's per-layer shape folded to the stored tensor's rank (before any transpose
+    or fusing)."""
+    if e.lead is None:
+        return (math.prod(layer_shape),)
+    return (math.prod(layer_shape[: e.lead]), math.prod(layer_shape[e.lead :]))
 
 
 def check(ckpt: Checkpoint, kind: str, cfg: ModelConfig) -> dict[tuple, Entry]:
@@ -204,21 +255,19 @@ def load(directory: str, kind: str, cfg: ModelConfig, shardings=None) -> Params:
 
 def to_tensors(params: Params, kind: str, cfg: ModelConfig) -> dict[str, np.ndarray]:
     """The Hugging Face state dict (names in table order) for gptjax params, in
-    cfg.param_dtype. Leaves a causal LM does not have (a reward head) are left out."""
+    cfg.param_dtype. A leaf `cfg` has and `params` lacks (a bias the architecture always
+    stores, of a model trained without it) is written as zeros: the same function."""
     table = layout(kind, cfg)
     flat = dict(_paths(jax.device_get(params)))
+    abstract = dict(_paths(get_model(cfg).abstract_params))
     pieces: dict[str, dict[int, np.ndarray]] = {}
+    entries: dict[str, Entry] = {}
     for path, e in table.items():
-        value = np.asarray(flat[path])
+        leaf = abstract[path]
+        value = np.asarray(flat[path]) if path in flat else np.zeros(leaf.shape, leaf.dtype)
         for i in range(cfg.n_layers if e.layered else 1):
             x = value[i] if e.layered else value
-            x = x.reshape(
-                _tensor_shape(dataclasses.replace(e, transpose=False, part=None), x.shape)
-            )
-            if e.transpose:
-                x = x.T
-            pieces.setdefault(e.name.format(i=i), {})[e.part[0] if e.part else 0] = x
-    return {
-        name: np.ascontiguousarray(np.concatenate([p[j] for j in sorted(p)], axis=-1))
-        for name, p in pieces.items()
-    }
+            name = e.name.format(i=i)
+            pieces.setdefault(name, {})[e.part[0] if e.part else 0] = x.reshape(_folded(e, x.shape))
+            entries[name] = e
+    return {name: _join([p[j] for j in sorted(p)], entries[name]) for name, p in pieces.items()}
