@@ -4,6 +4,7 @@
     python -m experiments.bench sample [--configs=tiny,small_cpu]
     python -m experiments.bench ppo [--configs=tiny,small_cpu] [--iterations=5] [--ptx]
     python -m experiments.bench grpo|rloo|dpo [--configs=tiny,small_cpu]   # beside PPO
+    python -m experiments.bench hf_import [--shape=llama_1b]   # experiments/bench_hf.py
 
 Every benchmark builds what the pipeline builds from the preset's pipeline config
 (configs/pipeline.py): the pretrain stage's batch and optimizer, the ppo stage's sections.
@@ -37,6 +38,7 @@ import numpy as np
 
 from configs import model as model_configs
 from configs import pipeline
+from experiments import bench_hf
 from experiments.bench_rl import CONFIGS as RL_CONFIGS
 from experiments.bench_rl import environment, one_device_mesh, run_ppo, run_versus_ppo
 from gptjax import sharding
@@ -215,8 +217,14 @@ def main(argv=None) -> int:
         p.add_argument("--configs", default=",".join(RL_CONFIGS))
         p.add_argument("--iterations", type=int, default=5)
         p.add_argument("--out", default=f"runs/bench/{method}.json")
+    p = sub.add_parser("hf_import", help="seconds and host memory of a checkpoint import")
+    p.add_argument("--shape", default="llama_1b", choices=sorted(bench_hf.SHAPES))
+    p.add_argument("--dir", default="", help="checkpoint directory (written if absent)")
+    p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (fsdp)")
+    p.add_argument("--out", default="runs/bench/hf_import.json")
     args = parser.parse_args(argv)
     runners = {"train": run_train, "sample": run_sample, "ppo": run_ppo}
+    runners["hf_import"] = bench_hf.run
     runners.update(grpo=run_versus_ppo, rloo=run_versus_ppo)
     runners.update(dpo=run_versus_ppo)
     try:
