@@ -68,8 +68,9 @@ QWEN25_GENERATION_TEMPLATE = QWEN25_TEMPLATE.replace(
         {{- '\\n' }}""",
 )
 
-WORDS = ["the", "cat", "sat", "on", "mat", "über", "naïve", "東京", "café", "hello", "world",
-         "don't", "it's", "Zebra", "HTTP", "x", "q", "🙂", "e\u0301", "Ωμέγα", "привет"]  # fmt: skip
+WORDS = ["the", "cat", "sat", "on", "mat", "über", "naïve", "東京", "café", "hello",
+         "world", "don't", "it's", "Zebra", "HTTP", "x", "q", "🙂", "e\u0301", "Ωμέγα",
+         "привет"]  # fmt: skip
 SPACES = [" ", "  ", "   ", "\t", "\n", "\n\n", " \n ", "\r\n", "\u00a0", ""]
 DIGITS = ["0", "7", "42", "123", "2024", "3.14", "1,000", "-5", "99999"]
 PUNCT = [".", ",", "!", "?", " .", " ,", "'", '"', "(", ")", "<", ">", "|", "<|", "|>"]
@@ -142,7 +143,8 @@ def _metaspace(directory):
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
-           "eos_token": "</s>", "unk_token": "<unk>", "clean_up_tokenization_spaces": True}  # fmt: skip
+           "eos_token": "</s>", "unk_token": "<unk>",
+           "clean_up_tokenization_spaces": True}  # fmt: skip
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
     return str(directory)
 
