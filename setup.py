@@ -41,6 +41,9 @@ EXTRAS_REQUIRE = {
         *HF,
         "torch==2.13.0",
         "transformers==5.25.0",
+        # The LoRA adapter export is checked by loading it in peft.
+        "peft==0.21.2",
+        "accelerate==1.16.0",
     ],
     # libtpu for TPU VMs; also lets a CPU host compile ahead of time for TPU topologies.
     "tpu": ["jax[tpu]==0.10.2"],

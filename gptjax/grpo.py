@@ -34,12 +34,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax import losses, ppo, sharding
+from gptjax import lora, losses, ppo, sharding
 from gptjax.config import from_dict, need
 from gptjax.model import Model
 from gptjax.ppo_step import update_epoch
 from gptjax.rollout import response_logprobs
-from gptjax.train_steps import apply_update, opt_state_shardings
+from gptjax.train_steps import apply_update, grad_of_trainable, opt_state_shardings
 
 ALGORITHMS = ("grpo", "rloo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -153,7 +153,8 @@ def init_state(params, tx):
     """The train state; params are copied (the state is donated, the frozen reference
     params it starts from must survive)."""
     params = jax.tree.map(jnp.copy, params)
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    opt_state = tx.init(lora.trainable(params))
+    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 
 
 def state_shardings(policy: Model, tx, mesh):
@@ -207,7 +208,8 @@ def update_minibatch(carry, xs, *, data, policy: Model, tx, schedule, cfg, skip_
     index_M, _, update_index = xs
     mb = sharding.constrain_batch(jax.tree.map(lambda x: jnp.take(x, index_M, axis=0), data))
     loss_fn = functools.partial(group_loss, policy=policy, cfg=cfg)
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(carry["params"], mb)
+    grad_fn, view = grad_of_trainable(loss_fn, carry["params"])
+    (loss, stats), grads = grad_fn(view, mb)
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm(grads))
     part = {"params": carry["params"], "opt_state": carry["opt_state"], "step": update_index}
     part, upd = apply_update(part, grads, tx, schedule, skip_nonfinite, finite)

@@ -99,6 +99,12 @@ class ModelConfig:
     mlp_bias: bool = False  # MLP projections (GPT-2)
     head: str = "lm"  # lm (logits over the vocabulary) | scalar (a value per position)
     dropout: float = 0.0  # on embeddings and residual branches
+    # LoRA (Hu et al. 2021): rank-r adapters A [in, r] (random) and B [r, out] (zero) on the
+    # named dense weights, y = x W + (alpha / r) x A B. Only adapters (and a reward or
+    # value head) train; the base weights are frozen (gptjax/lora.py). 0 = no adapters.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "wq,wk,wv,wo,w_gate,w_up,w_down"  # comma-separated weight names
     init_std: float = 0.02
     # Storage and compute dtypes: float32 on CPU (XLA:CPU bf16 matmuls are slower than
     # fp32), bfloat16 compute on TPU.
@@ -110,6 +116,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def lora_target_set(self) -> frozenset[str]:
+        if self.lora_rank == 0:
+            return frozenset()
+        names = {n.strip() for n in self.lora_targets.split(",") if n.strip()}
+        return frozenset(
+            names & set(LORA_WEIGHTS) - ({"w_gate"} if self.mlp != "swiglu" else set())
+        )
 
     @property
     def rope_dims(self) -> int:
@@ -191,11 +206,31 @@ class ModelConfig:
             self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} not in {list(DTYPES)}"
         )
         need(self.dtype in DTYPES, "dtype", f"{self.dtype!r} not in {list(DTYPES)}")
+        need(
+            isinstance(self.lora_rank, int) and self.lora_rank >= 0,
+            "lora_rank",
+            f"must be an int >= 0, got {self.lora_rank!r}",
+        )
+        unknown = {n.strip() for n in self.lora_targets.split(",") if n.strip()} - set(LORA_WEIGHTS)
+        need(
+            not unknown,
+            "lora_targets",
+            f"unknown weight(s) {sorted(unknown)}; choose from {list(LORA_WEIGHTS)}",
+        )
+        need(
+            self.lora_rank == 0 or self.lora_target_set,
+            "lora_targets",
+            "names no weight this model has",
+        )
         need(self.remat in REMAT_POLICIES, "remat", f"{self.remat!r} not in {list(REMAT_POLICIES)}")
 
 
 def _b(bias, dt):
     return bias[...].astype(dt)
+
+
+# Dense weights LoRA can adapt -> how many leading axes of the weight are its input.
+LORA_WEIGHTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 
 
 class Block(nnx.Module):
@@ -240,6 +275,42 @@ class Block(nnx.Module):
             self.b_up = param_const((L, F), ("layers", "mlp"), 0.0, pdt)
             self.b_down = param_const((L, D), ("layers", "embed"), 0.0, pdt)
 
+    def add_lora(self, rngs: nnx.Rngs):
+        """The LoRA adapters of cfg.lora_target_set. Called after every base weight of the
+        model is drawn, so one seed gives the same base weights with and without them."""
+        cfg, L = self.cfg, self.cfg.n_layers
+        for name in sorted(cfg.lora_target_set):
+            w = getattr(self, name)
+            n_in = LORA_WEIGHTS[name]
+            shape, axes = w.shape[1:], w.get_metadata()["logical_axes"][1:]
+            fan_in = math.prod(shape[:n_in])
+            # A as PEFT initialises it (kaiming-uniform, a=sqrt(5): U(+-1/sqrt(fan_in))), B = 0:
+            # the adapted model starts equal to the base model.
+            a = jax.random.uniform(
+                rngs.params(),
+                (L, *shape[:n_in], cfg.lora_rank),
+                jnp.float32,
+                -1 / math.sqrt(fan_in),
+                1 / math.sqrt(fan_in),
+            )
+            lora_axes = ("layers", *axes[:n_in], "lora")
+            setattr(self, name + "_lora_a", nnx.Param(a, logical_axes=lora_axes))
+            b_axes = ("layers", "lora", *axes[n_in:])
+            b = param_const((L, cfg.lora_rank, *shape[n_in:]), b_axes, 0.0, jnp.float32)
+            setattr(self, name + "_lora_b", b)
+
+    def _dense(self, x, name: str, dt):
+        """x @ W, plus the LoRA path (alpha / r) (x @ A) @ B when `name` is adapted: never
+        merged into W, so W's gradient is never formed."""
+        n_in = LORA_WEIGHTS[name]
+        y = dense(x, getattr(self, name)[...], dt, n_in=n_in)
+        if name in self.cfg.lora_target_set:
+            a = getattr(self, name + "_lora_a")[...]
+            b = getattr(self, name + "_lora_b")[...]
+            scale = self.cfg.lora_alpha / self.cfg.lora_rank
+            y = y + scale * dense(dense(x, a, dt, n_in=n_in), b, dt)
+        return y
+
     def __call__(
         self, x_BxTxD, mask_BxTxS, positions_BxT, rng=None, kv_cache=None, cache_index=None
     ):
@@ -249,9 +320,9 @@ class Block(nnx.Module):
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
         h = self.attn_norm(x_BxTxD)
-        q = dense(h, self.wq[...], dt)
-        k = dense(h, self.wk[...], dt)
-        v = dense(h, self.wv[...], dt)
+        q = self._dense(h, "wq", dt)
+        k = self._dense(h, "wk", dt)
+        v = self._dense(h, "wv", dt)
         if cfg.qkv_bias:
             q, k, v = q + _b(self.bq, dt), k + _b(self.bk, dt), v + _b(self.bv, dt)
         if cfg.positions == "rope":
@@ -270,7 +341,7 @@ class Block(nnx.Module):
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
         k, v = constrain(k, BSKH), constrain(v, BSKH)
         a = constrain(attend(q, k, v, mask_BxTxS), BTNH)
-        out = dense(a, self.wo[...], dt, n_in=2)
+        out = self._dense(a, "wo", dt)
         if cfg.out_bias:
             out = out + _b(self.bo, dt)
         attn_out = apply_dropout(out, cfg.dropout, rng_attn)
@@ -279,11 +350,11 @@ class Block(nnx.Module):
         else:
             x_BxTxD = constrain(x_BxTxD + attn_out, BTD)
             h = self.mlp_norm(x_BxTxD)
-        up_BxTxF = dense(h, self.w_up[...], dt)
+        up_BxTxF = self._dense(h, "w_up", dt)
         if cfg.mlp_bias:
             up_BxTxF = up_BxTxF + _b(self.b_up, dt)
         if cfg.mlp == "swiglu":
-            gate = dense(h, self.w_gate[...], dt)
+            gate = self._dense(h, "w_gate", dt)
             if cfg.mlp_bias:
                 gate = gate + _b(self.b_gate, dt)
             up_BxTxF = jax.nn.silu(gate) * up_BxTxF
@@ -292,7 +363,7 @@ class Block(nnx.Module):
         else:
             # tanh approximation: on XLA:CPU exact erf costs about half the MLP throughput.
             up_BxTxF = gelu_tanh(up_BxTxF)
-        out = dense(constrain(up_BxTxF, BTF), self.w_down[...], dt)
+        out = self._dense(constrain(up_BxTxF, BTF), "w_down", dt)
         if cfg.mlp_bias:
             out = out + _b(self.b_down, dt)
         mlp_out = apply_dropout(out, cfg.dropout, rng_mlp)
@@ -327,6 +398,8 @@ class Transformer(nnx.Module):
             # score_logp x (the reference model's mean log-prob of the reply), see
             # gptjax/reward_model.py. Zero, and so inert, unless an RM is trained with it.
             self.score_logp = param_const((), (), 0.0, pdt)
+        if cfg.lora_rank:
+            self.blocks.add_lora(rngs)
 
     def _blocks(self, x_BxTxD, mask_BxTxS, positions_BxT, rng):
         cfg = self.cfg

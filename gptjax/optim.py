@@ -16,7 +16,8 @@ from gptjax.config import need
 
 # Norm gains and biases are not decayed (GPT-2/nanoGPT: decay only matmul weights and
 # embeddings), since shrinking a norm's scale toward 0 fights the normalisation itself.
-NO_DECAY_NAMES = ("scale", "bias", "score_b", "score_logp")
+NO_DECAY_NAMES = ("scale", "bias", "score_b", "score_logp", "bq", "bk", "bv", "bo", "b_gate")
+NO_DECAY_NAMES += ("b_up", "b_down")
 
 
 @dataclasses.dataclass(frozen=True)

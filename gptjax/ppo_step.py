@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from gptjax import losses, ppo, sharding
+from gptjax import lora, losses, ppo, sharding
 from gptjax.model import Model
 from gptjax.ppo import PPOConfig
 from gptjax.rollout import response_logprobs, response_values
-from gptjax.train_steps import apply_update, opt_state_shardings
+from gptjax.train_steps import apply_update, grad_of_trainable, opt_state_shardings
 
 HEAD_KEYS = ("score_w", "score_b", "score_logp")  # the scalar head's params (model.Transformer)
 
@@ -70,7 +70,10 @@ def init_state(policy_params, value_params, tx, kl_coef: float):
     return {
         "params": policy,
         "value": value,
-        "opt_state": {"policy": tx.init(policy), "value": tx.init(value)},
+        "opt_state": {
+            "policy": tx.init(lora.trainable(policy)),
+            "value": tx.init(lora.trainable(value)),
+        },
         "kl": {"beta": jnp.asarray(kl_coef, jnp.float32)},
         "step": jnp.zeros((), jnp.int32),
     }
@@ -192,11 +195,10 @@ def update_minibatch(
     index_M, ptx_mb, update_index = xs
     mb = sharding.constrain_batch(jax.tree.map(lambda x: jnp.take(x, index_M, axis=0), data))
     ptx_mb = sharding.constrain_batch(ptx_mb)
-    trainable = (carry["params"], carry["value"])
     loss_fn = functools.partial(ppo_loss, policy=policy, value=value, cfg=cfg)
-    (loss, stats), (g_policy, g_value) = jax.value_and_grad(loss_fn, has_aux=True)(
-        trainable, mb, ptx_mb
-    )
+    # Gradients of the trainable params only (gptjax/lora.py).
+    grad_fn, views = grad_of_trainable(loss_fn, (carry["params"], carry["value"]))
+    (loss, stats), (g_policy, g_value) = grad_fn(views, mb, ptx_mb)
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.global_norm((g_policy, g_value)))
 
     def update(params, opt_state, grads, name):

@@ -46,6 +46,7 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv": None,  # head dim: small, and attention contracts over it.
     "layers": None,  # scanned over; sharding it would serialise layers across devices.
     "pos": None,
+    "lora": None,  # LoRA rank: small.
 }
 
 

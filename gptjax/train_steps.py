@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from gptjax import losses, sharding
+from gptjax import lora, losses, sharding
 from gptjax.config import need
 from gptjax.model import Model
 
@@ -42,7 +42,10 @@ class TrainConfig:
 
 
 def state_from_params(tx: optax.GradientTransformation, params) -> State:
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    """The train state; the optimizer holds moments for the trainable params only
+    (gptjax/lora.py: all of them, or a LoRA model's adapters and head)."""
+    opt_state = tx.init(lora.trainable(params))
+    return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 
 
 def init_state(model: Model, tx: optax.GradientTransformation, rng) -> State:
@@ -52,12 +55,12 @@ def init_state(model: Model, tx: optax.GradientTransformation, rng) -> State:
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_params, param_sh, mesh: Mesh):
     """Shardings of tx's state for params sharded as param_sh, from shapes alone: moments
     mirror their params; scalars (counts) are replicated."""
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    abstract_opt = jax.eval_shape(tx.init, lora.trainable(abstract_params))
     return optax.tree_map_params(
         tx,
         lambda _, s: s,
         abstract_opt,
-        param_sh,
+        lora.trainable(param_sh),
         transform_non_params=lambda _: sharding.replicated(mesh),
     )
 
@@ -85,13 +88,27 @@ def _global_norm(tree):
     return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
+def grad_of_trainable(loss_fn: Callable, params):
+    """(value_and_grad of loss_fn as a function of lora.trainable(params), that view).
+    Without adapters the view is params and this is plain value_and_grad."""
+    view = lora.trainable(params)
+    if view is params:
+        return jax.value_and_grad(loss_fn, has_aux=True), view
+
+    def on_view(v, *args):
+        return loss_fn(lora.combine(v, params), *args)
+
+    return jax.value_and_grad(on_view, has_aux=True), view
+
+
 def accumulate_grads(loss_fn: Callable, params, batch, grad_accum_steps: int):
-    """Sums (value, grad) of loss_fn over A microbatches in a lax.scan.
+    """Sums (value, grad) of loss_fn over A microbatches in a lax.scan; gradients of the
+    trainable params only (`grad_of_trainable`).
 
     loss_fn(params, microbatch, index) -> (loss_sum, (count, aux_sums)); every output is a
     sum, so accumulation is exact: the result equals one pass over the whole batch.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn, params = grad_of_trainable(loss_fn, params)
     if grad_accum_steps == 1:
         return grad_fn(params, batch, 0)
     a = grad_accum_steps
@@ -113,13 +130,14 @@ def apply_update(state: State, grads, tx, schedule, skip_nonfinite: bool, finite
     A non-finite loss or gradient with skip_nonfinite leaves params and optimizer state
     unchanged (selected inside the jit: no host sync), and is counted in the metrics.
     """
-    params = state["params"]
+    params = lora.trainable(state["params"])  # grads are of this view
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     if skip_nonfinite:
         keep = lambda new, old: jnp.where(finite, new, old)
         new_params = jax.tree.map(keep, new_params, params)
         opt_state = jax.tree.map(keep, opt_state, state["opt_state"])
+    new_params = lora.combine(new_params, state["params"])
     metrics = {
         "grad_norm": _global_norm(grads),
         "update_norm": _global_norm(updates),
