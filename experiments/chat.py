@@ -34,26 +34,6 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Longest reply, in tokens.
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
-def load_config(workdir: str):
-    """The config the workdir was trained with (saved with every checkpoint)."""
-    import json
-
-    import ml_collections
-
-    from gptjax import checkpoint as ckpt_lib
-
-    directory = os.path.join(workdir, "pretrain", "checkpoints")
-    ckpt = ckpt_lib.Checkpointer(directory, (), async_save=False)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no pretrain checkpoint in {directory}")
-        _, _, meta = ckpt.restore({}, step)
-    finally:
-        ckpt.close()
-    return ml_collections.ConfigDict(json.loads(meta["config"]))
-
-
 class Chatter:
     """One model, one conversation."""
 
@@ -109,7 +89,7 @@ def main(argv) -> int:
         print("error: --workdir is required (a run directory of experiments.main)", file=sys.stderr)
         return 2
     try:
-        config = load_config(_WORKDIR.value)
+        config = sources.load_run_config(_WORKDIR.value)
         stages = trained_stages(_WORKDIR.value) if _COMPARE.value else [_STAGE.value]
         chatters = [Chatter(config, _WORKDIR.value, s) for s in stages]
     except (ConfigError, FileNotFoundError, ValueError) as e:

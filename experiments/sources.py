@@ -359,3 +359,23 @@ def protocol(config) -> evaluate.Protocol:
 
 def fixed_batches(iterator, n: int) -> list[dict]:
     return [next(iterator) for _ in range(n)]
+
+
+def load_run_config(workdir: str):
+    """The config the workdir was trained with (saved with every checkpoint)."""
+    import json
+
+    import ml_collections
+
+    from gptjax import checkpoint as ckpt_lib
+
+    directory = os.path.join(workdir, "pretrain", "checkpoints")
+    ckpt = ckpt_lib.Checkpointer(directory, (), async_save=False)
+    try:
+        step = ckpt.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no pretrain checkpoint in {directory}")
+        _, _, meta = ckpt.restore({}, step)
+    finally:
+        ckpt.close()
+    return ml_collections.ConfigDict(json.loads(meta["config"]))

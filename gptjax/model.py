@@ -591,6 +591,12 @@ def from_pipeline(config, tokenizer_vocab: int | None = None, head: str = "lm") 
         except ValueError as e:
             raise ConfigError("model.vocab_size", str(e)) from None
     fields["head"] = head
+    if fields.get("lora_rank"):
+        raise ConfigError(
+            "model.lora_rank",
+            "LoRA adapters train in the library (gptjax/lora.py) but the pipeline's stages "
+            "do not use them yet; set it to 0",
+        )
     return from_dict(ModelConfig, fields, "model")
 
 

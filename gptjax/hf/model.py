@@ -6,15 +6,18 @@ export_model("/tmp/out", params, cfg, base=read_config("/path/to/Llama-3.2-1B"))
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 
+import numpy as np
 from jax.sharding import Mesh
 
 from gptjax import sharding
 from gptjax.hf import config as hf_config
 from gptjax.hf import safetensors, weights
+from gptjax.layers import DTYPES as DTYPE
 from gptjax.model import ModelConfig, Params, get_model
 
 read_config = hf_config.read
@@ -45,6 +48,9 @@ def import_model(directory: str, mesh: Mesh | None = None, **overrides):
     return cfg, params, note
 
 
+HEAD_KEYS = ("score_w", "score_b", "score_logp")
+
+
 def export_model(
     out_dir: str,
     params: Params,
@@ -55,13 +61,47 @@ def export_model(
 ) -> str:
     """Writes config.json and safetensors for `params` into out_dir (created), as the
     architecture of `base` (an imported model's config.json) or the one gptjax's config
-    matches (hf_config.export_type). Returns the architecture."""
+    matches (hf_config.export_type). Returns the architecture.
+
+    A reward model (cfg.head "scalar") is written as the architecture's
+    `*ForSequenceClassification` with one label: `score.weight` is the head's weight, and
+    the reward is read at the last non-pad token (config.json's pad_token_id, which callers
+    pass). The head's bias, a constant shift of every reward that no ranking sees, has no
+    place there: it is kept in config.json as `gptjax_score_bias`. An RM that adds the
+    reference model's log-prob (score_logp != 0) cannot be expressed and is refused.
+    """
     kind = hf_config.model_type(base, "base config.json") if base else hf_config.export_type(cfg)
     cfg = hf_config.export_config(cfg, kind)
+    head = {}
+    if cfg.head == "scalar":
+        logp = float(np.asarray(params["score_logp"]))
+        if logp != 0.0:
+            raise ValueError(
+                f"the reward model adds score_logp={logp:g} x the reference model's log-prob, "
+                "which a sequence classifier cannot compute: export an RM trained with "
+                "rm.ref_logprob=False"
+            )
+        head = {"score.weight": np.asarray(params["score_w"], np.float32)[None, :]}
+        config_fields = dict(
+            config_fields,
+            num_labels=1,
+            gptjax_score_bias=float(np.asarray(params["score_b"])),
+        )
+        params = {k: v for k, v in params.items() if k not in HEAD_KEYS}
+        # The trunk as an LM config; with tied embeddings the table needs no unembedding.
+        lm_cfg = dataclasses.replace(cfg, head="lm", tie_embeddings=True)
+    else:
+        lm_cfg = cfg
     os.makedirs(out_dir, exist_ok=True)
-    tensors = weights.to_tensors(params, kind, cfg)
+    tensors = weights.to_tensors(params, kind, lm_cfg)
+    tensors.update({k: v.astype(DTYPE[cfg.param_dtype]) for k, v in head.items()})
     safetensors.write_sharded(out_dir, tensors, max_shard_bytes)
     hf = hf_config.from_model_config(cfg, kind, base, **config_fields)
+    if cfg.head == "scalar":
+        hf["architectures"] = [
+            hf_config.ARCHITECTURES[kind].replace("ForCausalLM", "").replace("LMHeadModel", "")
+            + "ForSequenceClassification"
+        ]
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     return kind
