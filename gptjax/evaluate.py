@@ -175,28 +175,36 @@ def score_replies(
     replies: Sequence[Reply],
     protocol,
     temperature: float = 1.0,
+    max_len: int | None = None,
 ):
     """Teacher-forced scores of chat replies: [N] rewards for a scalar-head model, or
     ([N] reply log-prob, [N] mean per-token entropy) for an LM, of its distribution at
-    `temperature` (the one a tempered variant sampled from)."""
-    rows = [
-        (chat_prompt_ids(records[r.index], tokenizer), list(r.ids) or [tokenizer.eos_id])
-        for r in replies
-    ]
-    width = max((len(p) + len(y) for p, y in rows), default=1)
+    `temperature` (the one a tempered variant sampled from).
+
+    A prompt + reply longer than max_len (default the model's) keeps its end, as the RM's
+    training rows do (gptjax/data/iterators.py comparison_example): the prompt loses its
+    start first, and the reply's own start only if the reply alone is longer. Memory is
+    bounded by batch x max_len whatever the longest record."""
+    limit = model.cfg.max_len if max_len is None else min(max_len, model.cfg.max_len)
+    rows = []
+    for r in replies:
+        p, y = chat_prompt_ids(records[r.index], tokenizer), list(r.ids) or [tokenizer.eos_id]
+        ids = (p + y)[-limit:]
+        rows.append((ids, max(len(ids) - len(y), 0)))
+    width = max((len(ids) for ids, _ in rows), default=1)
     # Round the width up to a multiple of 16 so the many scoring calls of an evaluation
     # (each variant x protocol x scorer) share a handful of compiled programs.
-    width = max(width, min(-(-width // 16) * 16, model.cfg.max_len))
+    width = max(width, min(-(-width // 16) * 16, limit))
     bs = protocol.batch_size
     outs = []
     for start in range(0, len(rows), bs):
         chunk = rows[start : start + bs]
-        chunk = chunk + [([tokenizer.eos_id], [tokenizer.eos_id])] * (bs - len(chunk))
+        chunk = chunk + [([tokenizer.eos_id, tokenizer.eos_id], 1)] * (bs - len(chunk))
         tokens = np.zeros((bs, width), np.int32)
-        for k, (p, y) in enumerate(chunk):
-            tokens[k, : len(p) + len(y)] = p + y
-        lengths = np.array([len(p) + len(y) for p, y in chunk], np.int32)
-        starts = np.array([len(p) for p, _ in chunk], np.int32)
+        for k, (ids, _) in enumerate(chunk):
+            tokens[k, : len(ids)] = ids
+        lengths = np.array([len(ids) for ids, _ in chunk], np.int32)
+        starts = np.array([s for _, s in chunk], np.int32)
         out = _teacher_forced(model, params, tokens, lengths, starts, temperature)
         outs.append(jax.device_get(out))
     n = len(rows)
@@ -212,9 +220,12 @@ def per_token(logp_sums, replies) -> np.ndarray:
     return np.asarray(logp_sums) / np.array([max(len(r.ids), 1) for r in replies])
 
 
-def mean_logprobs(model, params, tokenizer, records, replies, protocol) -> np.ndarray:
-    """[N] each chat reply's mean per-token log-prob (its EOS included) under an LM."""
-    logp, _ = score_replies(model, params, tokenizer, records, replies, protocol)
+def mean_logprobs(
+    model, params, tokenizer, records, replies, protocol, max_len: int | None = None
+) -> np.ndarray:
+    """[N] each chat reply's mean per-token log-prob (its EOS included) under an LM, rows
+    truncated to max_len as score_replies does."""
+    logp, _ = score_replies(model, params, tokenizer, records, replies, protocol, max_len=max_len)
     return per_token(logp, replies)
 
 

@@ -21,9 +21,12 @@ from gptjax.data.iterators import ComparisonBatches
 from gptjax.model import Model
 
 
-def with_ref_logp(sft: Model, sft_params, tokenizer, records: Sequence[dict]) -> list[dict]:
+def with_ref_logp(
+    sft: Model, sft_params, tokenizer, records: Sequence[dict], seq_len: int | None = None
+) -> list[dict]:
     """records with "ref_logp": each reply's mean log-prob under the SFT model (with its
-    EOS if it ended), the RM's reference feature (gptjax/reward_model.py)."""
+    EOS if it ended), the RM's reference feature (gptjax/reward_model.py), on the rows the
+    RM trains on (prompt + reply cut to seq_len, keeping the end)."""
     replies = [
         evaluate.Reply(i, k, text, done, 0, tuple(chat.reply_ids(rec, k, tokenizer)))
         for i, rec in enumerate(records)
@@ -32,7 +35,9 @@ def with_ref_logp(sft: Model, sft_params, tokenizer, records: Sequence[dict]) ->
         )
     ]
     protocol = evaluate.Protocol(batch_size=64)
-    feature = evaluate.mean_logprobs(sft, sft_params, tokenizer, records, replies, protocol)
+    feature = evaluate.mean_logprobs(
+        sft, sft_params, tokenizer, records, replies, protocol, max_len=seq_len
+    )
     out, start = [], 0
     for rec in records:
         k = len(rec["responses"])

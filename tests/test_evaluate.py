@@ -343,3 +343,36 @@ def test_the_length_controlled_win_rate_removes_a_length_bias():
     got = eval_stats.length_controlled(records, judged, "len", n_boot=50)
     assert got["n"] == 30 and got["lo"] <= got["mean"] <= got["hi"]
     assert got["mean"] < float(np.mean([r.extra["win_len"] for r in judged]))
+
+
+def test_long_records_are_scored_on_their_end_at_bounded_width(monkeypatch):
+    """A prompt far longer than the limit keeps its end (as the RM's rows do), and the
+    scoring batch is max_len wide whatever the longest record (memory bounded)."""
+    import jax
+
+    from gptjax import losses
+    from gptjax.model import Model
+    from tests.helpers import tiny_model_config
+
+    tok = _ByteTokenizer()
+    records = [{"prompt": "a long question " * 400}, {"prompt": "short"}]
+    replies = [Reply(0, 0, "", True, 3, ids=(9, 10, 1)), Reply(1, 0, "", True, 2, ids=(11, 1))]
+    lm = Model(tiny_model_config())
+    params = lm.init(jax.random.key(0))
+    widths = []
+    real = evaluate._teacher_forced
+    monkeypatch.setattr(
+        evaluate,
+        "_teacher_forced",
+        lambda m, p, t, *a: widths.append(t.shape[1]) or real(m, p, t, *a),
+    )
+    logp, _ = evaluate.score_replies(
+        lm, params, tok, records, replies, evaluate.Protocol(batch_size=2), max_len=24
+    )
+    assert widths == [24]
+    prompt = evaluate.chat_prompt_ids(records[0], tok)
+    row = np.array([(prompt + [9, 10, 1])[-24:]], np.int32)
+    mask = np.zeros_like(row, np.float32)
+    mask[0, -3:] = 1
+    want = losses.token_logprobs(lm.apply(params, row), row, mask).sum()
+    assert logp[0] == pytest.approx(float(want), abs=1e-4)

@@ -171,3 +171,18 @@ def test_invalid_utf8_names_the_line(tmp_path):
     path.write_bytes(b"fine\nalso fine\nbroken \xff here\n")
     with pytest.raises(formats.FormatError, match=rf"^{path}:3: not valid UTF-8"):
         list(formats.read_text(str(path)))
+
+
+def test_consecutive_turns_of_one_role_are_merged_not_dropped(tmp_path):
+    hh = "\n\nHuman: hi\n\nHuman: are you there?\n\nAssistant: yes\n\nAssistant: hello"
+    assert formats.parse_hh(hh) == [
+        {"role": "user", "content": "hi\n\nare you there?"},
+        {"role": "assistant", "content": "yes\n\nhello"},
+    ]
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps({"chosen": hh, "rejected": hh.replace("hello", "bye")}) + "\n")
+    (record,) = formats.read_comparisons(str(path))
+    assert record["responses"][0] == "yes\n\nhello"
+    demo = {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                         {"role": "assistant", "content": "c"}]}  # fmt: skip
+    assert formats.normalize_demo(demo)["messages"][0] == {"role": "user", "content": "a\n\nb"}

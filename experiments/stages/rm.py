@@ -102,7 +102,9 @@ def build(ctx: StageContext) -> dict:
     )
     attach = lambda records: records  # noqa: E731
     if section.ref_logprob:
-        attach = functools.partial(rm_eval.with_ref_logp, sft_model, sft_params, tokenizer)
+        attach = functools.partial(
+            rm_eval.with_ref_logp, sft_model, sft_params, tokenizer, seq_len=train_cfg.seq_len
+        )
         train_src, heldout_src = attach(train_src), attach(heldout_src)
     else:
         del sft_params

@@ -212,6 +212,19 @@ def read_jsonl_text(path: str) -> Iterator[dict]:
 # Demonstrations.
 
 
+def merge_runs(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Consecutive turns of one role as one turn, their texts joined by a blank line. Real
+    files have them (Anthropic HH has two Human turns in a row); the chat template
+    alternates, and dropping such records would bias the data."""
+    out: list[dict[str, str]] = []
+    for turn in turns:
+        if out and out[-1]["role"] == turn["role"]:
+            out[-1] = {**out[-1], "content": out[-1]["content"] + "\n\n" + turn["content"]}
+        else:
+            out.append(dict(turn))
+    return out
+
+
 def _turns(items: object) -> list[dict[str, str]]:
     """Chat turns from `{"role","content"}` or ShareGPT `{"from","value"}` items."""
     if not isinstance(items, list):
@@ -232,6 +245,7 @@ def _turns(items: object) -> list[dict[str, str]]:
             system.append(content)
         else:
             turns.append({"role": _ROLES[role], "content": content})
+    turns = merge_runs(turns)
     # The template has no system turn: its text becomes the start of the first user turn.
     if system and turns:
         turns[0]["content"] = "\n\n".join([*system, turns[0]["content"]])
@@ -295,13 +309,15 @@ def parse_hh(transcript: str) -> list[dict[str, str]]:
     if not marks or transcript[: marks[0].start()].strip():
         raise ValueError("not an HH transcript (expected '\\n\\nHuman: ...')")
     ends = [m.start() for m in marks[1:]] + [len(transcript)]
-    return [
-        {
-            "role": "user" if m.group(1) == "Human" else "assistant",
-            "content": transcript[m.end() : end].strip(),
-        }
-        for m, end in zip(marks, ends)
-    ]
+    return merge_runs(
+        [
+            {
+                "role": "user" if m.group(1) == "Human" else "assistant",
+                "content": transcript[m.end() : end].strip(),
+            }
+            for m, end in zip(marks, ends)
+        ]
+    )
 
 
 def _prompt_turns(prompt: str) -> list[dict[str, str]]:
