@@ -135,6 +135,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
     c.model = model_presets.model_config(name)
     c.model.vocab_size = 0  # 0: the tokenizer's size, padded
+    # "hf:/path/to/dir": start from a Hugging Face checkpoint (config.json, safetensors,
+    # tokenizer.json, chat template): SFT and everything downstream use its architecture,
+    # weights, tokenizer and template (gptjax/hf), and the model fields above are ignored
+    # except remat, scan_layers and dropout. No pretrain stage then.
+    c.model.init_from = ""
     if "mesh" in opts:
         c.mesh = model_presets.mesh_config(opts["mesh"])
     elif name in model_presets.TARGETS:

@@ -10,8 +10,10 @@ and GELU, are GPT-NeoX; learned positions GPT-2; RMSNorm and SwiGLU Llama); a re
 model as that architecture's *ForSequenceClassification (gptjax/hf/model.py). Load either
 with `transformers.AutoModelFor...from_pretrained(out)`.
 
-The tokenizer: gptjax's sentencepiece model is copied as `gptjax_tokenizer.model`, with
-its special ids in config.json. transformers' own conversion of a sentencepiece file
+A run started from a Hugging Face checkpoint (model.init_from) exports as that checkpoint's
+architecture, with its config.json fields and tokenizer files. For gptjax's own models,
+the sentencepiece model is copied as `gptjax_tokenizer.model`, with its special ids in
+config.json. transformers' own conversion of a sentencepiece file
 splits whitespace and digits differently from the options gptjax trains with, so no
 tokenizer.json is written: encode with `sentencepiece` (`gptjax.data.tokenizer`).
 """
@@ -26,7 +28,19 @@ from absl import flags, logging
 
 from experiments import cli, pipeline, sources
 from gptjax.errors import ConfigError
+from gptjax.hf import config as hf_config
 from gptjax.hf.model import export_model
+from gptjax.model import checkpoint_dir
+
+# A checkpoint's tokenizer files, copied beside an export of a run started from it.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "generation_config.json",
+)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with trained stages.")
 _STAGE = flags.DEFINE_string("stage", "sft", "Stage to export (base = pretrain).")
@@ -35,7 +49,7 @@ _OUT = flags.DEFINE_string("out", None, "Output directory (created).")
 
 def export_stage(workdir: str, stage: str, out: str) -> str:
     """Writes `stage` of the run in `workdir` to `out`; returns a one-line summary."""
-    config = sources.load_run_config(workdir)
+    config = sources.load_run_config(workdir, "pretrain" if stage == "base" else stage)
     stage = "pretrain" if stage == "base" else stage
     rows = pipeline.table(config)
     if stage not in rows:
@@ -46,17 +60,28 @@ def export_stage(workdir: str, stage: str, out: str) -> str:
     head = "scalar" if runner == "rm" else "lm"
     tokenizer = sources.get_tokenizer(config, workdir)
     model, params = sources.load_stage_params(config, workdir, stage, tokenizer, head=head)
-    kind = export_model(
-        out,
-        params,
-        model.cfg,
-        pad_token_id=tokenizer.pad_id,
-        eos_token_id=tokenizer.eos_id,
-        bos_token_id=None,
-        gptjax_special_tokens=tokenizer.special_tokens,
-    )
-    if tokenizer.path:
-        shutil.copyfile(tokenizer.path, os.path.join(out, "gptjax_tokenizer.model"))
+    if config.model.get("init_from"):
+        # A run from a Hugging Face checkpoint: its architecture, its config.json's other
+        # fields and its tokenizer files, unchanged.
+        directory = checkpoint_dir(config.model.init_from)
+        base = hf_config.read(directory)
+        fields = {"pad_token_id": tokenizer.pad_id} if head == "scalar" else {}
+        kind = export_model(out, params, model.cfg, base=base, **fields)
+        for name in TOKENIZER_FILES:
+            if os.path.exists(os.path.join(directory, name)):
+                shutil.copyfile(os.path.join(directory, name), os.path.join(out, name))
+    else:
+        kind = export_model(
+            out,
+            params,
+            model.cfg,
+            pad_token_id=tokenizer.pad_id,
+            eos_token_id=tokenizer.eos_id,
+            bos_token_id=None,
+            gptjax_special_tokens=tokenizer.special_tokens,
+        )
+        if tokenizer.path:
+            shutil.copyfile(tokenizer.path, os.path.join(out, "gptjax_tokenizer.model"))
     what = "sequence classifier" if head == "scalar" else "causal LM"
     return f"{stage}: {kind} {what}, {model.param_count() / 1e6:.2f}M params -> {out}"
 

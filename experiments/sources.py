@@ -19,7 +19,7 @@ from gptjax import evaluate, sharding
 from gptjax.data import builders, formats
 from gptjax.data import tokenizer as tok_lib
 from gptjax.errors import ConfigError
-from gptjax.model import Model, ModelConfig, from_pipeline
+from gptjax.model import Model, ModelConfig, checkpoint_dir, from_pipeline
 from gptjax.world import WorldConfig, generate
 
 WORLD = "world"
@@ -190,7 +190,21 @@ def get_tokenizer(config, workdir: str, corpus: Sequence | None = None) -> tok_l
     return tokenizer
 
 
+_CHECKPOINT_TOKENIZERS: dict[str, object] = {}
+
+
 def _load_or_train_tokenizer(config, workdir: str, corpus: Sequence | None):
+    if config.model.get("init_from"):
+        # The checkpoint's tokenizer and chat template (gptjax/hf/chat_template.py).
+        from gptjax.hf.chat_template import load_chat_tokenizer
+
+        directory = checkpoint_dir(config.model.init_from)
+        if directory not in _CHECKPOINT_TOKENIZERS:
+            tokenizer, notes = load_chat_tokenizer(directory)
+            for note in notes:
+                print(f"{directory}: {note}", flush=True)
+            _CHECKPOINT_TOKENIZERS[directory] = tokenizer
+        return _CHECKPOINT_TOKENIZERS[directory]
     if config.tokenizer.path:
         if not os.path.exists(config.tokenizer.path):
             raise ConfigError("tokenizer.path", f"no such file: {config.tokenizer.path}")
@@ -233,6 +247,14 @@ def load_stage_params(
     model = Model(model_config(config, tokenizer, head))
     mesh = make_mesh(config) if mesh is None else mesh
     shardings = sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
+    if stage == "pretrain" and config.model.get("init_from"):
+        # The base model is the Hugging Face checkpoint, read shard by shard onto the mesh.
+        from gptjax.hf import config as hf_config
+        from gptjax.hf import weights
+
+        directory = checkpoint_dir(config.model.init_from)
+        kind = hf_config.model_type(hf_config.read(directory), directory)
+        return model, weights.load(directory, kind, model.cfg, shardings)
     directory = directory or os.path.join(stage_dir(workdir, stage), "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(
@@ -361,21 +383,23 @@ def fixed_batches(iterator, n: int) -> list[dict]:
     return [next(iterator) for _ in range(n)]
 
 
-def load_run_config(workdir: str):
-    """The config the workdir was trained with (saved with every checkpoint)."""
+def load_run_config(workdir: str, stage: str = "pretrain"):
+    """The config the workdir was trained with (saved with every checkpoint): `stage`'s,
+    else SFT's (a run from a Hugging Face checkpoint has no pretrain stage)."""
     import json
 
     import ml_collections
 
-    from gptjax import checkpoint as ckpt_lib
-
-    directory = os.path.join(workdir, "pretrain", "checkpoints")
-    ckpt = ckpt_lib.Checkpointer(directory, (), async_save=False)
-    try:
-        step = ckpt.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no pretrain checkpoint in {directory}")
-        _, _, meta = ckpt.restore({}, step)
-    finally:
-        ckpt.close()
-    return ml_collections.ConfigDict(json.loads(meta["config"]))
+    for name in dict.fromkeys((stage, "pretrain", "sft")):
+        directory = os.path.join(stage_dir(workdir, name), "checkpoints")
+        if not os.path.isdir(directory):
+            continue
+        ckpt = ckpt_lib.Checkpointer(directory, (), async_save=False)
+        try:
+            step = ckpt.latest_step()
+            if step is not None:
+                _, _, meta = ckpt.restore({}, step)
+                return ml_collections.ConfigDict(json.loads(meta["config"]))
+        finally:
+            ckpt.close()
+    raise FileNotFoundError(f"no {stage}, pretrain or sft checkpoint in {workdir}")

@@ -192,9 +192,10 @@ def score_replies(
         ids = (p + y)[-limit:]
         rows.append((ids, max(len(ids) - len(y), 0)))
     width = max((len(ids) for ids, _ in rows), default=1)
-    # Round the width up to a multiple of 16 so the many scoring calls of an evaluation
-    # (each variant x protocol x scorer) share a handful of compiled programs.
-    width = max(width, min(-(-width // 16) * 16, limit))
+    # Round the width up to a multiple of 16 (at most the model's max_len) so the many
+    # scoring calls of an evaluation (each variant x protocol x scorer) share a handful of
+    # compiled programs.
+    width = max(width, min(-(-width // 16) * 16, model.cfg.max_len))
     bs = protocol.batch_size
     outs = []
     for start in range(0, len(rows), bs):

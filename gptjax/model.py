@@ -582,6 +582,15 @@ def from_pipeline(config, tokenizer_vocab: int | None = None, head: str = "lm") 
     the tokenizer's size (`tokenizer_vocab`, default config.tokenizer.vocab_size, the size
     it will be trained to) padded to config.tokenizer.pad_vocab_to."""
     fields = config.model.to_dict()
+    if fields.get("lora_rank"):
+        raise ConfigError(
+            "model.lora_rank",
+            "LoRA adapters train in the library (gptjax/lora.py) but the pipeline's stages "
+            "do not use them yet; set it to 0",
+        )
+    init_from = fields.pop("init_from", "")
+    if init_from:
+        return _from_checkpoint(init_from, fields, tokenizer_vocab, head)
     vocab = config.tokenizer.vocab_size if tokenizer_vocab is None else tokenizer_vocab
     if fields["vocab_size"] == 0:
         fields["vocab_size"] = tok_lib.padded_vocab_size(vocab, config.tokenizer.pad_vocab_to)
@@ -591,13 +600,40 @@ def from_pipeline(config, tokenizer_vocab: int | None = None, head: str = "lm") 
         except ValueError as e:
             raise ConfigError("model.vocab_size", str(e)) from None
     fields["head"] = head
-    if fields.get("lora_rank"):
-        raise ConfigError(
-            "model.lora_rank",
-            "LoRA adapters train in the library (gptjax/lora.py) but the pipeline's stages "
-            "do not use them yet; set it to 0",
-        )
     return from_dict(ModelConfig, fields, "model")
+
+
+# The model fields a run from a checkpoint still takes from its config (how to compute,
+# not what): everything else is the checkpoint's.
+FROM_CHECKPOINT_KEEPS = ("remat", "scan_layers", "dropout")
+
+
+def checkpoint_dir(init_from: str) -> str:
+    """The directory of model.init_from ("hf:DIR"), checked to hold a config.json."""
+    import os
+
+    if not init_from.startswith("hf:"):
+        raise ConfigError("model.init_from", f"expected hf:/path/to/dir, got {init_from!r}")
+    directory = init_from[3:]
+    if not os.path.exists(os.path.join(directory, "config.json")):
+        raise ConfigError("model.init_from", f"{directory}: no config.json there")
+    return directory
+
+
+def _from_checkpoint(init_from: str, fields: dict, tokenizer_vocab, head: str) -> ModelConfig:
+    from gptjax.hf import config as hf_config
+
+    directory = checkpoint_dir(init_from)
+    keep = {k: fields[k] for k in FROM_CHECKPOINT_KEEPS}
+    cfg = hf_config.to_model_config(
+        hf_config.read(directory), f"{directory}/config.json", head=head, **keep
+    )
+    if tokenizer_vocab is not None and tokenizer_vocab > cfg.vocab_size:
+        raise ConfigError(
+            "model.init_from",
+            f"the tokenizer has {tokenizer_vocab} ids, the model's embedding {cfg.vocab_size}",
+        )
+    return cfg
 
 
 @functools.cache

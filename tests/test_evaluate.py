@@ -347,7 +347,7 @@ def test_the_length_controlled_win_rate_removes_a_length_bias():
 
 def test_long_records_are_scored_on_their_end_at_bounded_width(monkeypatch):
     """A prompt far longer than the limit keeps its end (as the RM's rows do), and the
-    scoring batch is max_len wide whatever the longest record (memory bounded)."""
+    scoring batch is at most the model's max_len wide whatever the longest record."""
     import jax
 
     from gptjax import losses
@@ -369,7 +369,7 @@ def test_long_records_are_scored_on_their_end_at_bounded_width(monkeypatch):
     logp, _ = evaluate.score_replies(
         lm, params, tok, records, replies, evaluate.Protocol(batch_size=2), max_len=24
     )
-    assert widths == [24]
+    assert widths == [lm.cfg.max_len]
     prompt = evaluate.chat_prompt_ids(records[0], tok)
     row = np.array([(prompt + [9, 10, 1])[-24:]], np.int32)
     mask = np.zeros_like(row, np.float32)

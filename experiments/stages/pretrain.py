@@ -16,11 +16,18 @@ from experiments.loop import run_trainer
 from experiments.rundir import StageContext
 from gptjax import sampling, sharding
 from gptjax.data.iterators import lm_batches
+from gptjax.errors import ConfigError
 from gptjax.trainer import LMTrainer, check_fits
 
 
 def settings(ctx: StageContext) -> dict:
     """The stage's typed configs, validated (no data is read)."""
+    if ctx.config.model.get("init_from"):
+        raise ConfigError(
+            "model.init_from",
+            "the pretrain stage trains gptjax's own model from scratch; a run from a "
+            "checkpoint starts at sft (--stages=sft,rm,ppo,...)",
+        )
     train, optim, loop = sections.train_config(ctx.section, ctx.name)
     mesh = ctx.mesh()
     check_fits(mesh, train, optim, sources.model_config(ctx.config, None), ctx.name)

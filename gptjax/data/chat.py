@@ -58,20 +58,32 @@ def _render(messages, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     return ids, mask
 
 
+def _checkpoint_template(tokenizer):
+    """A Hugging Face checkpoint's template (gptjax/hf/chat_template.py), if the tokenizer
+    came with one: it replaces this module's template in every function below."""
+    return getattr(tokenizer, "chat", None)
+
+
 def render(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer):
     """(ids, loss_mask) of a conversation ending with an assistant message."""
     _check(messages, "assistant")
+    if (template := _checkpoint_template(tokenizer)) is not None:
+        return template.render(messages)
     return _render(messages, tokenizer)
 
 
 def render_prompt(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer) -> list[int]:
     """Ids of a conversation ending with a user message, ready for the model to answer."""
     _check(messages, "user")
+    if (template := _checkpoint_template(tokenizer)) is not None:
+        return template.render_prompt(messages)
     return _render(messages, tokenizer)[0]
 
 
 def encode_reply(reply: str, tokenizer: Tokenizer) -> list[int]:
     """Ids of an assistant reply as the template writes it (without its EOS)."""
+    if (template := _checkpoint_template(tokenizer)) is not None:
+        return template.reply_ids(reply)
     return tokenizer.encode(SEP + reply)
 
 
@@ -94,6 +106,8 @@ def decode_reply(ids: Sequence[int], tokenizer: Tokenizer) -> tuple[str, bool]:
     if ended:
         ids = ids[: ids.index(tokenizer.eos_id)]
     text = tokenizer.decode(ids)
+    if _checkpoint_template(tokenizer) is not None:
+        return text.strip(), ended
     return (text[len(SEP) :] if text.startswith(SEP) else text), ended
 
 

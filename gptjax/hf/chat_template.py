@@ -36,6 +36,17 @@ TEMPLATE_FILE = "chat_template.jinja"
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 
+# For checkpoints without a template (GPT-2, base Pythia): Anthropic HH's plain-text turns,
+# each reply closed by the tokenizer's EOS; no special tokens needed.
+DEFAULT_TEMPLATE = (
+    "{%- for m in messages -%}"
+    "{%- if m.role == 'user' -%}{{ '\\n\\nHuman: ' + m.content + '\\n\\nAssistant:' }}"
+    "{%- elif m.role == 'assistant' -%}{{ ' ' + m.content + eos_token }}"
+    "{%- else -%}{{ m.content }}"
+    "{%- endif -%}{%- endfor -%}"
+)
+
+
 def read_template(directory: str, config: Mapping) -> str | None:
     """The checkpoint's template: chat_template.jinja, else tokenizer_config.json's
     `chat_template` (a string, or a list of named templates: "default")."""
@@ -220,7 +231,52 @@ class ChatTemplate:
                 k += 1
         return ids, mask
 
+    def reply_ids(self, reply: str) -> list[int]:
+        """Ids of an assistant reply as this template writes it, without its end of turn:
+        the masked tokens of a one-exchange conversation (its leading space, trimming or
+        other wrapping included)."""
+        ids, mask = self.render(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": reply}]
+        )
+        out = [i for i, m in zip(ids, mask) if m]
+        return out[:-1] if out and out[-1] == self.tokenizer.eos_id else out
+
+    def end_of_turn(self) -> int | None:
+        """The special token the template writes after an assistant reply (Llama 3's
+        <|eot_id|>, Qwen's <|im_end|>; the tokenizer's EOS for the default template)."""
+        probe = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+        before = self.text(probe[:1], add_generation_prompt=True)
+        after = self.text(probe)
+        tail = after[len(before) :] if after.startswith(before) else after
+        found = self._special_re.search(tail, tail.find("a") + 1) if self._special_re else None
+        return None if found is None else self.tokenizer.special_id(found.group())
+
     def render_prompt(self, messages: Sequence[Mapping]) -> list[int]:
         """Ids of a conversation ending in a user turn, with the generation prompt."""
         text = self.text(messages, add_generation_prompt=True)
         return self.encode(text, messages)[0]
+
+
+def load_chat_tokenizer(directory: str) -> tuple[HFTokenizer, list[str]]:
+    """A checkpoint's tokenizer with its chat template attached (`.chat`, used by
+    gptjax/data/chat.py), and notes on what was assumed. Generation and the SFT mask end a
+    reply at the template's end-of-turn token, which becomes the tokenizer's `eos_id`
+    (a base Qwen2.5's EOS is <|endoftext|>, its template closes turns with <|im_end|>)."""
+    tokenizer = HFTokenizer(directory)
+    notes = []
+    source = read_template(directory, tokenizer.config)
+    if source is None:
+        source = DEFAULT_TEMPLATE
+        notes.append("no chat template: using gptjax's plain-text one (Human:/Assistant: turns)")
+    tokenizer.chat = ChatTemplate(source, tokenizer)
+    end = tokenizer.chat.end_of_turn()
+    if end is not None and end != tokenizer.eos_id:
+        notes.append(
+            f"replies end at {tokenizer.id_to_piece(end)!r} (the template's end of turn), "
+            f"not the tokenizer's EOS {tokenizer.id_to_piece(tokenizer.eos_id)!r}"
+        )
+        tokenizer.eos_id = end
+    if tokenizer.pad_is_eos:
+        tokenizer.pad_id = tokenizer.eos_id
+        notes.append("no pad token: padding uses EOS (masked by segment ids, never by id)")
+    return tokenizer, notes

@@ -82,6 +82,9 @@ class HFTokenizer:
         self.pad_is_eos = pad is None
         self.pad_id = self.eos_id if pad is None else pad
         self.unk_id = self._id_of(self.config.get("unk_token"))
+        # A ChatTemplate when loaded by chat_template.load_chat_tokenizer: gptjax/data/chat.py
+        # then renders conversations with it instead of gptjax's own template.
+        self.chat = None
         # transformers' decode cleans up spaces only where asked and never for BPE.
         self._clean_up = bool(self.config.get("clean_up_tokenization_spaces", False)) and (
             type(self._tok.model).__name__ != "BPE"

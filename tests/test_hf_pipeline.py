@@ -1,0 +1,86 @@
+"""Start from a Hugging Face checkpoint, through the documented commands: a tiny random
+Llama written by transformers -> sft on demos -> rm on an Anthropic-HH file -> ppo on a
+prompts file -> export -> transformers loads it and generates."""
+
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+
+from tests.fault_helpers import ROOT, main_cmd, run_cli
+from tests.helpers import subprocess_env
+from tests.hf_helpers import write_checkpoint, write_user_data
+
+STAGE_FLAGS = [
+    "--config.sft.steps=4", "--config.sft.batch_size=8", "--config.sft.seq_len=32",
+    "--config.sft.eval_batches=1", "--config.sft.ptx_fraction=0",
+    "--config.rm.steps=2", "--config.rm.batch_size=4", "--config.rm.seq_len=32",
+    "--config.rm.eval_batches=1", "--config.rm.demo_samples=8",
+    "--config.rm.ref_logprob=False",
+    "--config.ppo.iterations=2", "--config.ppo.prompts_per_iteration=4",
+    "--config.ppo.max_prompt_len=24", "--config.ppo.max_new_tokens=8",
+    "--config.ppo.epochs=1", "--config.ppo.minibatches=1", "--config.ppo.eval_prompts=0",
+]  # fmt: skip
+
+
+def test_sft_rm_ppo_export_from_a_hugging_face_checkpoint(tmp_path):
+    from experiments import sources
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    data = write_user_data(tmp_path)
+    workdir = tmp_path / "run"
+    flags = [
+        f"--config.model.init_from=hf:{ckpt}",
+        f"--config.data.demos=demos:{data['demos']}",
+        f"--config.data.comparisons=comparisons:{data['hh']}",
+        f"--config.ppo.prompts=demos:{data['prompts']}",
+        *STAGE_FLAGS,
+    ]
+    out = run_cli(main_cmd(workdir, "sft,rm,ppo", *flags))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "replies end at '<|im_end|>'" in out.stdout  # the template's end of turn, said
+    export = tmp_path / "ppo_hf"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.export", f"--workdir={workdir}", "--stage=ppo",
+         f"--out={export}"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ppo: llama causal LM" in result.stdout
+
+    # transformers reads the policy with the checkpoint's tokenizer and template.
+    tok = transformers.AutoTokenizer.from_pretrained(str(export))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(export)).eval()
+    messages = [{"role": "user", "content": "what is 2 plus 3?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    tokens = torch.tensor([ids["input_ids"]])
+    generated = hf.generate(tokens, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > tokens.shape[1]
+
+    # gptjax's PPO policy computes the same logits, on the same ids.
+    config = sources.load_run_config(str(workdir), "ppo")
+    tokenizer = sources.get_tokenizer(config, str(workdir))
+    from gptjax.data import chat
+
+    assert chat.render_prompt(messages, tokenizer) == ids["input_ids"]
+    model, params = sources.load_stage_params(config, str(workdir), "ppo", tokenizer)
+    ours = np.asarray(model.apply(params, jnp.asarray(tokens.numpy())))
+    with torch.no_grad():
+        theirs = hf(tokens).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_a_bad_checkpoint_path_fails_before_any_stage(tmp_path):
+    out = run_cli(main_cmd(tmp_path / "run", "sft", "--config.model.init_from=hf:/no/such/dir"))
+    assert out.returncode != 0
+    assert "model.init_from" in out.stderr and "no config.json" in out.stderr
+    assert not (tmp_path / "run" / "sft").exists()
+
+
+def test_pretraining_from_a_checkpoint_is_refused(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    out = run_cli(main_cmd(tmp_path / "run", "pretrain", f"--config.model.init_from=hf:{ckpt}"))
+    assert out.returncode != 0 and "starts at sft" in out.stderr
