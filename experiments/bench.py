@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import experiments.bench_hf as bench_hf
 from configs import model as model_configs
 from configs import pipeline
-from experiments import bench_hf
 from experiments.bench_rl import CONFIGS as RL_CONFIGS
 from experiments.bench_rl import environment, one_device_mesh, run_ppo, run_versus_ppo
 from gptjax import sharding

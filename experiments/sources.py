@@ -390,7 +390,8 @@ def load_run_config(workdir: str, stage: str = "pretrain"):
 
     import ml_collections
 
-    for name in dict.fromkeys((stage, "pretrain", "sft")):
+    names = list(dict.fromkeys((stage, "pretrain", "sft")))
+    for name in names:
         directory = os.path.join(stage_dir(workdir, name), "checkpoints")
         if not os.path.isdir(directory):
             continue
@@ -402,4 +403,8 @@ def load_run_config(workdir: str, stage: str = "pretrain"):
                 return ml_collections.ConfigDict(json.loads(meta["config"]))
         finally:
             ckpt.close()
-    raise FileNotFoundError(f"no {stage}, pretrain or sft checkpoint in {workdir}")
+    others = [n for n in names if n != "pretrain"]
+    raise FileNotFoundError(
+        f"no pretrain checkpoint in {workdir} (nor {' or '.join(others)}: the run's config "
+        "is saved with them)"
+    )
