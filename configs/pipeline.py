@@ -151,6 +151,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.update(
         dict(
             max_prompts=0,  # 0 = every eval prompt
+            # What is evaluated: "world" (its held-out prompts, judged by its gold labeler)
+            # or a prompts file read as the RL stages read theirs (demos:/path, ...): then
+            # the gold column is eval.reward's, if set.
+            prompts="world",
+            # "module:function" scoring a user's prompts' replies like an RL reward
+            # (prompts=, completions=, ended=): the gold reward and win rate columns.
+            reward="",
             best_of_n=4,  # the best-of-n variant's n (RM-picked SFT samples); <= 1: off
             # More best-of-n variants, one per n (a reference curve of gold against KL).
             best_of_curve=(),

@@ -133,8 +133,12 @@ def _rows_for(ctx, summary: dict) -> list[dict]:
 
 
 def after_stage(ctx, summary: dict) -> list[dict]:
-    """Checks the stage's gates (world data only), records and returns them."""
-    if ctx.config.data.pretrain != sources.WORLD:
+    """Checks the stage's gates (world data only), records and returns them. A run from a
+    Hugging Face checkpoint, or an evaluation of a user's prompts, has none."""
+    config = ctx.config
+    if config.data.pretrain != sources.WORLD or config.model.get("init_from"):
+        return []
+    if ctx.name == "eval" and config.eval.get("prompts", sources.WORLD) != sources.WORLD:
         return []
     rows = _rows_for(ctx, summary)
     if rows:

@@ -100,7 +100,15 @@ TABLE = (
         dpo.settings,
         data=("comparisons",),
     ),
-    Stage("eval", evaluate.run, TRAINED, tuple(TRAINED), sections=("eval",)),
+    Stage(
+        "eval",
+        evaluate.run,
+        TRAINED,
+        tuple(TRAINED),
+        evaluate.settings,
+        sections=("eval",),
+        data=("prompts",),
+    ),
     Stage("calibrate", calibrate.run, {"base": "pretrain", "sft": "sft"}, ("sft",)),
     Stage("report", _report, {"eval": "eval"}, sections=("eval",)),
 )

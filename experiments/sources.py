@@ -355,7 +355,12 @@ def report_long_prompts(source, render, limit: int, field: str) -> int:
 
 
 def eval_records(config, workdir: str) -> list[dict]:
-    """The world's held-out eval prompts (the first eval.max_prompts of them)."""
+    """The evaluated prompts (the first eval.max_prompts of them): the world's held-out
+    eval prompts, or a user's prompts file (eval.prompts)."""
+    if config.eval.get("prompts", WORLD) != WORLD:
+        src = prompt_source(config, workdir, config.eval, "eval")
+        n = len(src) if not config.eval.max_prompts else min(config.eval.max_prompts, len(src))
+        return [src[i] for i in range(n)]
     if config.data.pretrain != WORLD:
         raise ConfigError(
             "data.pretrain",

@@ -77,8 +77,9 @@ class PromptMode:
 
 
 def chat_prompt_ids(record: dict, tokenizer) -> list[int]:
-    messages = record.get("messages") or chat.pair_messages(record["prompt"])
-    return chat.render_prompt(messages, tokenizer)
+    """The record's turns up to its last user message (a demonstration's reply is not part
+    of the prompt), in the chat template."""
+    return chat.render_prompt(chat.question_turns(record), tokenizer)
 
 
 def _decode_chat(ids: list[int], tokenizer) -> tuple[str, bool, int, tuple[int, ...]]:

@@ -21,3 +21,14 @@ def one_value_short(prompts, completions, ended):
 
 def not_numbers(prompts, completions, ended):
     return ["high"] * len(completions)
+
+
+def exact_sum(prompts, completions, ended):
+    """A verifiable reward for "what is A plus B?" prompts: 1 when the reply says A + B."""
+    import re
+
+    out = []
+    for p, c in zip(prompts, completions):
+        a, b = (int(x) for x in re.findall(r"\d+", p.get("prompt") or p["messages"][0]["content"]))
+        out.append(float(str(a + b) in c))
+    return out

@@ -1,7 +1,9 @@
 """Start from a Hugging Face checkpoint, through the documented commands: a tiny random
 Llama written by transformers -> sft on demos -> rm on an Anthropic-HH file -> ppo on a
-prompts file -> export -> transformers loads it and generates."""
+prompts file -> eval on the prompts with a user reward function -> export -> transformers
+loads it and generates."""
 
+import json
 import subprocess
 import sys
 
@@ -23,6 +25,9 @@ STAGE_FLAGS = [
     "--config.ppo.iterations=2", "--config.ppo.prompts_per_iteration=4",
     "--config.ppo.max_prompt_len=24", "--config.ppo.max_new_tokens=8",
     "--config.ppo.epochs=1", "--config.ppo.minibatches=1", "--config.ppo.eval_prompts=0",
+    "--config.eval.max_prompts=8", "--config.eval.lm_batches=1", "--config.eval.best_of_n=2",
+    "--config.eval.samples=2", "--config.eval.max_new_tokens=8",
+    "--config.eval.reward=tests.reward_fns:exact_sum",
 ]  # fmt: skip
 
 
@@ -37,11 +42,24 @@ def test_sft_rm_ppo_export_from_a_hugging_face_checkpoint(tmp_path):
         f"--config.data.demos=demos:{data['demos']}",
         f"--config.data.comparisons=comparisons:{data['hh']}",
         f"--config.ppo.prompts=demos:{data['prompts']}",
+        f"--config.eval.prompts=demos:{data['prompts']}",
         *STAGE_FLAGS,
     ]
-    out = run_cli(main_cmd(workdir, "sft,rm,ppo", *flags))
+    out = run_cli(main_cmd(workdir, "sft,rm,ppo,eval", *flags))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "replies end at '<|im_end|>'" in out.stdout  # the template's end of turn, said
+    assert "[gate" not in out.stdout  # the world's gates do not judge a user's model
+
+    # Evaluation off the world: the user's reward function is the gold column.
+    results = json.loads((workdir / "eval" / "results.json").read_text())
+    assert set(results["variants"]) == {"base zero-shot", "SFT", "best-of-2", "PPO"}
+    sample = results["variants"]["PPO"]["sample"]
+    for metric in ("gold_reward", "rm_reward", "win_rate_gold_vs_sft", "win_rate_rm_vs_sft",
+                   "kl_to_sft", "entropy", "length_tokens", "eos_rate"):  # fmt: skip
+        assert sample[metric]["n"] == 8, metric  # every prompt
+    assert sample["distinct_2"]["n"] >= 1  # prompts whose samples have bigrams
+    assert 0.0 <= sample["gold_reward"]["mean"] <= 1.0
+    assert "heldout_lm_loss" in results["variants"]["PPO"]["model"]
     export = tmp_path / "ppo_hf"
     result = subprocess.run(
         [sys.executable, "-m", "experiments.export", f"--workdir={workdir}", "--stage=ppo",
@@ -84,3 +102,10 @@ def test_pretraining_from_a_checkpoint_is_refused(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt")
     out = run_cli(main_cmd(tmp_path / "run", "pretrain", f"--config.model.init_from=hf:{ckpt}"))
     assert out.returncode != 0 and "starts at sft" in out.stderr
+
+
+def test_a_user_reward_needs_user_prompts(tmp_path):
+    out = run_cli(
+        main_cmd(tmp_path / "run", "eval", "--config.eval.reward=tests.reward_fns:exact_sum")
+    )
+    assert out.returncode != 0 and "eval.reward" in out.stderr and "eval.prompts" in out.stderr

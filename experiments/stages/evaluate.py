@@ -1,6 +1,9 @@
-"""Evaluates every trained stage of a workdir on the world's held-out eval prompts.
+"""Evaluates every trained stage of a workdir on the world's held-out eval prompts, or on
+a user's prompts.
 
     python -m experiments.main --stages=eval
+    python -m experiments.main --stages=eval --config.eval.prompts=demos:/path/prompts.jsonl \
+        --config.eval.reward=my_rewards:exact_answer      # off the world
 
 Variants (those whose stages exist in the workdir): base zero-shot (chat template), base
 few-shot (a worksheet prompt that makes the base model act as an assistant), SFT,
@@ -15,6 +18,11 @@ SFT samples, eval_stats.best_of_n_kl_pool),
 per-token entropy, diversity, length, and per model the held-out pretraining loss (the
 alignment tax) and few-shot (in-context) accuracy with worksheet prompts.
 
+Off the world (eval.prompts a file): the same variants but base few-shot, judged by the
+RM (reward, win rate against SFT) and, with eval.reward, by the user's function in the
+gold column (reward, win rate, length-controlled win rate); KL to SFT, entropy,
+diversity, length, EOS rate and the held-out LM loss as always.
+
 Writes <workdir>/eval/results.json and prints the table.
 """
 
@@ -27,7 +35,8 @@ import jax
 
 from experiments import sources
 from experiments.rundir import StageContext, write_json
-from gptjax import eval_stats, evaluate, train_steps
+from gptjax import config as config_lib
+from gptjax import eval_stats, evaluate, rewards, train_steps
 from gptjax.data.iterators import lm_batches
 from gptjax.world import evaluation as world_eval
 
@@ -57,14 +66,43 @@ POLICIES = (
 )
 
 
+def off_world(config) -> bool:
+    """Whether the evaluated prompts are a user's (eval.prompts) rather than the world's."""
+    return config.eval.get("prompts", sources.WORLD) != sources.WORLD
+
+
+def user_reward(config):
+    """The eval.reward function as a checked host reward, or None."""
+    spec = config.eval.get("reward", "")
+    if not spec:
+        return None
+    return rewards.HostReward(spec, config_lib.load_callable(spec, "eval.reward"))
+
+
+def settings(ctx: StageContext) -> dict:
+    """Validated before any stage runs: eval.reward loads, and is used only off the world."""
+    fn = user_reward(ctx.config)
+    if fn is not None and not off_world(ctx.config):
+        from gptjax.errors import ConfigError
+
+        raise ConfigError(
+            "eval.reward", "the world's prompts are judged by its gold labeler; set eval.prompts"
+        )
+    return {"reward": fn}
+
+
 def has_stage(ctx: StageContext, role: str) -> bool:
+    if role == "base" and ctx.config.model.get("init_from"):
+        return True  # the Hugging Face checkpoint the run started from
     return role in ctx.inputs and os.path.isdir(os.path.join(ctx.input_dir(role), "checkpoints"))
 
 
 def variants(ctx: StageContext) -> list[Variant]:
     """Every variant whose stages were trained in the workdir."""
     config = ctx.config
-    out = [Variant("base zero-shot", "base"), Variant("base few-shot", "base", "fewshot")]
+    out = [Variant("base zero-shot", "base")]
+    if not off_world(config):  # worksheet prompts are made of the world's tasks
+        out.append(Variant("base few-shot", "base", "fewshot"))
     if has_stage(ctx, "sft"):
         out.append(Variant("SFT", "sft"))
         if has_stage(ctx, "rm"):
@@ -226,9 +264,46 @@ def _model_scores(v: Variant, models: Models, records, proto, replies, kl: bool)
 
 def world_judging(config) -> tuple[dict, dict]:
     """(metrics, judges) under the world's own labeler: its `world.length_weight`, so a
-    verbosity sweep judges each variant by the labeler its comparisons came from."""
+    verbosity sweep judges each variant by the labeler its comparisons came from. Off the
+    world: the RM, and the user's reward function as "gold" (its value on each reply,
+    attached by `user_scored`)."""
+    if off_world(config):
+        judges = {"rm": evaluate.rm_judge}
+        metrics = dict(eval_stats.REPLY_METRICS)
+        if user_reward(config) is not None:
+            judges["gold"] = _user_judge
+            metrics["gold_reward"] = (lambda rec: True, _user_judge)
+        return {**metrics, **eval_stats.win_rate_metrics(tuple(judges))}, judges
     weight = sources.world_config(config).length_weight
     return world_eval.metrics(weight), world_eval.judges(weight)
+
+
+def _user_judge(record, reply):
+    return reply.extra.get("user_reward")
+
+
+def user_scored(fn, records, replies):
+    """Replies with the user's reward function's value attached."""
+    if fn is None or not replies:
+        return replies
+    values = fn([records[r.index] for r in replies], [r.text for r in replies],
+                [r.ended for r in replies])  # fmt: skip
+    return evaluate.with_extra(replies, "user_reward", values)
+
+
+# Table columns off the world (the world's: gptjax/world/evaluation.py).
+USER_TABLE_METRICS = (
+    "gold_reward",
+    "rm_reward",
+    "win_rate_gold_vs_sft",
+    "lc_win_rate_gold_vs_sft",
+    "win_rate_rm_vs_sft",
+    "kl_to_sft",
+    "entropy",
+    "distinct_2",
+    "length_tokens",
+    "eos_rate",
+)
 
 
 def evaluate_all(ctx: StageContext) -> dict:
@@ -240,6 +315,7 @@ def evaluate_all(ctx: StageContext) -> dict:
     models = Models(ctx, tokenizer)
     todo = variants(ctx)
     metrics, judges = world_judging(config)
+    fn = user_reward(config)
     protocols = (("greedy", 0.0, 1), ("sample", proto.temperature, proto.samples))
     replies = {}
     for v in todo:
@@ -250,12 +326,18 @@ def evaluate_all(ctx: StageContext) -> dict:
                 replies[v.name, name] = []
                 continue
             r = _replies(v, models, records, proto, temperature, samples)
-            replies[v.name, name] = _model_scores(v, models, records, proto, r, name == "sample")
+            r = _model_scores(v, models, records, proto, r, name == "sample")
+            replies[v.name, name] = user_scored(fn, records, r)
     per_model = {}
     for v in todo:
         if v.best_of or v.role in per_model:
             continue
         model, params = models.get(v.role)
+        per_model[v.role] = {
+            "heldout_lm_loss": heldout_lm_loss(config, workdir, model, params, tokenizer)
+        }
+        if off_world(config):
+            continue
         fewshot = evaluate.generate_replies(
             model,
             params,
@@ -266,12 +348,9 @@ def evaluate_all(ctx: StageContext) -> dict:
             samples=1,
             protocol=proto,
         )
-        per_model[v.role] = {
-            "heldout_lm_loss": heldout_lm_loss(config, workdir, model, params, tokenizer),
-            "fewshot_accuracy": eval_stats.summarize(records, fewshot, metrics, proto.bootstrap)[
-                "accuracy"
-            ],
-        }
+        per_model[v.role]["fewshot_accuracy"] = eval_stats.summarize(
+            records, fewshot, metrics, proto.bootstrap
+        )["accuracy"]
     results = {}
     for v in todo:
         results[v.name] = {"stage": ctx.inputs[v.role], "model": per_model.get(v.role, {})}
@@ -282,17 +361,20 @@ def evaluate_all(ctx: StageContext) -> dict:
             if ("SFT", name) in replies:
                 r = evaluate.compare_to(records, r, replies["SFT", name], judges)
             results[v.name][name] = eval_stats.summarize(records, r, metrics, proto.bootstrap)
-            if ("SFT", name) in replies:
+            if ("SFT", name) in replies and "gold" in judges:
                 # The gold win rate at equal length (the raw one rewards or punishes length
                 # through the labeler's length weight).
                 results[v.name][name]["lc_win_rate_gold_vs_sft"] = eval_stats.length_controlled(
                     records, r, "gold"
                 )
-    return {
-        "records": len(records),
-        "variants": results,
-        "differences": differences(records, replies, metrics, proto.bootstrap),
-    }
+    out = {"records": len(records), "variants": results}
+    if off_world(config):
+        names = tuple(m for m in ("gold_reward", *USER_DIFFERENCE_METRICS) if m in metrics)
+        out["differences"] = differences(records, replies, metrics, proto.bootstrap, names)
+        out["prompts"] = config.eval.prompts
+    else:
+        out["differences"] = differences(records, replies, metrics, proto.bootstrap)
+    return out
 
 
 # The paired differences reported: every variant against SFT, and PPO-ptx against PPO.
@@ -304,7 +386,11 @@ DIFFERENCE_METRICS = (
 )
 
 
-def differences(records, replies, metrics, n_boot: int) -> dict:
+# Off the world, besides the gold reward (the user's function) when there is one.
+USER_DIFFERENCE_METRICS = ("rm_reward", "length_tokens")
+
+
+def differences(records, replies, metrics, n_boot: int, metric_names=DIFFERENCE_METRICS) -> dict:
     """{"a − b": {protocol: {metric: stat}}}: paired bootstrap over prompts
     (eval_stats.paired_difference) for each variant − SFT and PPO-ptx − PPO."""
     names = list(dict.fromkeys(name for name, _ in replies))
@@ -317,7 +403,7 @@ def differences(records, replies, metrics, n_boot: int) -> dict:
                 continue
             out.setdefault(f"{a} − {b}", {})[proto] = {
                 m: eval_stats.paired_difference(records, ra, rb, metrics[m], n_boot)
-                for m in DIFFERENCE_METRICS
+                for m in metric_names
             }
     return out
 
@@ -327,7 +413,9 @@ def run(ctx: StageContext) -> dict:
     os.makedirs(ctx.dir, exist_ok=True)
     path = os.path.join(ctx.dir, "results.json")
     write_json(path, out, default=float)
-    text = f"results: {path}\n" + eval_stats.format_results(
-        out, world_eval.TABLE_METRICS, world_eval.MODEL_METRICS
-    )
+    if off_world(ctx.config):
+        tables = (USER_TABLE_METRICS, ("heldout_lm_loss",))
+    else:
+        tables = (world_eval.TABLE_METRICS, world_eval.MODEL_METRICS)
+    text = f"results: {path}\n" + eval_stats.format_results(out, *tables)
     return {"stage": ctx.name, "text": text, **out}
