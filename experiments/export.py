@@ -20,6 +20,7 @@ tokenizer.json is written: encode with `sentencepiece` (`gptjax.data.tokenizer`)
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -27,8 +28,10 @@ import sys
 from absl import flags, logging
 
 from experiments import cli, pipeline, sources
+from gptjax import lora
 from gptjax.errors import ConfigError
 from gptjax.hf import config as hf_config
+from gptjax.hf import safetensors
 from gptjax.hf.model import export_model
 from gptjax.model import checkpoint_dir
 
@@ -45,9 +48,12 @@ TOKENIZER_FILES = (
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory with trained stages.")
 _STAGE = flags.DEFINE_string("stage", "sft", "Stage to export (base = pretrain).")
 _OUT = flags.DEFINE_string("out", None, "Output directory (created).")
+_PEFT = flags.DEFINE_bool(
+    "peft", False, "A LoRA stage: also write its adapters alone, in PEFT's format, to OUT/adapter."
+)
 
 
-def export_stage(workdir: str, stage: str, out: str) -> str:
+def export_stage(workdir: str, stage: str, out: str, peft: bool = False) -> str:
     """Writes `stage` of the run in `workdir` to `out`; returns a one-line summary."""
     config = sources.load_run_config(workdir, "pretrain" if stage == "base" else stage)
     stage = "pretrain" if stage == "base" else stage
@@ -60,13 +66,16 @@ def export_stage(workdir: str, stage: str, out: str) -> str:
     head = "scalar" if runner == "rm" else "lm"
     tokenizer = sources.get_tokenizer(config, workdir)
     model, params = sources.load_stage_params(config, workdir, stage, tokenizer, head=head)
+    adapters, lora_cfg = params, model.cfg
+    # LoRA adapters are merged into the weights they adapt (W + alpha/r A B).
+    params, cfg = lora.merge(params, model.cfg)
     if config.model.get("init_from"):
         # A run from a Hugging Face checkpoint: its architecture, its config.json's other
         # fields and its tokenizer files, unchanged.
         directory = checkpoint_dir(config.model.init_from)
         base = hf_config.read(directory)
         fields = {"pad_token_id": tokenizer.pad_id} if head == "scalar" else {}
-        kind = export_model(out, params, model.cfg, base=base, **fields)
+        kind = export_model(out, params, cfg, base=base, **fields)
         for name in TOKENIZER_FILES:
             if os.path.exists(os.path.join(directory, name)):
                 shutil.copyfile(os.path.join(directory, name), os.path.join(out, name))
@@ -74,7 +83,7 @@ def export_stage(workdir: str, stage: str, out: str) -> str:
         kind = export_model(
             out,
             params,
-            model.cfg,
+            cfg,
             pad_token_id=tokenizer.pad_id,
             eos_token_id=tokenizer.eos_id,
             bos_token_id=None,
@@ -83,6 +92,19 @@ def export_stage(workdir: str, stage: str, out: str) -> str:
         if tokenizer.path:
             shutil.copyfile(tokenizer.path, os.path.join(out, "gptjax_tokenizer.model"))
     what = "sequence classifier" if head == "scalar" else "causal LM"
+    if lora_cfg.lora_rank:
+        what += f" (LoRA rank {lora_cfg.lora_rank} merged)"
+    if peft:
+        if not lora_cfg.lora_rank:
+            raise ValueError(f"--peft: the {stage} stage has no LoRA adapters")
+        # The adapters apply to the model the stage started from, not to the merged export.
+        base_path = checkpoint_dir(config.model.init_from) if config.model.get("init_from") else ""
+        tensors, adapter_config = lora.peft_adapter(adapters, lora_cfg, kind, base_path)
+        os.makedirs(os.path.join(out, "adapter"), exist_ok=True)
+        safetensors.write(os.path.join(out, "adapter", "adapter_model.safetensors"), tensors)
+        with open(os.path.join(out, "adapter", "adapter_config.json"), "w") as f:
+            json.dump(adapter_config, f, indent=2)
+        what += "; adapters alone in PEFT's format in adapter/"
     return f"{stage}: {kind} {what}, {model.param_count() / 1e6:.2f}M params -> {out}"
 
 
@@ -95,7 +117,7 @@ def main(argv) -> int:
         print("error: --workdir and --out are required", file=sys.stderr)
         return 2
     try:
-        print(export_stage(_WORKDIR.value, _STAGE.value, _OUT.value))
+        print(export_stage(_WORKDIR.value, _STAGE.value, _OUT.value, _PEFT.value))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ import numpy as np
 from experiments.rundir import initialize_distributed, make_mesh, process_0_first, stage_dir
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
-from gptjax import evaluate, sharding
+from gptjax import evaluate, lora, sharding
 from gptjax.data import builders, formats
 from gptjax.data import tokenizer as tok_lib
 from gptjax.errors import ConfigError
@@ -244,7 +244,10 @@ def load_stage_params(
     directory: an explicit checkpoint directory (another run's output); default
     `<workdir>/<stage>/checkpoints`.
     """
-    model = Model(model_config(config, tokenizer, head))
+    cfg = model_config(config, tokenizer, head)
+    if stage == "pretrain":
+        cfg = lora.without_adapters(cfg)  # the base model never has LoRA adapters
+    model = Model(cfg)
     mesh = make_mesh(config) if mesh is None else mesh
     shardings = sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
     if stage == "pretrain" and config.model.get("init_from"):

@@ -98,14 +98,22 @@ def merge(params: Params, cfg: ModelConfig) -> tuple[Params, ModelConfig]:
     return {**params, "blocks": blocks}, without_adapters(cfg)
 
 
-def add_adapters(params: Params, cfg: ModelConfig, rng) -> Params:
+def add_adapters(params: Params, cfg: ModelConfig, rng, shardings=None) -> Params:
     """Fresh adapters (A random, B zero) on top of `params` (a model without them) for
-    `cfg` (with lora_rank): the model's function is unchanged."""
+    `cfg` (with lora_rank): the model's function is unchanged. Only the adapters are
+    computed (under jit, the base weights' init is dead code), placed with `shardings`
+    (the full params' shardings tree) when given."""
     from gptjax.model import get_model
 
-    fresh = get_model(cfg).init(rng)["blocks"]
-    adapters = {k: v for k, v in fresh.items() if is_adapter(k)}
-    return {**params, "blocks": {**params["blocks"], **adapters}}
+    def adapters(key):
+        blocks = get_model(cfg).init(key)["blocks"]
+        return {k: v for k, v in blocks.items() if is_adapter(k)}
+
+    out = None
+    if shardings is not None:
+        out = {k: v for k, v in shardings["blocks"].items() if is_adapter(k)}
+    fresh = jax.jit(adapters, out_shardings=out)(rng)
+    return {**params, "blocks": {**params["blocks"], **fresh}}
 
 
 # PEFT's module names for gptjax's weights, per Hugging Face architecture (where one

@@ -582,12 +582,6 @@ def from_pipeline(config, tokenizer_vocab: int | None = None, head: str = "lm") 
     the tokenizer's size (`tokenizer_vocab`, default config.tokenizer.vocab_size, the size
     it will be trained to) padded to config.tokenizer.pad_vocab_to."""
     fields = config.model.to_dict()
-    if fields.get("lora_rank"):
-        raise ConfigError(
-            "model.lora_rank",
-            "LoRA adapters train in the library (gptjax/lora.py) but the pipeline's stages "
-            "do not use them yet; set it to 0",
-        )
     init_from = fields.pop("init_from", "")
     if init_from:
         return _from_checkpoint(init_from, fields, tokenizer_vocab, head)
@@ -604,8 +598,15 @@ def from_pipeline(config, tokenizer_vocab: int | None = None, head: str = "lm") 
 
 
 # The model fields a run from a checkpoint still takes from its config (how to compute,
-# not what): everything else is the checkpoint's.
-FROM_CHECKPOINT_KEEPS = ("remat", "scan_layers", "dropout")
+# and the LoRA adapters to add): everything else is the checkpoint's.
+FROM_CHECKPOINT_KEEPS = (
+    "remat",
+    "scan_layers",
+    "dropout",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+)
 
 
 def checkpoint_dir(init_from: str) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import jax
 
-from gptjax import sharding, train_steps
+from gptjax import lora, sharding, train_steps
 from gptjax.config import from_dict
 from gptjax.errors import ConfigError
 from gptjax.model import Model, ModelConfig
@@ -88,6 +88,11 @@ class LMTrainer:
         if init_params is None:
             init_state = functools.partial(init, jax.random.key(seed))
         else:
+            if model_cfg.lora_rank and not lora.has_adapters(init_params):
+                # LoRA on a model trained without: fresh adapters, the function unchanged.
+                init_params = lora.add_adapters(
+                    init_params, model_cfg, jax.random.key(seed), shardings["params"]
+                )
             init = jax.jit(
                 functools.partial(train_steps.state_from_params, tx), out_shardings=shardings
             )

@@ -109,3 +109,62 @@ def test_a_user_reward_needs_user_prompts(tmp_path):
         main_cmd(tmp_path / "run", "eval", "--config.eval.reward=tests.reward_fns:exact_sum")
     )
     assert out.returncode != 0 and "eval.reward" in out.stderr and "eval.prompts" in out.stderr
+
+
+def test_lora_sft_and_rm_from_a_checkpoint(tmp_path):
+    """--config.model.lora_rank: SFT and the RM train adapters (and the RM's head) only; the
+    base weights in their checkpoints are the imported ones, bit for bit, and hold no
+    optimizer moments; export merges the adapters, --peft writes them alone for peft."""
+    import jax
+    import peft
+
+    from gptjax.hf.model import import_model
+    from tests.fault_helpers import saved_items
+
+    ckpt = write_checkpoint(tmp_path / "ckpt")
+    data = write_user_data(tmp_path)
+    workdir = tmp_path / "run"
+    flags = [
+        f"--config.model.init_from=hf:{ckpt}",
+        "--config.model.lora_rank=4",
+        f"--config.data.demos=demos:{data['demos']}",
+        f"--config.data.comparisons=comparisons:{data['hh']}",
+        *STAGE_FLAGS,
+    ]
+    out = run_cli(main_cmd(workdir, "sft,rm", *flags))
+    assert out.returncode == 0, out.stderr[-3000:]
+    _, base, _ = import_model(ckpt)
+    saved = saved_items(workdir / "sft" / "checkpoints", 4, ("params", "opt_state"))
+    blocks = saved["params"]["blocks"]
+    for name in ("wq", "wk", "w_gate", "w_down"):
+        np.testing.assert_array_equal(blocks[name], np.asarray(base["blocks"][name]))
+        assert np.abs(blocks[name + "_lora_b"]).max() > 0  # the adapters trained
+    adapter_shapes = {v.shape for k, v in blocks.items() if k.endswith(("_lora_a", "_lora_b"))}
+    for leaf in jax.tree.leaves(saved["opt_state"]):
+        assert leaf.shape == () or leaf.shape in adapter_shapes, leaf.shape
+    rm = saved_items(workdir / "rm" / "checkpoints", 2, ("params",))["params"]
+    np.testing.assert_array_equal(rm["blocks"]["wq"], np.asarray(base["blocks"]["wq"]))
+
+    export = tmp_path / "sft_hf"
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.export", f"--workdir={workdir}", "--stage=sft",
+         f"--out={export}", "--peft"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LoRA rank 4 merged" in result.stdout
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(export)).eval()
+    adapted = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(ckpt), str(export / "adapter")
+    ).eval()
+    tokens = torch.tensor([[5, 9, 17, 33, 65, 129, 7, 8]])
+    with torch.no_grad():
+        a, b = merged(tokens).logits.numpy(), adapted(tokens).logits.numpy()
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_lora_is_refused_where_it_is_not_wired(tmp_path):
+    out = run_cli(main_cmd(tmp_path / "run", "pretrain", "--config.model.lora_rank=4"))
+    assert out.returncode != 0 and "model.lora_rank" in out.stderr
+    out = run_cli(main_cmd(tmp_path / "run", "ppo", "--config.model.lora_rank=4"))
+    assert out.returncode != 0 and "does not train LoRA adapters yet" in out.stderr

@@ -197,14 +197,3 @@ def test_lora_config_errors():
         _cfg(lora_rank=2, lora_targets="wq,attn")
     with pytest.raises(ConfigError, match="lora_targets"):
         ModelConfig(**BASE, lora_rank=2, lora_targets="w_gate")  # GELU MLP has no gate
-
-
-def test_pipeline_refuses_lora_until_its_stages_use_it():
-    from configs import pipeline
-    from gptjax.errors import ConfigError
-    from gptjax.model import from_pipeline
-
-    config = pipeline.get_config("tiny")
-    config.model.lora_rank = 4
-    with pytest.raises(ConfigError, match="model.lora_rank"):
-        from_pipeline(config)

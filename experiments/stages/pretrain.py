@@ -28,6 +28,12 @@ def settings(ctx: StageContext) -> dict:
             "the pretrain stage trains gptjax's own model from scratch; a run from a "
             "checkpoint starts at sft (--stages=sft,rm,ppo,...)",
         )
+    if ctx.config.model.lora_rank:
+        raise ConfigError(
+            "model.lora_rank",
+            "pretraining trains every weight; LoRA adapts a trained model from sft on "
+            "(run pretrain with lora_rank=0, then the later stages with it)",
+        )
     train, optim, loop = sections.train_config(ctx.section, ctx.name)
     mesh = ctx.mesh()
     check_fits(mesh, train, optim, sources.model_config(ctx.config, None), ctx.name)

@@ -48,6 +48,12 @@ def settings(ctx: StageContext) -> dict:
     """The stage's typed configs, validated (no data is read; a user's reward function
     must load)."""
     section, name = ctx.section, ctx.name
+    if ctx.config.model.lora_rank:
+        raise ConfigError(
+            "model.lora_rank",
+            f"the {name} stage does not train LoRA adapters yet (sft, rm and dpo do); "
+            "export the LoRA SFT merged and start from it with model.init_from",
+        )
     algorithm = section.get("algorithm", "ppo")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"{name}.algorithm", f"{algorithm!r} not in {'|'.join(ALGORITHMS)}")
