@@ -111,8 +111,8 @@ def test_a_user_reward_needs_user_prompts(tmp_path):
     assert out.returncode != 0 and "eval.reward" in out.stderr and "eval.prompts" in out.stderr
 
 
-def test_lora_sft_and_rm_from_a_checkpoint(tmp_path):
-    """--config.model.lora_rank: SFT and the RM train adapters (and the RM's head) only; the
+def test_lora_sft_rm_dpo_from_a_checkpoint(tmp_path):
+    """--config.model.lora_rank: SFT, the RM and DPO train adapters (and a head) only; the
     base weights in their checkpoints are the imported ones, bit for bit, and hold no
     optimizer moments; export merges the adapters, --peft writes them alone for peft."""
     import jax
@@ -131,7 +131,9 @@ def test_lora_sft_and_rm_from_a_checkpoint(tmp_path):
         f"--config.data.comparisons=comparisons:{data['hh']}",
         *STAGE_FLAGS,
     ]
-    out = run_cli(main_cmd(workdir, "sft,rm", *flags))
+    flags += [f"--config.dpo.{k}={v}" for k, v in
+              dict(steps=2, batch_size=4, seq_len=32, checkpoint_every=100).items()]  # fmt: skip
+    out = run_cli(main_cmd(workdir, "sft,rm,dpo", *flags))
     assert out.returncode == 0, out.stderr[-3000:]
     _, base, _ = import_model(ckpt)
     saved = saved_items(workdir / "sft" / "checkpoints", 4, ("params", "opt_state"))
@@ -142,8 +144,9 @@ def test_lora_sft_and_rm_from_a_checkpoint(tmp_path):
     adapter_shapes = {v.shape for k, v in blocks.items() if k.endswith(("_lora_a", "_lora_b"))}
     for leaf in jax.tree.leaves(saved["opt_state"]):
         assert leaf.shape == () or leaf.shape in adapter_shapes, leaf.shape
-    rm = saved_items(workdir / "rm" / "checkpoints", 2, ("params",))["params"]
-    np.testing.assert_array_equal(rm["blocks"]["wq"], np.asarray(base["blocks"]["wq"]))
+    for stage in ("rm", "dpo"):
+        trained = saved_items(workdir / stage / "checkpoints", 2, ("params",))["params"]
+        np.testing.assert_array_equal(trained["blocks"]["wq"], np.asarray(base["blocks"]["wq"]))
 
     export = tmp_path / "sft_hf"
     result = subprocess.run(
