@@ -236,6 +236,8 @@ def param_shardings(mesh: Mesh, logical_axes, abstract_params=None, rules=None, 
         )
         limit = REPLICATED_LIMIT_BYTES if limit is None else limit
         for path, shape, nbytes in replicated_params(placed, limit):
+            if "_lora_" in path:
+                continue  # LoRA adapters: rank-r, replicated on purpose where no axis divides
             raise ConfigError(
                 "mesh",
                 f"param {path} of shape {shape} ({nbytes / 2**20:.1f} MiB) would be replicated "
