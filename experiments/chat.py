@@ -3,6 +3,7 @@
     python -m experiments.chat --workdir=runs/tiny                        # interactive, SFT
     python -m experiments.chat --workdir=runs/tiny --stage=base --prompt="what is 3 + 4?"
     python -m experiments.chat --workdir=runs/tiny --compare --prompt="where does ka ri live?"
+    python -m experiments.chat --hf=runs/ppo_hf --prompt="what is 2 plus 3?"   # any HF dir
 
 Interactive mode keeps the conversation (multi-turn, in the chat template) until an empty
 line, `/reset` (new conversation) or end of input. --compare answers with every trained
@@ -32,18 +33,42 @@ _COMPARE = flags.DEFINE_bool("compare", False, "Answer with every trained stage.
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Longest reply, in tokens.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_HF = flags.DEFINE_string(
+    "hf", None, "A Hugging Face model directory (an export, or any supported checkpoint)."
+)
 
 
 class Chatter:
     """One model, one conversation."""
 
-    def __init__(self, config, workdir: str, stage: str):
-        self.stage = stage
-        self.tokenizer = sources.get_tokenizer(config, workdir)
-        self.model, self.params = sources.load_stage_params(
-            config, workdir, STAGES[stage], self.tokenizer
-        )
+    def __init__(self, stage: str, tokenizer, model, params):
+        self.stage, self.tokenizer, self.model, self.params = stage, tokenizer, model, params
         self.messages: list[dict[str, str]] = []
+
+    @classmethod
+    def from_run(cls, config, workdir: str, stage: str) -> Chatter:
+        tokenizer = sources.get_tokenizer(config, workdir)
+        model, params = sources.load_stage_params(config, workdir, STAGES[stage], tokenizer)
+        return cls(stage, tokenizer, model, params)
+
+    @classmethod
+    def from_hf(cls, directory: str) -> Chatter:
+        """A Hugging Face directory with its tokenizer and chat template (gptjax/hf); a
+        gptjax export (experiments/export.py) with gptjax's tokenizer and template."""
+        from gptjax.data import tokenizer as tok_lib
+        from gptjax.hf.chat_template import load_chat_tokenizer
+        from gptjax.hf.model import import_model
+        from gptjax.model import get_model
+
+        own = os.path.join(directory, "gptjax_tokenizer.model")
+        if os.path.exists(own):
+            tokenizer, notes = tok_lib.load_tokenizer(own), []
+        else:
+            tokenizer, notes = load_chat_tokenizer(directory)
+        cfg, params, note = import_model(directory)
+        for line in (note, *notes):
+            print(line, flush=True)
+        return cls(os.path.basename(os.path.normpath(directory)), tokenizer, get_model(cfg), params)
 
     def reply(self, text: str, temperature: float, max_new_tokens: int, seed: int) -> str:
         self.messages.append({"role": "user", "content": text})
@@ -85,13 +110,21 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.ERROR)
-    if not _WORKDIR.value:
-        print("error: --workdir is required (a run directory of experiments.main)", file=sys.stderr)
+    if not _WORKDIR.value and not _HF.value:
+        print(
+            "error: --workdir (a run directory of experiments.main) or --hf (a Hugging Face "
+            "model directory) is required",
+            file=sys.stderr,
+        )
         return 2
     try:
-        config = sources.load_run_config(_WORKDIR.value)
-        stages = trained_stages(_WORKDIR.value) if _COMPARE.value else [_STAGE.value]
-        chatters = [Chatter(config, _WORKDIR.value, s) for s in stages]
+        if _HF.value:
+            chatters = [Chatter.from_hf(_HF.value)]
+            stages = [chatters[0].stage]
+        else:
+            config = sources.load_run_config(_WORKDIR.value)
+            stages = trained_stages(_WORKDIR.value) if _COMPARE.value else [_STAGE.value]
+            chatters = [Chatter.from_run(config, _WORKDIR.value, s) for s in stages]
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -49,6 +49,17 @@ def test_export_sft_stage_loads_in_transformers(tiny_run, tmp_path):
     saved = json.loads((out / "config.json").read_text())
     assert saved["eos_token_id"] == tokenizer.eos_id and saved["pad_token_id"] == tokenizer.pad_id
 
+    # experiments.chat answers the same from the export as from the run.
+    def chat(*flags):
+        cmd = [sys.executable, "-m", "experiments.chat", "--prompt=what is 3 plus 4?", *flags]
+        result = subprocess.run(
+            cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=ROOT
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.strip().splitlines()[-1]
+
+    assert chat(f"--hf={out}") == chat(f"--workdir={workdir}", "--stage=sft")
+
 
 def test_export_names_what_it_cannot_do(tiny_run, tmp_path):
     workdir = fresh_copy(tiny_run, tmp_path / "run")
