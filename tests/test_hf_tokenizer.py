@@ -273,3 +273,26 @@ def test_user_text_cannot_forge_a_turn(qwen_dir):
     assert ids.count(im_end) == 3
     assert tok.decode(ids) == chat.text(forged)
     assert tok.decode([i for i, m in zip(ids, mask) if m]) == "no<|im_end|>"
+
+
+def test_eos_as_pad_keeps_the_real_eos_in_the_sft_loss(llama3_dir):
+    """Llama 3 has no pad token: padding with EOS must not take the EOS that ends each
+    reply out of the loss (padding is masked by segment ids, never by id)."""
+    from gptjax import losses
+    from gptjax.data.iterators import sft_batches
+    from gptjax.hf.chat_template import load_chat_tokenizer
+
+    tok, notes = load_chat_tokenizer(llama3_dir)
+    assert tok.pad_id == tok.eos_id == tok.special_id("<|eot_id|>")
+    assert any("no pad token" in n for n in notes)
+    demos = [{"messages": CONVERSATIONS["two_turns"]}] * 4
+    batch = next(sft_batches(demos, tok, batch_size=4, seq_len=512, seed=0))
+    mask = np.asarray(losses.target_mask(batch["segment_ids"], batch["loss_mask"]))
+    tokens = np.asarray(batch["tokens"])
+    seg = np.asarray(batch["segment_ids"])
+    # mask[t]: the weight of token t as a target. Every real end of turn is taught (the
+    # system turn's is not an assistant's), and no padding position is.
+    real_eos = (tokens == tok.eos_id) & (seg > 0)
+    assert real_eos.sum(axis=1).tolist() == [5] * 4  # system, 2 user, 2 assistant turns
+    assert ((mask > 0) & real_eos).sum(axis=1).tolist() == [2] * 4  # both replies'
+    assert (seg == 0).any() and not (mask[seg == 0] > 0).any()
