@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.model import LORA_WEIGHTS, ModelConfig, Params
+from gptjax.model import HEAD_KEYS, LORA_WEIGHTS, ModelConfig, Params
 
 SUFFIXES = ("_lora_a", "_lora_b")
-HEAD_KEYS = ("score_w", "score_b", "score_logp")
 
 
 def is_adapter(name: str) -> bool:

@@ -229,6 +229,8 @@ def _b(bias, dt):
     return bias[...].astype(dt)
 
 
+# The scalar head's params (head="scalar": a reward or value model).
+HEAD_KEYS = ("score_w", "score_b", "score_logp")
 # Dense weights LoRA can adapt -> how many leading axes of the weight are its input.
 LORA_WEIGHTS = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 

@@ -33,13 +33,10 @@ import jax.numpy as jnp
 import optax
 
 from gptjax import lora, losses, ppo, sharding
-from gptjax.model import Model
+from gptjax.model import HEAD_KEYS, Model
 from gptjax.ppo import PPOConfig
 from gptjax.rollout import response_logprobs, response_values
 from gptjax.train_steps import apply_update, grad_of_trainable, opt_state_shardings
-
-HEAD_KEYS = ("score_w", "score_b", "score_logp")  # the scalar head's params (model.Transformer)
-
 
 # ------------------------------------------------------------------------ train state
 

@@ -30,7 +30,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-from gptjax.hf.tokenizer import HFTokenizer, _token_text
+from gptjax.hf.tokenizer import HFTokenizer, token_text
 
 TEMPLATE_FILE = "chat_template.jinja"
 _GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -116,9 +116,9 @@ class ChatTemplate:
         self.has_generation_blocks = bool(_GENERATION.search(source))
         config = tokenizer.config
         self._specials = {
-            key: _token_text(config[key])
+            key: token_text(config[key])
             for key in ("bos_token", "eos_token", "unk_token", "pad_token")
-            if _token_text(config.get(key)) is not None
+            if token_text(config.get(key)) is not None
         }
         # Longest first, so "<|im_end|>" is not read as a shorter token's spelling.
         names = sorted(tokenizer.special_tokens, key=len, reverse=True)

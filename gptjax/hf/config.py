@@ -327,7 +327,3 @@ def from_model_config(cfg: ModelConfig, kind: str, base: dict | None = None, **e
         )
     hf.update(extra)
     return hf
-
-
-def fields_of(cfg: ModelConfig) -> dict:
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}

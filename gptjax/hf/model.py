@@ -18,7 +18,7 @@ from gptjax import sharding
 from gptjax.hf import config as hf_config
 from gptjax.hf import safetensors, weights
 from gptjax.layers import DTYPES as DTYPE
-from gptjax.model import ModelConfig, Params, get_model
+from gptjax.model import HEAD_KEYS, ModelConfig, Params, get_model
 
 read_config = hf_config.read
 
@@ -46,9 +46,6 @@ def import_model(directory: str, mesh: Mesh | None = None, **overrides):
         f"read in {time.perf_counter() - start:.1f} s"
     )
     return cfg, params, note
-
-
-HEAD_KEYS = ("score_w", "score_b", "score_logp")
 
 
 def export_model(

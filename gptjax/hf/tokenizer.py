@@ -27,7 +27,7 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 SPM_MODEL = "tokenizer.model"
 
 
-def _token_text(value) -> str | None:
+def token_text(value) -> str | None:
     """A special token in tokenizer_config.json: a string or an AddedToken dict."""
     if isinstance(value, dict):
         return value.get("content")
@@ -91,7 +91,7 @@ class HFTokenizer:
         )
 
     def _id_of(self, token) -> int | None:
-        text = _token_text(token)
+        text = token_text(token)
         return None if text is None else self._tok.token_to_id(text)
 
     @contextlib.contextmanager
