@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax import config as config_lib
-from gptjax import dpo, grpo, ppo, reward_model, sharding
+from gptjax import dpo, grpo, lora, ppo, reward_model, sharding
 from gptjax.errors import ConfigError
 from gptjax.flops import forward_flops, train_flops
 from gptjax.model import Model, from_pipeline
@@ -172,7 +172,11 @@ def _rl_programs(config, stage: str, mesh) -> list[Program]:
     rollout_args = (state["params"], prompts["tokens"], prompts["mask"], seeds)
     rollout = jax.eval_shape(trainer.rollout, *rollout_args)
     rollout = with_shardings(rollout, sharding.batch_sharding(mesh))
-    frozen = (rm_params, sft_params)
+    # A LoRA policy's reference is its own base weights, in the state (gptjax/rl_trainer.py):
+    # not resident apart.
+    lora_ref = trainer.reference_from_state
+    frozen = (rm_params, lora.base(state["params"]) if lora_ref else sft_params)
+    apart = (rm_params,) if lora_ref else frozen
     scores = with_shardings(
         jax.eval_shape(trainer.score, *frozen, rollout), sharding.batch_sharding(mesh)
     )
@@ -193,7 +197,7 @@ def _rl_programs(config, stage: str, mesh) -> list[Program]:
         sum(forward_flops(m, b, t) + cfg.epochs * train_flops(m, b, t) for m in both) + ptx_flops
     )
     not_params = {k: v for k, v in state.items() if k != "params"}
-    update = Program(stage, "update", trainer.update, (state, batch, abstract_rng(mesh)), frozen)
+    update = Program(stage, "update", trainer.update, (state, batch, abstract_rng(mesh)), apart)
     update.analytic_flops = update_flops
     if stage == "ppo_ptx":  # rollout and scoring are ppo's
         return [update]
@@ -203,7 +207,7 @@ def _rl_programs(config, stage: str, mesh) -> list[Program]:
             "rollout",
             trainer.rollout,
             rollout_args,
-            (not_params, frozen),
+            (not_params, apart),
             forward_flops(policy, b, t, keys=t),
             while_trips=n,
         ),
@@ -212,7 +216,7 @@ def _rl_programs(config, stage: str, mesh) -> list[Program]:
             "score",
             trainer.score,
             (*frozen, rollout),
-            state,
+            not_params if lora_ref else state,
             forward_flops(rm, b, t) + forward_flops(policy, b, t),
         ),
         update,

@@ -280,6 +280,8 @@ def run_stage(
         state, resumed_from = _restore_or_init(
             name, ckpt, abstract_items, meta, init_state, state_shardings, batches, extra_state
         )
+        # The params the state was built from need not stay alive beside it.
+        getattr(init_state, "release", lambda: None)()
     except BaseException:
         ckpt.close()
         raise

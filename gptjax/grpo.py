@@ -149,10 +149,11 @@ def aggregate(x_BxN, mask_BxN, mode: str):
 # ------------------------------------------------------------------------ the update
 
 
-def init_state(params, tx):
+def init_state(params, tx, copy_policy: bool = True):
     """The train state; params are copied (the state is donated, the frozen reference
-    params it starts from must survive)."""
-    params = jax.tree.map(jnp.copy, params)
+    params it starts from must survive), unless donated to it (copy_policy False: a LoRA
+    policy, see ppo_step.init_state)."""
+    params = jax.tree.map(jnp.copy, params) if copy_policy else params
     opt_state = tx.init(lora.trainable(params))
     return {"params": params, "opt_state": opt_state, "step": jnp.zeros((), jnp.int32)}
 

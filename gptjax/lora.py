@@ -35,7 +35,11 @@ def has_adapters(params) -> bool:
 
 def trainable(params):
     """The params that train: `params` itself without adapters; with adapters, a tree of
-    the same structure holding the adapters and head leaves, None elsewhere."""
+    the same structure holding the adapters and head leaves, None elsewhere. A tuple of
+    trees (PPO's policy and value): each its view."""
+    if isinstance(params, tuple):
+        views = tuple(trainable(p) for p in params)
+        return params if all(v is p for v, p in zip(views, params)) else views
     if not has_adapters(params):
         return params
 
@@ -60,6 +64,15 @@ def combine(view, params):
     if not isinstance(view, dict):
         return params if view is None else view
     return {k: combine(view.get(k), v) for k, v in params.items()}
+
+
+def base(params: Params) -> Params:
+    """The params without their adapters: the same arrays, a model of
+    `without_adapters(cfg)`. With adapters started at zero on a merged SFT model, this is
+    the RL reference, read from the policy's own state (one copy of the base weights)."""
+    if not has_adapters(params):
+        return params
+    return {**params, "blocks": {k: v for k, v in params["blocks"].items() if not is_adapter(k)}}
 
 
 def without_adapters(cfg: ModelConfig) -> ModelConfig:

@@ -59,11 +59,13 @@ def initial_value_params(value_model: Model, rm_params, value_head: bool):
     return rm_params
 
 
-def init_state(policy_params, value_params, tx, kl_coef: float):
+def init_state(policy_params, value_params, tx, kl_coef: float, copy_policy: bool = True):
     """The PPO train state. Params are copied: the state is donated to the step, and the
-    frozen reference / RM params it starts from must survive that."""
+    frozen reference / RM params it starts from must survive that. copy_policy False: the
+    policy params are donated to the state instead (a LoRA policy, whose reference is read
+    from the state itself: gptjax/rl_trainer.py)."""
     copy = lambda tree: jax.tree.map(jnp.copy, tree)
-    policy, value = copy(policy_params), copy(value_params)
+    policy, value = (copy(policy_params) if copy_policy else policy_params), copy(value_params)
     return {
         "params": policy,
         "value": value,

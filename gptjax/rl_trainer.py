@@ -7,6 +7,12 @@ sampler. Scoring: the frozen reference (SFT) model's log-probs of the replies, a
 reward: the frozen RM's score at each reply's last token on the device, or a host reward
 (gptjax/rewards.py: the gold labeler, a user's function) of the decoded replies. Update:
 ppo_step.ppo_train_step (with a value model) or grpo.group_train_step (critic-free).
+
+A LoRA policy (its config's lora_rank) starts as the merged SFT model with zero adapters,
+and its reference is that merged model: the policy's own base weights, frozen. The
+reference is then read from the train state each iteration (`lora.base`) instead of being
+held apart, and the policy params are donated to the state at init: one copy of the base
+weights in memory.
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from gptjax import grpo, ppo_step, sharding, train_steps
+from gptjax import grpo, lora, ppo_step, sharding, train_steps
 from gptjax import rollout as rollout_lib
 from gptjax.data.packing import host_slice
-from gptjax.model import Model
+from gptjax.model import Model, get_model
 from gptjax.optim import OptimConfig, make_optimizer
 from gptjax.ppo import PPOConfig
 
@@ -46,6 +52,8 @@ class RLTrainer:
     sampling_seed: int
     group_size: int = 1
     host_reward: HostRewardFn | None = None
+    # LoRA: the reference is lora.base(state["params"]), appended to `frozen` each iteration.
+    reference_from_state: bool = False
 
     @classmethod
     def ppo(cls, policy: Model, sft_params, value: Model, value_params, rm_params,
@@ -55,9 +63,13 @@ class RLTrainer:
         the reward is the RM (rm_params, the value model's architecture) or host_reward."""
         tx, schedule = make_optimizer(optim, iterations * cfg.epochs * cfg.minibatches)
         shardings = ppo_step.state_shardings(policy, value, cfg.value_head, tx, mesh)
+        lora_ref = bool(policy.cfg.lora_rank)
         init = jax.jit(
-            functools.partial(ppo_step.init_state, tx=tx, kl_coef=cfg.kl_coef),
+            functools.partial(
+                ppo_step.init_state, tx=tx, kl_coef=cfg.kl_coef, copy_policy=not lora_ref
+            ),
             out_shardings=shardings,
+            donate_argnums=(0,) if lora_ref else (),
         )
         value_init = ppo_step.initial_value_params(value, value_params, cfg.value_head)
         step = functools.partial(
@@ -69,13 +81,14 @@ class RLTrainer:
             policy,
             mesh,
             shardings,
-            functools.partial(init, sft_params, value_init),
+            StateInit(init, sft_params, value_init),
             rollout,
             score,
             train_steps.jit_train_step(step, mesh, shardings),
-            (sft_params,) if host_reward else (rm_params, sft_params),
+            _frozen(rm_params, sft_params, host_reward, lora_ref),
             sampling_seed,
             host_reward=host_reward,
+            reference_from_state=lora_ref,
         )
 
     @classmethod
@@ -86,7 +99,12 @@ class RLTrainer:
         """GRPO or RLOO: no value model; the reward is the RM (rm, rm_params) or host_reward."""
         tx, schedule = make_optimizer(optim, iterations * cfg.epochs * cfg.minibatches)
         shardings = grpo.state_shardings(policy, tx, mesh)
-        init = jax.jit(functools.partial(grpo.init_state, tx=tx), out_shardings=shardings)
+        lora_ref = bool(policy.cfg.lora_rank)
+        init = jax.jit(
+            functools.partial(grpo.init_state, tx=tx, copy_policy=not lora_ref),
+            out_shardings=shardings,
+            donate_argnums=(0,) if lora_ref else (),
+        )
         step = functools.partial(
             grpo.group_train_step, policy=policy, tx=tx, schedule=schedule, cfg=cfg
         )
@@ -96,14 +114,15 @@ class RLTrainer:
             policy,
             mesh,
             shardings,
-            functools.partial(init, sft_params),
+            StateInit(init, sft_params),
             rollout,
             score,
             train_steps.jit_train_step(step, mesh, shardings),
-            (sft_params,) if host_reward else (rm_params, sft_params),
+            _frozen(rm_params, sft_params, host_reward, lora_ref),
             sampling_seed,
             cfg.group_size,
             host_reward,
+            reference_from_state=lora_ref,
         )
 
     def seeds(self, step: int, batch: int) -> np.ndarray:
@@ -137,7 +156,10 @@ class RLTrainer:
             records = [r for r in inputs["records"] for _ in range(self.group_size)]
             scores = self.host_reward(records, host["r"], host["m"], host["e"])
             batch["scores"] = put({"s": np.asarray(scores, np.float32)})["s"]
-        batch.update(jax.block_until_ready(self.score(*self.frozen, batch)))
+        frozen = self.frozen
+        if self.reference_from_state:
+            frozen = (*frozen, lora.base(state["params"]))
+        batch.update(jax.block_until_ready(self.score(*frozen, batch)))
         t2 = time.perf_counter()
         if "ptx" in inputs:
             batch["ptx"] = put(inputs["ptx"])
@@ -154,10 +176,36 @@ class RLTrainer:
         return state, metrics
 
 
+class StateInit:
+    """init_state(): the jitted init applied to its params. `release()` drops them once the
+    state exists (built or restored: experiments/loop.py calls it), so the params a state
+    was built from are not kept alive beside it."""
+
+    def __init__(self, init: Callable, *args):
+        self._init, self._args = init, args
+
+    def __call__(self):
+        if self._args is None:
+            raise RuntimeError("init_state's params were released")
+        return self._init(*self._args)
+
+    def release(self) -> None:
+        self._args = None
+
+
+def _frozen(rm_params, sft_params, host_reward, reference_from_state: bool) -> tuple:
+    """The scoring phase's frozen params before the batch: (rm, reference) or (reference,)
+    for a host reward; without the reference when it is read from the state (LoRA)."""
+    ref = () if reference_from_state else (sft_params,)
+    return ref if host_reward else (rm_params, *ref)
+
+
 def _phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, host_reward):
     """(rollout, score), jitted under the mesh. score: (rm params, reference params,
     batch) -> {scores, ref_logprobs} for the RM; (reference params, batch) ->
-    {ref_logprobs} for a host reward, whose scores the iteration adds."""
+    {ref_logprobs} for a host reward, whose scores the iteration adds. The reference is
+    the policy's model, without its LoRA adapters."""
+    reference = get_model(lora.without_adapters(policy.cfg))
 
     def sample(params, prompt, mask, seeds):
         return rollout_lib.rollout(
@@ -173,10 +221,10 @@ def _phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, host
         )
 
     def score_rm(rm_params, ref_params, batch):
-        return rollout_lib.score_rollout(rm, rm_params, policy, ref_params, batch, temperature)
+        return rollout_lib.score_rollout(rm, rm_params, reference, ref_params, batch, temperature)
 
     def score_ref(ref_params, batch):
-        logp, _ = rollout_lib.response_logprobs(policy, ref_params, batch, temperature)
+        logp, _ = rollout_lib.response_logprobs(reference, ref_params, batch, temperature)
         return {"ref_logprobs": logp}
 
     score = score_ref if host_reward is not None else score_rm

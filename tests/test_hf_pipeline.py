@@ -104,6 +104,15 @@ def test_pretraining_from_a_checkpoint_is_refused(tmp_path):
     assert out.returncode != 0 and "starts at sft" in out.stderr
 
 
+def _model_fields(ckpt):
+    import dataclasses
+
+    from gptjax.hf import config as hf_config
+
+    cfg = hf_config.to_model_config(hf_config.read(ckpt))
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
 def test_a_user_reward_needs_user_prompts(tmp_path):
     out = run_cli(
         main_cmd(tmp_path / "run", "eval", "--config.eval.reward=tests.reward_fns:exact_sum")
@@ -111,8 +120,8 @@ def test_a_user_reward_needs_user_prompts(tmp_path):
     assert out.returncode != 0 and "eval.reward" in out.stderr and "eval.prompts" in out.stderr
 
 
-def test_lora_sft_rm_dpo_from_a_checkpoint(tmp_path):
-    """--config.model.lora_rank: SFT, the RM and DPO train adapters (and a head) only; the
+def test_lora_sft_rm_dpo_ppo_from_a_checkpoint(tmp_path):
+    """--config.model.lora_rank: SFT, the RM, DPO and PPO train adapters (and a head) only; the
     base weights in their checkpoints are the imported ones, bit for bit, and hold no
     optimizer moments; export merges the adapters, --peft writes them alone for peft."""
     import jax
@@ -133,7 +142,8 @@ def test_lora_sft_rm_dpo_from_a_checkpoint(tmp_path):
     ]
     flags += [f"--config.dpo.{k}={v}" for k, v in
               dict(steps=2, batch_size=4, seq_len=32, checkpoint_every=100).items()]  # fmt: skip
-    out = run_cli(main_cmd(workdir, "sft,rm,dpo", *flags))
+    flags.append(f"--config.ppo.prompts=demos:{data['prompts']}")
+    out = run_cli(main_cmd(workdir, "sft,rm,dpo,ppo", *flags))
     assert out.returncode == 0, out.stderr[-3000:]
     _, base, _ = import_model(ckpt)
     saved = saved_items(workdir / "sft" / "checkpoints", 4, ("params", "opt_state"))
@@ -147,6 +157,18 @@ def test_lora_sft_rm_dpo_from_a_checkpoint(tmp_path):
     for stage in ("rm", "dpo"):
         trained = saved_items(workdir / stage / "checkpoints", 2, ("params",))["params"]
         np.testing.assert_array_equal(trained["blocks"]["wq"], np.asarray(base["blocks"]["wq"]))
+    # PPO: the policy starts as the merged SFT model with zero adapters, and its reference
+    # is that model: no KL at the first iteration; the base stays the merged SFT model.
+    rows = [json.loads(x) for x in open(workdir / "ppo" / "metrics.jsonl")]
+    assert [r["kl"] for r in rows if "kl" in r][0] == 0.0
+    from gptjax import lora
+    from gptjax.model import ModelConfig
+
+    sft_cfg = ModelConfig(**{**_model_fields(ckpt), "lora_rank": 4})
+    merged, _ = lora.merge(saved["params"], sft_cfg)
+    policy = saved_items(workdir / "ppo" / "checkpoints", 2, ("params",))["params"]["blocks"]
+    np.testing.assert_allclose(policy["wq"], np.asarray(merged["blocks"]["wq"]), atol=1e-6)
+    assert np.abs(policy["wq_lora_b"]).max() > 0
 
     export = tmp_path / "sft_hf"
     result = subprocess.run(
@@ -166,8 +188,6 @@ def test_lora_sft_rm_dpo_from_a_checkpoint(tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-4)
 
 
-def test_lora_is_refused_where_it_is_not_wired(tmp_path):
+def test_pretraining_refuses_lora(tmp_path):
     out = run_cli(main_cmd(tmp_path / "run", "pretrain", "--config.model.lora_rank=4"))
     assert out.returncode != 0 and "model.lora_rank" in out.stderr
-    out = run_cli(main_cmd(tmp_path / "run", "ppo", "--config.model.lora_rank=4"))
-    assert out.returncode != 0 and "does not train LoRA adapters yet" in out.stderr

@@ -26,12 +26,13 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from experiments import sections, sources
 from experiments.loop import run_stage, stage_meta
 from experiments.rundir import StageContext
 from gptjax import config as config_lib
-from gptjax import evaluate, grpo, ppo, reward_model, rewards, sharding
+from gptjax import evaluate, grpo, lora, ppo, reward_model, rewards, sharding
 from gptjax.data import chat
 from gptjax.data.iterators import BatchIterator, lm_batches
 from gptjax.errors import ConfigError
@@ -48,12 +49,6 @@ def settings(ctx: StageContext) -> dict:
     """The stage's typed configs, validated (no data is read; a user's reward function
     must load)."""
     section, name = ctx.section, ctx.name
-    if ctx.config.model.lora_rank:
-        raise ConfigError(
-            "model.lora_rank",
-            f"the {name} stage does not train LoRA adapters yet (sft, rm and dpo do); "
-            "export the LoRA SFT merged and start from it with model.init_from",
-        )
     algorithm = section.get("algorithm", "ppo")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"{name}.algorithm", f"{algorithm!r} not in {'|'.join(ALGORITHMS)}")
@@ -136,6 +131,18 @@ def eval_fn(ctx: StageContext, policy, tokenizer):
     return run
 
 
+def lora_policy(policy: Model, sft_params, value_params, seed: int):
+    """A LoRA policy's start: the SFT model with its adapters merged (the reference, read
+    back from the policy's state: gptjax/rl_trainer.py) and fresh adapters on it. Its
+    arrays are donated to the train state, so none may be shared with the value model's
+    (an RM or the SFT trunk)."""
+    merged, _ = lora.merge(sft_params, policy.cfg)
+    shardings = jax.tree.map(lambda a: a.sharding, sft_params)
+    fresh = lora.add_adapters(merged, policy.cfg, jax.random.key(seed), shardings)
+    shared = {id(x) for x in jax.tree.leaves((sft_params, value_params))}
+    return jax.tree.map(lambda x: jnp.copy(x) if id(x) in shared else x, fresh)
+
+
 def build(ctx: StageContext) -> dict:
     """Everything the stage needs, validated and built before anything compiles."""
     s = settings(ctx)
@@ -157,6 +164,8 @@ def build(ctx: StageContext) -> dict:
         rm_params = (
             reward_model.with_scalar_head(rm, sft_params) if s["algorithm"] == "ppo" else None
         )
+    if policy.cfg.lora_rank:
+        sft_params = lora_policy(policy, sft_params, rm_params, config.seeds.init)
     kw = dict(
         iterations=section.iterations,
         max_new_tokens=shape.max_new_tokens,
