@@ -296,3 +296,44 @@ def test_eos_as_pad_keeps_the_real_eos_in_the_sft_loss(llama3_dir):
     assert real_eos.sum(axis=1).tolist() == [5] * 4  # system, 2 user, 2 assistant turns
     assert ((mask > 0) & real_eos).sum(axis=1).tolist() == [2] * 4  # both replies'
     assert (seg == 0).any() and not (mask[seg == 0] > 0).any()
+
+
+def _spm_dir(directory):
+    """A sentencepiece BPE model trained here, shipped alone as tokenizer.model with a
+    Llama-2-style tokenizer_config.json (as Llama 2 / Mistral checkpoints name it)."""
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_writer=model, vocab_size=400,
+        model_type="bpe", byte_fallback=True, split_digits=True, bos_id=1, eos_id=2,
+        unk_id=0, pad_id=-1, hard_vocab_limit=False, minloglevel=2,
+        user_defined_symbols=["<|user_sym|>"], control_symbols=["<|ctrl|>"],
+    )  # fmt: skip
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tokenizer.model").write_bytes(model.getvalue())
+    cfg = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+           "unk_token": "<unk>", "add_bos_token": True}  # fmt: skip
+    (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return str(directory)
+
+
+def test_sentencepiece_model_matches_autotokenizer(tmp_path):
+    directory = _spm_dir(tmp_path / "spm")
+    ours = HFTokenizer(directory)
+    ref = transformers.AutoTokenizer.from_pretrained(directory)
+    strings = _strings(["<s>", "</s>", "<unk>", "<|ctrl|>", "<|user_sym|>"])
+    assert len(strings) >= 1000
+    for s in strings:
+        for add in (False, True):
+            want = ref(s, add_special_tokens=add)["input_ids"]
+            assert ours.encode(s, add_special_tokens=add, parse_special=True) == want, s
+        want = ref(s, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert ours.encode(s) == want, s
+        ids = ref(s)["input_ids"]
+        for skip in (False, True):
+            assert ours.decode(ids, skip_special_tokens=skip) == ref.decode(
+                ids, skip_special_tokens=skip
+            ), s

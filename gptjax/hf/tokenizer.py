@@ -1,10 +1,9 @@
 """A Hugging Face checkpoint's tokenizer behind gptjax's tokenizer interface.
 
 `HFTokenizer` reads `tokenizer.json` (the `tokenizers` library: GPT-2, Llama 3, Qwen2,
-Mistral, Pythia, and Llama 2's converted file). Ids equal `transformers.AutoTokenizer`'s
-(tests/test_hf_tokenizer.py). A checkpoint that ships only a sentencepiece
-`tokenizer.model` is refused with the one command that writes its tokenizer.json
-(transformers' own conversion, whose rules differ from sentencepiece's in whitespace).
+Mistral, Pythia, Llama 2), or a sentencepiece `tokenizer.model` alone, built into the
+pipeline transformers builds from it (gptjax/hf/spm.py). Ids equal
+`transformers.AutoTokenizer`'s (tests/test_hf_tokenizer.py).
 
 It answers the calls gptjax's stages make of its own sentencepiece `Tokenizer`:
 `encode` (text only: special-token spellings inside text stay text, so a user's message
@@ -56,12 +55,12 @@ class HFTokenizer:
                 blob = f.read()
             self._tok = tokenizers.Tokenizer.from_str(blob.decode("utf-8"))
         elif os.path.exists(os.path.join(directory, SPM_MODEL)):
-            raise FileNotFoundError(
-                f"{directory}: only a sentencepiece {SPM_MODEL}; write its {TOKENIZER_JSON} "
-                'once with transformers: python -c "import transformers; '
-                f"transformers.AutoTokenizer.from_pretrained('{directory}')"
-                f".save_pretrained('{directory}')\""
-            )
+            from gptjax.hf import spm
+
+            with open(os.path.join(directory, SPM_MODEL), "rb") as f:
+                blob = f.read()
+            self.config = {**spm.spm_defaults(blob), **self.config}
+            self._tok = spm.llama_tokenizer(blob, self.config)
         else:
             raise FileNotFoundError(f"{directory}: no {TOKENIZER_JSON} or {SPM_MODEL}")
         self.hash = hashlib.sha256(
