@@ -138,8 +138,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # "hf:/path/to/dir": start from a Hugging Face checkpoint (config.json, safetensors,
     # tokenizer.json, chat template): SFT and everything downstream use its architecture,
     # weights, tokenizer and template (gptjax/hf), and the model fields above are ignored
-    # except remat, scan_layers and dropout. No pretrain stage then.
+    # except remat, scan_layers, dropout and the LoRA fields. No pretrain stage then.
     c.model.init_from = ""
+    # With init_from: the params' and the compute dtype (float32 | bfloat16 | float16);
+    # empty = the checkpoint's own (a bf16 checkpoint stays bf16).
+    c.model.init_param_dtype = ""
+    c.model.init_dtype = ""
     if "mesh" in opts:
         c.mesh = model_presets.mesh_config(opts["mesh"])
     elif name in model_presets.TARGETS:

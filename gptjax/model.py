@@ -585,8 +585,14 @@ def from_pipeline(config, tokenizer_vocab: int | None = None, head: str = "lm") 
     it will be trained to) padded to config.tokenizer.pad_vocab_to."""
     fields = config.model.to_dict()
     init_from = fields.pop("init_from", "")
+    # With init_from, the dtypes the config asks for (empty: the checkpoint's).
+    dtypes = {
+        "param_dtype": fields.pop("init_param_dtype", ""),
+        "dtype": fields.pop("init_dtype", ""),
+    }
     if init_from:
-        return _from_checkpoint(init_from, fields, tokenizer_vocab, head)
+        asked = {k: v for k, v in dtypes.items() if v}
+        return _from_checkpoint(init_from, fields, tokenizer_vocab, head, asked)
     vocab = config.tokenizer.vocab_size if tokenizer_vocab is None else tokenizer_vocab
     if fields["vocab_size"] == 0:
         fields["vocab_size"] = tok_lib.padded_vocab_size(vocab, config.tokenizer.pad_vocab_to)
@@ -623,11 +629,14 @@ def checkpoint_dir(init_from: str) -> str:
     return directory
 
 
-def _from_checkpoint(init_from: str, fields: dict, tokenizer_vocab, head: str) -> ModelConfig:
+def _from_checkpoint(
+    init_from: str, fields: dict, tokenizer_vocab, head: str, dtypes: dict
+) -> ModelConfig:
     from gptjax.hf import config as hf_config
 
     directory = checkpoint_dir(init_from)
     keep = {k: fields[k] for k in FROM_CHECKPOINT_KEEPS}
+    keep.update(dtypes)
     cfg = hf_config.to_model_config(
         hf_config.read(directory), f"{directory}/config.json", head=head, **keep
     )

@@ -191,3 +191,23 @@ def test_lora_sft_rm_dpo_ppo_from_a_checkpoint(tmp_path):
 def test_pretraining_refuses_lora(tmp_path):
     out = run_cli(main_cmd(tmp_path / "run", "pretrain", "--config.model.lora_rank=4"))
     assert out.returncode != 0 and "model.lora_rank" in out.stderr
+
+
+def test_a_bf16_checkpoint_keeps_its_dtype_unless_the_config_asks(tmp_path):
+    import torch
+    import transformers
+
+    from configs import pipeline
+    from gptjax.model import from_pipeline
+
+    directory = str(tmp_path / "ckpt")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                                   num_attention_heads=4, intermediate_size=48)  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).save_pretrained(directory)
+    config = pipeline.get_config("tiny")
+    config.model.init_from = f"hf:{directory}"
+    kept = from_pipeline(config, 64)
+    assert (kept.param_dtype, kept.dtype) == ("bfloat16", "bfloat16")
+    config.model.init_param_dtype = "float32"
+    asked = from_pipeline(config, 64)
+    assert (asked.param_dtype, asked.dtype) == ("float32", "bfloat16")
