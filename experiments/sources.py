@@ -252,12 +252,10 @@ def load_stage_params(
     shardings = sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
     if stage == "pretrain" and config.model.get("init_from"):
         # The base model is the Hugging Face checkpoint, read shard by shard onto the mesh.
-        from gptjax.hf import config as hf_config
-        from gptjax.hf import weights
+        from gptjax.hf.model import load_params
 
         directory = checkpoint_dir(config.model.init_from)
-        kind = hf_config.model_type(hf_config.read(directory), directory)
-        return model, weights.load(directory, kind, model.cfg, shardings)
+        return model, load_params(directory, model.cfg, shardings)
     directory = directory or os.path.join(stage_dir(workdir, stage), "checkpoints")
     if not os.path.isdir(directory):
         raise FileNotFoundError(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any
 
 import jax
@@ -619,8 +620,6 @@ FROM_CHECKPOINT_KEEPS = (
 
 def checkpoint_dir(init_from: str) -> str:
     """The directory of model.init_from ("hf:DIR"), checked to hold a config.json."""
-    import os
-
     if not init_from.startswith("hf:"):
         raise ConfigError("model.init_from", f"expected hf:/path/to/dir, got {init_from!r}")
     directory = init_from[3:]

@@ -24,7 +24,10 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
-DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+# A reward model's architecture (experiments/export.py): one score per sequence.
+CLASSIFIERS = {kind: name.removesuffix("LMHeadModel").removesuffix("ForCausalLM")
+               + "ForSequenceClassification" for kind, name in ARCHITECTURES.items()}  # fmt: skip
+CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 # Activation names (transformers' ACT2FN) -> ModelConfig.mlp.
 GELUS = {
     "gelu_new": "gelu",
@@ -52,7 +55,8 @@ def read(directory: str) -> dict:
 def checkpoint_dtype(hf: dict) -> str:
     """The dtype the weights are stored in (`dtype`, or the older `torch_dtype`)."""
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    return DTYPE_NAMES.get(str(name).removeprefix("torch."), "float32")
+    name = str(name).removeprefix("torch.")
+    return name if name in CHECKPOINT_DTYPES else "float32"
 
 
 def _rope(hf: dict, path: str) -> dict:

@@ -23,6 +23,13 @@ from gptjax.model import HEAD_KEYS, ModelConfig, Params, get_model
 read_config = hf_config.read
 
 
+def load_params(directory: str, cfg: ModelConfig, shardings=None) -> Params:
+    """The checkpoint's params for `cfg` (a ModelConfig of its architecture), each placed
+    with its sharding (a tree like the params; None: the default device)."""
+    kind = hf_config.model_type(hf_config.read(directory), directory)
+    return weights.load(directory, kind, cfg, shardings)
+
+
 def import_model(directory: str, mesh: Mesh | None = None, **overrides):
     """(ModelConfig, params, note) for the checkpoint in `directory`. With a mesh, each
     param is placed with its sharding (gptjax/sharding.py RULES) shard by shard. `overrides`
@@ -37,7 +44,7 @@ def import_model(directory: str, mesh: Mesh | None = None, **overrides):
         model = get_model(cfg)
         shardings = sharding.param_shardings(mesh, model.logical_axes, model.abstract_params)
     start = time.perf_counter()
-    params = weights.load(directory, kind, cfg, shardings)
+    params = load_params(directory, cfg, shardings)
     stored = hf_config.checkpoint_dtype(hf)
     kept = "kept" if stored == cfg.param_dtype else f"cast to {cfg.param_dtype}"
     note = (
@@ -95,10 +102,7 @@ def export_model(
     safetensors.write_sharded(out_dir, tensors, max_shard_bytes)
     hf = hf_config.from_model_config(cfg, kind, base, **config_fields)
     if cfg.head == "scalar":
-        hf["architectures"] = [
-            hf_config.ARCHITECTURES[kind].replace("ForCausalLM", "").replace("LMHeadModel", "")
-            + "ForSequenceClassification"
-        ]
+        hf["architectures"] = [hf_config.CLASSIFIERS[kind]]
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     return kind
