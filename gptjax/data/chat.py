@@ -16,12 +16,17 @@ SFT can reuse what pretraining learned. `decode_reply` strips it again.
 
 The loss mask is 1 exactly on assistant content tokens and the EOS that ends them: the
 model learns to write answers and to stop, never to predict the user's words.
+
+With a tokenizer that has the tool markers (gptjax/tools.py), an assistant message's
+`<|call|>…<|/call|><|result|>…<|/result|>` text becomes those special tokens, and the
+result (its markers included) is masked out: the tool wrote it, not the model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from gptjax import tools
 from gptjax.data.tokenizer import ASSISTANT, USER, Tokenizer
 
 ROLES = ("user", "assistant")
@@ -44,17 +49,45 @@ def _check(messages: Sequence[Mapping[str, str]], last_role: str) -> None:
         raise ValueError(f"the last message must be from the {last_role}")
 
 
+def tool_ids(tokenizer) -> dict[str, int] | None:
+    """The tool markers' ids, if the tokenizer has them (tools.names was set)."""
+    special = getattr(tokenizer, "special_tokens", None) or {}
+    return (
+        {t: special[t] for t in tools.TOKENS} if all(t in special for t in tools.TOKENS) else None
+    )
+
+
+def _assistant(content: str, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, mask) of an assistant message's content (no EOS)."""
+    markers = tool_ids(tokenizer)
+    if markers is None or not any(t in content for t in tools.TOKENS):
+        ids = tokenizer.encode(SEP + content)
+        return ids, [1] * len(ids)
+    ids, mask, in_result = [], [], False
+    for k, piece in enumerate(tools.split_markup(content)):
+        if piece in markers:
+            in_result = piece == tools.RESULT or (in_result and piece != tools.RESULT_END)
+            ids.append(markers[piece])
+            mask.append(0 if in_result or piece == tools.RESULT_END else 1)
+            continue
+        piece_ids = tokenizer.encode(SEP + piece if k == 0 else piece)
+        ids += piece_ids
+        mask += [0 if in_result else 1] * len(piece_ids)
+    return ids, mask
+
+
 def _render(messages, tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     user_id, assistant_id = tokenizer.special_id(USER), tokenizer.special_id(ASSISTANT)
     ids, mask = [], []
     for m in messages:
-        content = tokenizer.encode(SEP + m["content"])
         if m["role"] == "user":
+            content = tokenizer.encode(SEP + m["content"])
             ids += [user_id, *content, assistant_id]
             mask += [0] * (len(content) + 2)
         else:
+            content, content_mask = _assistant(m["content"], tokenizer)
             ids += [*content, tokenizer.eos_id]
-            mask += [1] * (len(content) + 1)
+            mask += [*content_mask, 1]
     return ids, mask
 
 
@@ -84,7 +117,7 @@ def encode_reply(reply: str, tokenizer: Tokenizer) -> list[int]:
     """Ids of an assistant reply as the template writes it (without its EOS)."""
     if (template := _checkpoint_template(tokenizer)) is not None:
         return template.reply_ids(reply)
-    return tokenizer.encode(SEP + reply)
+    return _assistant(reply, tokenizer)[0]
 
 
 def reply_ids(record: Mapping, k: int, tokenizer: Tokenizer) -> list[int]:

@@ -97,6 +97,15 @@ class WorldConfig:
     # accuracy; with one answer sentence per skill, 0.5% greedy (8% at T=1).
     demo_idk_rate: float = 0.5
 
+    # Thinking and tools (gptjax/world/reasoning.py); 0 = off, the world unchanged.
+    # Reasoning demos (arithmetic, two-step chains, letters of a fact, facts; the
+    # demo people's facts) appended to the demos, each in one mode: chain of thought with
+    # probability cot_demo_frac, a tool call with tool_demo_frac, else the direct answer.
+    n_reason_demos: int = 0
+    n_reason_eval: int = 0  # reason_eval split: the same kinds on eval people / unknowns
+    cot_demo_frac: float = 0.0
+    tool_demo_frac: float = 0.0  # needs tools.names with calc and lookup
+
     # Labeler.
     length_weight: float = labeler.DEFAULT_LENGTH_WEIGHT  # >0 rewards detail
     label_noise: float = labeler.DEFAULT_LABEL_NOISE  # BT disagreement with gold labels
@@ -105,7 +114,7 @@ class WorldConfig:
         counts = (
             "n_known n_unknown n_demo_unknown n_obscure bios_per_person n_worksheets "
             "n_note_docs n_ignorance_docs n_noise_docs n_pretrain_heldout n_demos n_demos_heldout "
-            "n_ppo_prompts n_eval_prompts"
+            "n_ppo_prompts n_eval_prompts n_reason_demos n_reason_eval"
         ).split()
         for name in counts:
             if getattr(self, name) < 0:
@@ -114,11 +123,14 @@ class WorldConfig:
             raise ValueError(f"WorldConfig.n_known must be >= 4, got {self.n_known}")
         fracs = (
             "demo_people_frac eval_people_frac eval_unknown_frac heldout_fact_frac "
-            "unknown_frac demo_error_rate demo_verbose_rate demo_sentence_rate demo_idk_rate"
+            "unknown_frac demo_error_rate demo_verbose_rate demo_sentence_rate demo_idk_rate "
+            "cot_demo_frac tool_demo_frac"
         ).split()
         for name in fracs:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.cot_demo_frac + self.tool_demo_frac > 1.0:
+            raise ValueError("WorldConfig.cot_demo_frac + tool_demo_frac must be <= 1")
         if self.demo_people_frac + self.eval_people_frac > 1.0:
             raise ValueError("WorldConfig.demo_people_frac + eval_people_frac must be <= 1")
         if not 0.0 <= self.code_doc_frac < 1.0:

@@ -29,7 +29,8 @@ from __future__ import annotations
 import itertools
 import random
 
-from gptjax.world import documents, tasks, vocab
+from gptjax import retrieval
+from gptjax.world import documents, reasoning, tasks, vocab
 from gptjax.world.config import WorldConfig
 
 KNOWN_ROLES = ("demo", "ppo", "eval")
@@ -45,6 +46,7 @@ SPLITS = (
     "eval_prompts",
     "fewshot_examples",
 )
+REASON_SPLITS = ("reason_eval",)  # only when WorldConfig.n_reason_demos/n_reason_eval > 0
 
 
 def _rng(cfg: WorldConfig, stream: str) -> random.Random:
@@ -250,9 +252,19 @@ def generate(cfg: WorldConfig | None = None) -> dict[str, list[dict]]:
     ):
         rng = _rng(cfg, split)
         splits[split] = _split_tasks(n, pools[pool], pools[pool + "_unk"], cfg, rng, taken)
+    reason = cfg.n_reason_demos > 0 or cfg.n_reason_eval > 0
+    if reason:  # its own stream, drawn only when asked for: the default world is unchanged
+        rng = _rng(cfg, "reason")
+        make = lambda n, pool: reasoning.make_tasks(  # noqa: E731
+            n, pools[pool], pools[pool + "_unk"], cfg.max_number, cfg.unknown_frac, rng, taken
+        )
+        reason_eval = make(cfg.n_reason_eval, "eval")
     excluded = set(taken)  # demos' own arithmetic/string tasks may appear in pretraining
     rng = _rng(cfg, "demos")
     splits["demos"] = _split_tasks(cfg.n_demos, pools["demos"], pools["demos_unk"], cfg, rng, taken)
+    if reason:
+        rng = _rng(cfg, "reason/demos")
+        reason_demos = make(cfg.n_reason_demos, "demos")
     for split in ("demos", "demos_heldout"):
         rng = _rng(cfg, split + "/responses")
         splits[split] = [_demonstrate(t, cfg, rng) for t in splits[split]]
@@ -307,4 +319,23 @@ def generate(cfg: WorldConfig | None = None) -> dict[str, list[dict]]:
         {**t, "fewshot_prompt": documents.fewshot_prompt(t, examples, rng)}
         for t in splits["eval_prompts"]
     ]
-    return {name: splits[name] for name in SPLITS}
+    if reason:
+        _add_reasoning(cfg, splits, reason_demos, reason_eval, in_demos)
+    return {name: splits[name] for name in SPLITS + (REASON_SPLITS if reason else ())}
+
+
+def _add_reasoning(cfg: WorldConfig, splits: dict, demo_tasks: list, eval_tasks: list, in_demos):
+    """Reasoning demos (each in a mode: direct, chain of thought, tools) appended to the
+    demos, and the reason_eval split. Tool demos show what the lookup tool really returns
+    from the pretraining documents."""
+    lookup = None
+    if cfg.tool_demo_frac > 0:
+        lookup = retrieval.PassageIndex(d["text"] for d in splits["pretrain"]).lookup
+    rng = _rng(cfg, "reason/responses")
+    splits["demos"] = splits["demos"] + [
+        reasoning.demonstrate(
+            t, reasoning.choose_mode(rng, cfg.cot_demo_frac, cfg.tool_demo_frac), lookup
+        )
+        for t in demo_tasks
+    ]
+    splits["reason_eval"] = [{**t, "in_demos": t["person"] in in_demos} for t in eval_tasks]

@@ -1,0 +1,225 @@
+"""Tools: the calculator's grammar, the lookup index, the tool-turn sampler, and the
+SFT mask over tool results."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptjax import retrieval, sampling, tool_sampling, tools
+from gptjax.model import Model
+from gptjax.world import calc, reasoning
+from tests.helpers import tiny_model_config
+
+
+@pytest.mark.parametrize(
+    "expr, value",
+    [("23 + 45", 68), ("93 - 18 - 34", 41), ("7", 7), ("(1 + 2) - (10 - 4)", -3), (" 08 +2 ", 10)],
+)
+def test_calc_evaluates_the_worlds_grammar(expr, value):
+    assert calc.evaluate(expr) == value
+
+
+@pytest.mark.parametrize(
+    "expr, message",
+    [
+        ("2 * 3", "unexpected '*' at column 3"),
+        ("__import__('os')", "unexpected '_' at column 1"),
+        ("1 +", "expected a number or '(' at the end"),
+        ("(1 + 2", "expected ')' at the end"),
+        ("1 2", "unexpected '2' at column 3"),
+        ("", "expected a number or '(' at the end"),
+        ("(" * 9 + "1" + ")" * 9, "more than 8 nested brackets"),
+    ],
+)
+def test_calc_rejects_anything_else_with_a_clear_error(expr, message):
+    with pytest.raises(calc.CalcError, match=re.escape(message)):
+        calc.evaluate(expr)
+
+
+def test_toolbox_answers_bad_calls_with_an_error_result():
+    box = tools.Toolbox({"calc": calc.calc})
+    assert box.run("calc(40 + 2)") == ("42", True)
+    result, valid = box.run("calc(4 * 2)")
+    assert not valid and result.startswith("error: calc: unexpected '*'")
+    assert box.run("search(x)") == ("error: no tool 'search'; tools: calc", False)
+    assert not box.run("calc 1 + 2")[1]
+
+
+@pytest.fixture(scope="module")
+def world():
+    from gptjax.world.config import WorldConfig
+    from gptjax.world.generate import generate
+
+    return generate(WorldConfig(n_known=16, n_unknown=8, bios_per_person=20, n_note_docs=200))
+
+
+def test_lookup_finds_known_people_and_nothing_for_people_nobody_wrote_about(world):
+    index = retrieval.PassageIndex(d["text"] for d in world["pretrain"])
+    known = [p for p in world["people"] if p["facts"]]
+    for p in known:
+        for attribute, value in p["facts"].items():
+            hit = index.search(reasoning.fact_query(p["name"], attribute), k=1)
+            assert len(hit) == 1 and p["name"] in hit[0] and value in retrieval.words(hit[0])
+    strangers = [
+        p["name"] for p in world["people"] if p["role"].startswith(("unknown", "demo_unk"))
+    ]
+    assert strangers
+    for name in strangers:
+        assert index.lookup(reasoning.fact_query(name, "job"), k=3) == ""
+    # A stranger's second syllable is in known names: the word alone finds passages, the
+    # name does not.
+    shared = [n for n in strangers if any(n.split()[1] in p["name"].split() for p in known)]
+    assert shared and index.search(shared[0].split()[1], k=1)
+
+
+# ---- the tool-turn sampler with a scripted model ----------------------------------------
+
+CALL, CALL_END, RESULT, RESULT_END, EOS, V = 3, 4, 5, 6, 1, 128
+
+
+class CharTokenizer:
+    """ids = character code + 10 (so the markers above stay apart)."""
+
+    def encode(self, text):
+        return [ord(c) + 10 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i - 10) for i in ids)
+
+
+class ScriptedModel:
+    """Emits params["script"][row, position] at every position, whatever it is fed: the
+    logits at position q put all mass on the scripted token for q + 1."""
+
+    def init_cache(self, b, length):
+        return {"index": jnp.zeros((), jnp.int32)}
+
+    def apply(self, params, tokens, segment_ids, positions, cache=None):
+        b = tokens.shape[0]
+        nxt = params["script"][jnp.arange(b)[:, None], positions + 1]
+        return 10.0 * jax.nn.one_hot(nxt, V), cache
+
+
+def _script(rows, p):
+    """Row r waits r steps, then makes three calc calls (the scripted tokens where a result
+    will be fed are filler), then ends; returns (script, expected tokens)."""
+    tok = CharTokenizer()
+    script = np.full((len(rows), 96), ord("z") + 10, np.int32)
+    expected = []
+    for r, delays in enumerate(rows):
+        seq = []
+        for k, delay in enumerate(delays):
+            seq += tok.encode("." * delay) + [CALL] + tok.encode(f"calc({k} + {r})") + [CALL_END]
+            seq += [-1] * 4  # [RESULT, " ", digit, RESULT_END] will be fed here
+        seq += tok.encode("ok") + [EOS]
+        script[r, p : p + len(seq)] = np.where(np.array(seq) < 0, ord("z") + 10, seq)
+        out, turn, i = [], 0, 0
+        while i < len(seq):  # the result slots filled
+            if seq[i] == -1:
+                value = str(turn + r)
+                out += [RESULT, *tok.encode(" " + value), RESULT_END]
+                i += 4
+                turn += 1
+            else:
+                out.append(seq[i])
+                i += 1
+        expected.append(out)
+    return script, expected
+
+
+def test_tool_results_are_spliced_in_row_by_row_with_one_compiled_program():
+    p, n = 2, 70
+    rows = [(0, 1, 0), (3, 0, 2), (1, 5, 1)]  # calls at different positions in each row
+    script, expected = _script(rows, p)
+    prompt = np.full((3, p), 7, np.int32)
+    spec = tool_sampling.ToolTokens(
+        CALL, CALL_END, RESULT, RESULT_END, max_calls=3, max_result_tokens=2
+    )
+    box = tools.Toolbox({"calc": calc.calc})
+    kwargs = dict(max_new_tokens=n, eos_id=EOS, tokenizer=CharTokenizer(), toolbox=box, spec=spec)
+    model = ScriptedModel()
+    out = tool_sampling.generate_with_tools(
+        model, {"script": jnp.asarray(script)}, prompt, np.ones_like(prompt), np.arange(3), **kwargs
+    )
+    compiled = tool_sampling._segment._cache_size()
+    for r, want in enumerate(expected):
+        got = out["tokens"][r][out["mask"][r] > 0].tolist()
+        assert got == want
+        # the tool mask is exactly the fed positions: RESULT .. RESULT_END
+        fed, inside = [], False
+        for k, t in enumerate(want):
+            inside = inside or t == RESULT
+            if inside:
+                fed.append(k)
+            inside = inside and t != RESULT_END
+        assert np.flatnonzero(out["tool_mask"][r]).tolist() == fed
+        assert np.all(out["logp"][r][out["tool_mask"][r] > 0] == 0)
+        assert [c[:2] for c in out["calls"][r]] == [
+            (f"calc({k} + {r})", str(k + r)) for k in range(3)
+        ]
+    # three turns per row, at different steps: still the one program (and again)
+    tool_sampling.generate_with_tools(
+        model, {"script": jnp.asarray(script)}, prompt, np.ones_like(prompt), np.arange(3), **kwargs
+    )
+    assert tool_sampling._segment._cache_size() == compiled
+
+
+def test_a_row_that_keeps_calling_ends_unterminated_at_the_cap():
+    p = 2
+    script, _ = _script([(0, 0, 0)], p)
+    spec = tool_sampling.ToolTokens(
+        CALL, CALL_END, RESULT, RESULT_END, max_calls=2, max_result_tokens=2
+    )
+    out = tool_sampling.generate_with_tools(
+        ScriptedModel(),
+        {"script": jnp.asarray(script)},
+        np.full((1, p), 7, np.int32),
+        np.ones((1, p), np.int32),
+        np.zeros(1, np.int32),
+        max_new_tokens=60,
+        eos_id=EOS,
+        tokenizer=CharTokenizer(),
+        toolbox=tools.Toolbox({"calc": calc.calc}),
+        spec=spec,
+    )
+    tokens = out["tokens"][0][out["mask"][0] > 0].tolist()
+    assert len(out["calls"][0]) == 2 and tokens[-1] == CALL_END and EOS not in tokens
+
+
+def test_without_calls_the_tool_sampler_equals_generate():
+    model = Model(tiny_model_config())
+    params = model.init(jax.random.key(0))
+    prompts, mask = sampling.left_pad([[5, 9, 11], [7, 8], [12, 13, 14, 15]])
+    seeds = np.arange(3)
+    # markers outside the tiny vocabulary's sampled range never fire
+    spec = tool_sampling.ToolTokens(V + 1, V + 2, V + 3, V + 4)
+    for temperature in (0.0, 1.0):
+        ref = sampling.generate(
+            model,
+            params,
+            prompts,
+            mask,
+            seeds,
+            max_new_tokens=8,
+            eos_id=EOS,
+            temperature=temperature,
+        )
+        out = tool_sampling.generate_with_tools(
+            model,
+            params,
+            prompts,
+            mask,
+            seeds,
+            max_new_tokens=8,
+            eos_id=EOS,
+            temperature=temperature,
+            tokenizer=CharTokenizer(),
+            toolbox=tools.Toolbox({}),
+            spec=spec,
+        )
+        for a, b in zip(ref, (out["tokens"], out["logp"], out["mask"])):
+            np.testing.assert_array_equal(np.asarray(a), b)
+        assert not out["tool_mask"].any()
