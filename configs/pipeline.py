@@ -10,9 +10,11 @@
 Presets: tiny (CPU, minutes), small_cpu (CPU, ~12M params), gpt2_4l (CPU, the benchmark's
 mid-size shape), gpt2_124m, gpt2_350m, gpt2_1.5b, llama_1b, llama_7b, gpt3_175b (TPU;
 each with a target slice and the settings that fit it, configs/model.py TARGETS/FITS).
-The arg is `MODEL[,mesh=MESH][,rounds=2]` (rounds=2: a second comparison round from
-the PPO policy, `_second_round`). The sections are written for the TPU presets; the CPU
-presets are shrunk in one place, `_runlocal` (big_vision's runlocal).
+The arg is `MODEL[,mesh=MESH][,rounds=2][,reasoning=1]` (rounds=2: a second comparison
+round from the PPO policy, `_second_round`; reasoning=1: the world's multi-step tasks,
+chain-of-thought and tool demos, and the calc and lookup tools, `_reasoning`). The
+sections are written for the TPU presets; the CPU presets are shrunk in one place,
+`_runlocal` (big_vision's runlocal).
 
 Sections (each field documented once: in the dataclass named, or next to its value here):
   seeds      separate seeds for the world, init, data order and sampling, so one can be
@@ -34,6 +36,9 @@ Sections (each field documented once: in the dataclass named, or next to its val
   ppo_gold, grpo_gold, rloo_gold  the same methods with the world's gold labeler as the
              reward (RL from a verifiable reward; reported apart from RM-trained methods)
   dpo        DPO / IPO on the RM's comparisons (configs/dpo.py)
+  tools      the tools models may call, and the caps of a tool-using reply (below)
+  reason     thinking and tools, evaluated: direct / chain of thought / self-consistency
+             / tools per task kind (experiments/stages/reason.py)
   instances  more stage instances, e.g. a second comparison round (experiments/pipeline.py)
 """
 
@@ -111,12 +116,42 @@ def _compare() -> ml_collections.ConfigDict:
     )
 
 
+def _tools() -> ml_collections.ConfigDict:
+    """The tools models may call (experiments/toolbox.py, gptjax/tools.py)."""
+    return ml_collections.ConfigDict(
+        dict(
+            # "calc,lookup" (built in) and a user's "module:function"; empty = none. Set
+            # before pretraining: the tokenizer gets the call and result markers.
+            names="",
+            max_calls=3,  # per reply; a further call ends the reply there, unterminated
+            max_result_tokens=24,  # a longer result is cut
+            lookup_k=1,  # passages a lookup returns
+        )
+    )
+
+
+def _reason() -> ml_collections.ConfigDict:
+    """The reasoning evaluation (experiments/stages/reason.py)."""
+    return ml_collections.ConfigDict(
+        dict(
+            max_prompts=0,  # of the world's reason_eval tasks; 0 = all
+            # Modes asked for: direct, cot (chain of thought), sc (self-consistency: a
+            # majority vote over sc_samples chains), tools (needs tools.names).
+            modes="direct,cot,sc,tools",
+            sc_samples=8,
+            sc_temperature=0.7,  # Wang et al. 2023 sampled chains at 0.5-0.7
+            max_new_tokens=40,  # a chain or a tool turn is longer than an answer
+        )
+    )
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     name, opts = model_presets.parse_arg(arg)
-    unknown = set(opts) - {"mesh", "rounds"}
+    unknown = set(opts) - {"mesh", "rounds", "reasoning"}
     if unknown:
         raise ValueError(
-            f"unknown config arg options {sorted(unknown)} in {arg!r}; known: mesh, rounds"
+            f"unknown config arg options {sorted(unknown)} in {arg!r}; "
+            "known: mesh, rounds, reasoning"
         )
     c = ml_collections.ConfigDict()
     c.preset = name
@@ -205,6 +240,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.ppo_gold = ppo_section(ptx=False, reward="gold")
     c.grpo_gold, c.rloo_gold = group_section("grpo", "gold"), group_section("rloo", "gold")
     c.dpo = dpo_section()
+    c.tools = _tools()
+    c.reason = _reason()
     if name in model_presets.CPU_PRESETS:
         _runlocal(c, name)
     else:  # microbatching etc. that fit the preset's TPU slice (configs/model.py)
@@ -213,7 +250,24 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         if opts["rounds"] != "2":
             raise ValueError(f"rounds={opts['rounds']}: 1 or 2")
         _second_round(c)
+    if opts.get("reasoning", "0") != "0":
+        if opts["reasoning"] != "1":
+            raise ValueError(f"reasoning={opts['reasoning']}: 0 or 1")
+        _reasoning(c)
     return c
+
+
+def _reasoning(c: ml_collections.ConfigDict) -> None:
+    """`reasoning=1`: the world's multi-step tasks, and demos that think or call tools.
+        python -m experiments.main --config=configs/pipeline.py:tiny,reasoning=1 \
+            --stages=pretrain,sft,reason --workdir=runs/reasoning
+    A third of the reasoning demos each answer directly, think step by step, or call a
+    tool; SFT trains twice as long (the demos are 1.6x as many and longer)."""
+    c.world.update(
+        n_reason_demos=2048, n_reason_eval=400, cot_demo_frac=1 / 3, tool_demo_frac=1 / 3
+    )
+    c.tools.names = "calc,lookup"
+    c.sft.steps *= 2
 
 
 def _second_round(c: ml_collections.ConfigDict) -> None:

@@ -7,7 +7,8 @@
 
 Interactive mode keeps the conversation (multi-turn, in the chat template) until an empty
 line, `/reset` (new conversation) or end of input. --compare answers with every trained
-stage side by side (one-shot or interactive).
+stage side by side (one-shot or interactive). A run with tools (tools.names) answers the
+model's calls as it writes, and shows each as `[calc(23 + 45) -> 68]`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import sys
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import cli, sources
-from gptjax import sampling
+from experiments import cli, sources, toolbox
+from gptjax import sampling, tools
 from gptjax.data import chat
 from gptjax.errors import ConfigError
 
@@ -41,15 +42,18 @@ _HF = flags.DEFINE_string(
 class Chatter:
     """One model, one conversation."""
 
-    def __init__(self, stage: str, tokenizer, model, params):
+    def __init__(self, stage: str, tokenizer, model, params, box=None, spec=None):
         self.stage, self.tokenizer, self.model, self.params = stage, tokenizer, model, params
+        self.box, self.spec = box, spec  # tools (experiments/toolbox.py), or None
         self.messages: list[dict[str, str]] = []
 
     @classmethod
     def from_run(cls, config, workdir: str, stage: str) -> Chatter:
         tokenizer = sources.get_tokenizer(config, workdir)
         model, params = sources.load_stage_params(config, workdir, STAGES[stage], tokenizer)
-        return cls(stage, tokenizer, model, params)
+        box = toolbox.build(config, workdir)
+        spec = toolbox.tokens(config, tokenizer) if box is not None else None
+        return cls(stage, tokenizer, model, params, box, spec)
 
     @classmethod
     def from_hf(cls, directory: str) -> Chatter:
@@ -82,24 +86,37 @@ class Chatter:
             self.messages = []
             return f"[prompt of {len(ids)} tokens does not fit max_len={self.model.cfg.max_len}]"
         tokens, mask = sampling.left_pad([ids])
-        out, _, out_mask = sampling.generate(
-            self.model,
-            self.params,
-            tokens,
-            mask,
-            np.array([seed], np.int32),
+        args = (self.model, self.params, tokens, mask, np.array([seed], np.int32))
+        kw = dict(
             max_new_tokens=min(max_new_tokens, room),
             eos_id=self.tokenizer.eos_id,
             temperature=temperature,
         )
+        if self.box is None:
+            out, _, out_mask = sampling.generate(*args, **kw)
+        else:
+            from gptjax.tool_sampling import generate_with_tools
+
+            got = generate_with_tools(
+                *args, **kw, tokenizer=self.tokenizer, toolbox=self.box, spec=self.spec
+            )
+            out, out_mask = got["tokens"], got["mask"]
         new = np.asarray(out)[0][np.asarray(out_mask)[0] > 0].tolist()
         text, ended = chat.decode_reply(new, self.tokenizer)
         self.messages.append({"role": "assistant", "content": text})
-        shown = text if text.strip() else "[empty reply]"
+        shown = show_tool_turns(text) if text.strip() else "[empty reply]"
         return shown if ended else shown + " [no EOS]"
 
     def reset(self):
         self.messages = []
+
+
+def show_tool_turns(text: str) -> str:
+    """`<|call|>calc(2 + 2)<|/call|><|result|> 4<|/result|>` as `[calc(2 + 2) -> 4]`."""
+    if tools.CALL not in text:
+        return text
+    text = text.replace(tools.CALL, "[").replace(tools.CALL_END + tools.RESULT, " ->")
+    return " ".join(text.replace(tools.RESULT_END, "]").replace(tools.CALL_END, "]").split())
 
 
 def trained_stages(workdir: str) -> list[str]:

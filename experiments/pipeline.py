@@ -24,15 +24,15 @@ import sys
 import time
 from collections.abc import Callable, Collection, Mapping
 
-from experiments import calibrate, gates, report, show_data, sources
+from experiments import calibrate, gates, report, show_data, sources, toolbox
 from experiments.loop import StageStopped
 from experiments.rundir import StageContext, on_process_0, stage_dir, write_json
-from experiments.stages import compare, dpo, evaluate, pretrain, rl, rm, sft
+from experiments.stages import compare, dpo, evaluate, pretrain, reason, rl, rm, sft
 from gptjax import config as config_lib
 from gptjax.errors import CheckpointError, ConfigError
 
 # Sections every stage reads besides its own: what the data, tokenizer, model and mesh are.
-GLOBAL_SECTIONS = ("seeds", "world", "data", "tokenizer", "model", "mesh")
+GLOBAL_SECTIONS = ("seeds", "world", "data", "tokenizer", "model", "mesh", "tools")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +108,14 @@ TABLE = (
         evaluate.settings,
         sections=("eval",),
         data=("prompts",),
+    ),
+    Stage(
+        "reason",
+        reason.run,
+        {"base": "pretrain", "sft": "sft", **{r: r for r in reason.POLICIES.values()}},
+        ("base", *reason.POLICIES.values()),
+        reason.settings,
+        sections=("eval",),
     ),
     Stage("calibrate", calibrate.run, {"base": "pretrain", "sft": "sft"}, ("sft",)),
     Stage("report", _report, {"eval": "eval"}, sections=("eval",)),
@@ -191,6 +199,7 @@ def validate(config, workdir: str, names: list[str]) -> None:
     """Every requested stage's config, then the user data files they read, checked before
     any stage computes."""
     config_lib.check_paths(config)
+    toolbox.check(config)
     rows = table(config)
     for name in names:
         if rows[name].check is not None:

@@ -15,7 +15,7 @@ import numpy as np
 from experiments.rundir import initialize_distributed, make_mesh, process_0_first, stage_dir
 from gptjax import checkpoint as ckpt_lib
 from gptjax import config as config_lib
-from gptjax import evaluate, lora, sharding
+from gptjax import evaluate, lora, sharding, tools
 from gptjax.data import builders, formats
 from gptjax.data import tokenizer as tok_lib
 from gptjax.errors import ConfigError
@@ -163,7 +163,7 @@ def split_user_file(
     return train, heldout
 
 
-def _texts(source: Sequence, limit_chars: int = 20_000_000):
+def texts(source: Sequence, limit_chars: int = 20_000_000):
     n = 0
     for i in range(len(source)):
         text = source[i]["text"] if isinstance(source[i], dict) else str(source[i])
@@ -218,8 +218,15 @@ def _load_or_train_tokenizer(config, workdir: str, corpus: Sequence | None):
             )
         return tok_lib.load_tokenizer(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    # With tools (experiments/toolbox.py) the call and result markers are special tokens.
+    has_tools = config.get("tools") is not None and tools.parse_names(config.tools.names)
+    special = tok_lib.DEFAULT_SPECIAL_TOKENS + (tools.TOKENS if has_tools else ())
     return tok_lib.train_tokenizer(
-        _texts(corpus), path, config.tokenizer.vocab_size, model_type=config.tokenizer.model_type
+        texts(corpus),
+        path,
+        config.tokenizer.vocab_size,
+        model_type=config.tokenizer.model_type,
+        special_tokens=special,
     )
 
 

@@ -61,6 +61,8 @@ class Reply:
     # Model-based scores of this reply, filled by score_replies / compare_to:
     # rm_reward, logp, logp_ref, entropy, win_gold, win_rm.
     extra: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # Tool calls made while sampling it: (call text, result text, valid) each.
+    calls: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +103,15 @@ def generate_replies(
     samples: int,
     protocol: Protocol,
     seed_offset: int = 0,
+    toolbox=None,
+    tool_tokens=None,
 ) -> list[Reply]:
     """Replies for every (record, sample); one compiled program for all batches.
 
     seed_offset shifts every sampling seed (best-of-n draws its n candidates with
-    offsets 0..n-1; offset 0 is the protocol's own draws).
+    offsets 0..n-1; offset 0 is the protocol's own draws). toolbox (gptjax/tools.py) and
+    tool_tokens (gptjax/tool_sampling.py ToolTokens): replies may call tools, answered as
+    they are sampled; without them a call is just text.
     """
     prompts = [mode.prompt_ids(r, tokenizer) for r in records]
     p = max(len(x) for x in prompts)
@@ -129,20 +135,22 @@ def generate_replies(
             + [0] * (bs - len(chunk)),
             np.int32,
         )
-        out, _, out_mask = sampling.generate(
-            model,
-            params,
-            tokens,
-            mask,
-            seeds,
-            max_new_tokens=n,
-            eos_id=tokenizer.eos_id,
-            temperature=temperature,
-        )
+        args = (model, params, tokens, mask, seeds)
+        kw = dict(max_new_tokens=n, eos_id=tokenizer.eos_id, temperature=temperature)
+        calls = [()] * bs
+        if toolbox is None:
+            out, _, out_mask = sampling.generate(*args, **kw)
+        else:
+            from gptjax.tool_sampling import generate_with_tools
+
+            got = generate_with_tools(
+                *args, **kw, tokenizer=tokenizer, toolbox=toolbox, spec=tool_tokens
+            )
+            out, out_mask, calls = got["tokens"], got["mask"], got["calls"]
         out, out_mask = np.asarray(out), np.asarray(out_mask)
         for k, (i, j) in enumerate(chunk):
             ids = out[k][out_mask[k] > 0].tolist()
-            replies.append(Reply(i, j, *mode.decode(ids, tokenizer)))
+            replies.append(Reply(i, j, *mode.decode(ids, tokenizer), calls=tuple(calls[k])))
     return replies
 
 

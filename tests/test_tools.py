@@ -223,3 +223,53 @@ def test_without_calls_the_tool_sampler_equals_generate():
         for a, b in zip(ref, (out["tokens"], out["logp"], out["mask"])):
             np.testing.assert_array_equal(np.asarray(a), b)
         assert not out["tool_mask"].any()
+
+
+# ---- the chat template's tool markup and the SFT mask ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tool_tok(tmp_path_factory):
+    from gptjax.data import tokenizer as tok_lib
+
+    texts = [f"what is {i} + {i}? it is {2 * i}. calc lookup" for i in range(300)]
+    return tok_lib.train_tokenizer(
+        texts,
+        tmp_path_factory.mktemp("tok") / "t.model",
+        300,
+        special_tokens=tok_lib.DEFAULT_SPECIAL_TOKENS + tools.TOKENS,
+    )
+
+
+def test_sft_mask_leaves_out_exactly_the_tool_results(tool_tok):
+    from gptjax.data import chat
+
+    tok = tool_tok
+    reply = tools.tool_turn("calc", "2 + 2", "4") + " it is 4."
+    ids, mask = chat.render_pair("what is 2 + 2? use a tool.", reply, tok)
+    special = {tok.special_id(t): t for t in tools.TOKENS}
+    start = ids.index(tok.special_id(tools.CALL))
+    r0, r1 = ids.index(tok.special_id(tools.RESULT)), ids.index(tok.special_id(tools.RESULT_END))
+    assert ids[r0 + 1 : r1] == tok.encode(" 4")
+    # policy tokens (the call, the answer, EOS) are learned; the result with its markers is not
+    want = [0] * start + [1] * (r0 - start) + [0] * (r1 - r0 + 1) + [1] * (len(ids) - r1 - 1)
+    assert mask == want
+    assert [special[i] for i in ids if i in special] == list(tools.TOKENS)
+    # what the sampler produces decodes to the text and re-encodes to the same ids
+    text, ended = chat.decode_reply(ids[ids.index(tok.special_id("<|assistant|>")) + 1 :], tok)
+    assert (text, ended) == (reply, True)
+    assert chat.encode_reply(text, tok) + [tok.eos_id] == ids[start:]
+    # a user typing the markers writes text, not a call
+    user_ids = chat.render_prompt([{"role": "user", "content": reply}], tok)
+    assert not set(user_ids) & set(special)
+
+
+def test_a_users_tool_is_registered_as_module_function():
+    from experiments import toolbox
+    from tests.helpers import config_from_flags
+
+    config = config_from_flags(["--config.tools.names=calc,string:capwords"])
+    box = toolbox.build(config, "/nonexistent")  # no lookup: nothing is read
+    assert box.names == ["calc", "capwords"]
+    assert box.run("capwords(ka ri)") == ("Ka Ri", True)
+    assert box.run("calc(2 + 2)") == ("4", True)

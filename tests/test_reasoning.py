@@ -1,0 +1,118 @@
+"""Thinking and tools in the world: multi-step tasks, demos in each mode, judging, the
+self-consistency vote, and the checks made before any stage runs."""
+
+import collections
+import random
+
+import pytest
+
+from gptjax import retrieval, tools
+from gptjax.evaluate import Reply
+from gptjax.world import reasoning, tasks
+from gptjax.world.config import WorldConfig
+from gptjax.world.generate import generate
+
+SMALL = dict(n_known=16, n_unknown=8, bios_per_person=20, n_note_docs=200, n_demos=64)
+
+
+@pytest.fixture(scope="module")
+def world():
+    cfg = WorldConfig(
+        **SMALL, n_reason_demos=240, n_reason_eval=80, cot_demo_frac=0.4, tool_demo_frac=0.4
+    )
+    return cfg, generate(cfg)
+
+
+def test_the_knobs_off_leave_the_world_unchanged():
+    plain = generate(WorldConfig(**SMALL))
+    assert "reason_eval" not in plain
+    # the knobs are drawn from their own streams: only the added splits differ
+    on = generate(WorldConfig(**SMALL, cot_demo_frac=0.5))  # no reasoning demos asked
+    assert on == plain
+
+
+def test_reasoning_demos_are_right_in_every_mode(world):
+    cfg, w = world
+    demos = [d for d in w["demos"] if "mode" in d]
+    assert len(demos) == cfg.n_reason_demos
+    modes = collections.Counter(d["mode"] for d in demos)
+    assert set(modes) == set(reasoning.MODES) and min(modes.values()) > 40
+    assert {reasoning.kind(d) for d in demos} == set(reasoning.KINDS)
+    for d in demos:
+        assert reasoning.is_correct(d, d["response"], True), d
+        assert d["prompt"].endswith(reasoning.CUES[d["mode"]])
+        if d["mode"] == "tools":
+            (call,) = tools.tool_calls(d["response"])
+            name, argument = tools.parse_call(call)
+            result = d["response"].split(tools.RESULT)[1].split(tools.RESULT_END)[0].strip()
+            if name == "calc":
+                assert result == d["answer"]
+            elif d["answer"] is None:
+                assert result == ""  # nobody wrote about this person
+            else:
+                value = d.get("value", d["answer"])
+                assert value in retrieval.words(result)
+    eval_keys = {tasks.task_key(t) for t in w["reason_eval"] if t["skill"] != "fact"}
+    demo_keys = {tasks.task_key(d) for d in demos if d["skill"] != "fact"}
+    assert eval_keys and not eval_keys & demo_keys
+
+
+def test_a_reply_is_judged_on_its_own_words():
+    task = reasoning.chain_task(["chain", 23, "+", 45, "-", 12], random.Random(0))
+    assert task["answer"] == "56"
+    assert reasoning.is_correct(task, "23 + 45 = 68. 68 - 12 = 56. it is 56.", True)
+    assert not reasoning.is_correct(task, "23 + 45 = 68. 68 - 12 = 56. it is 56.", False)
+    assert not reasoning.is_correct(task, "23 + 45 = 68. it is 68.", True)
+    turn = tools.tool_turn("calc", "23 + 45 - 12", "56")
+    assert reasoning.is_correct(task, turn + " it is 56.", True)
+    assert not reasoning.is_correct(task, turn, True)  # the tool's result is not an answer
+    unknown = reasoning.letters_task("xo ri", "job", None)
+    assert reasoning.is_correct(unknown, "i don't know what xo ri does.", True)
+    assert not reasoning.is_correct(unknown, "b a k e r has 5 letters. it is 5.", True)
+    known = reasoning.letters_task("ka ri", "job", "baker")
+    assert reasoning.render(known, "cot") == (
+        "the job of ka ri is baker. b a k e r has 5 letters. it is 5."
+    )
+    assert reasoning.is_correct(known, reasoning.render(known, "cot"), True)
+
+
+def test_self_consistency_takes_the_majority_of_stated_answers():
+    from experiments.stages.reason import vote
+
+    task = reasoning.chain_task(["chain", 1, "+", 2, "+", 3], random.Random(0))
+    unknown = reasoning.letters_task("xo ri", "pet", None)
+    chains = [
+        (0, "1 + 2 = 3. 3 + 3 = 6. it is 6.", True),
+        (0, "1 + 2 = 3. 3 + 3 = 7. it is 7.", True),
+        (0, "1 + 2 = 4. 4 + 3 = 7. it is 7.", True),
+        (0, "it is 6", False),  # unterminated: no vote
+        (1, "i don't know what pet xo ri has.", True),
+        (1, "it is 3.", True),
+        (1, "i am not sure.", True),
+    ]
+    replies = [Reply(i, k, text, ended, 0) for k, (i, text, ended) in enumerate(chains)]
+    voted = vote([task, unknown], replies)
+    assert [r.text for r in voted] == ["it is 7.", "i don't know."]
+    assert not reasoning.is_correct(task, voted[0].text, voted[0].ended)
+    assert reasoning.is_correct(unknown, voted[1].text, voted[1].ended)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--config.tools.names=calc,nosuch"], "config.tools.names: unknown tool 'nosuch'"),
+        (["--config.tools.names=calc,os:nosuchfn"], "config.tools.names: cannot import"),
+        (["--config.tools.names=calc"], "config.tools.names: world.tool_demo_frac > 0"),
+        (["--config.tools.names=", "--config.world.tool_demo_frac=0"], "config.reason.modes"),
+        (["--config.world.n_reason_eval=0"], "config.world.n_reason_eval"),
+    ],
+)
+def test_bad_reasoning_settings_fail_before_pretraining(tmp_path, flags, message):
+    from experiments import pipeline
+    from gptjax.errors import ConfigError
+    from tests.helpers import config_from_flags
+
+    config = config_from_flags(flags, preset="tiny,reasoning=1")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        pipeline.run_stages(config, str(tmp_path), ["pretrain", "sft", "reason"])
+    assert not any(tmp_path.iterdir())  # nothing computed, nothing written
