@@ -140,7 +140,8 @@ def _reason() -> ml_collections.ConfigDict:
             modes="direct,cot,sc,tools",
             sc_samples=8,
             sc_temperature=0.7,  # Wang et al. 2023 sampled chains at 0.5-0.7
-            max_new_tokens=40,  # a chain or a tool turn is longer than an answer
+            # A chain or a tool turn is longer than an answer (capped by model.max_len).
+            max_new_tokens=48,
         )
     )
 
@@ -267,7 +268,7 @@ def _reasoning(c: ml_collections.ConfigDict) -> None:
         n_reason_demos=2048, n_reason_eval=400, cot_demo_frac=1 / 3, tool_demo_frac=1 / 3
     )
     c.tools.names = "calc,lookup"
-    c.sft.steps *= 2
+    c.sft.steps *= 10
 
 
 def _second_round(c: ml_collections.ConfigDict) -> None:

@@ -3,6 +3,7 @@ self-consistency vote, and the checks made before any stage runs."""
 
 import collections
 import random
+import re
 
 import pytest
 
@@ -29,6 +30,32 @@ def test_the_knobs_off_leave_the_world_unchanged():
     # the knobs are drawn from their own streams: only the added splits differ
     on = generate(WorldConfig(**SMALL, cot_demo_frac=0.5))  # no reasoning demos asked
     assert on == plain
+
+
+def test_worked_documents_restate_operands_and_never_hold_an_eval_task():
+    cfg = WorldConfig(**SMALL, n_worked_docs=300, n_reason_eval=200)
+    w = generate(cfg)
+    docs = [d["text"] for d in w["pretrain"] if d["kind"] == "worked"]
+    assert len(docs) == 300
+    text = "\n".join(docs)
+    steps = {
+        tasks.task_key(
+            {
+                "skill": "arithmetic",
+                "person": None,
+                "attribute": None,
+                "operands": [op, int(a), int(b)],
+            }
+        )
+        for a, op, b in re.findall(r"(?<!\d)(\d+) ([+-]) (\d+) = \d+", text)
+    }
+    assert len(steps) > 300
+    for t in w["reason_eval"]:
+        if t["skill"] == "arithmetic":
+            assert tasks.task_key(t) not in steps
+    # every partial result of a chain is restated as the next step's operand
+    steps = re.findall(r"\d+ [+-] \d+ = (\d+)\. (\d+) [+-] \d+ = ", text)
+    assert steps and all(a == b for a, b in steps)
 
 
 def test_reasoning_demos_are_right_in_every_mode(world):
@@ -60,8 +87,9 @@ def test_reasoning_demos_are_right_in_every_mode(world):
 def test_a_reply_is_judged_on_its_own_words():
     task = reasoning.chain_task(["chain", 23, "+", 45, "-", 12], random.Random(0))
     assert task["answer"] == "56"
-    assert reasoning.is_correct(task, "23 + 45 = 68. 68 - 12 = 56. it is 56.", True)
-    assert not reasoning.is_correct(task, "23 + 45 = 68. 68 - 12 = 56. it is 56.", False)
+    assert reasoning.render(task, "cot") == "23 + 45 = 68. 68 - 12 = 56."
+    assert reasoning.is_correct(task, "23 + 45 = 68. 68 - 12 = 56.", True)
+    assert not reasoning.is_correct(task, "23 + 45 = 68. 68 - 12 = 56.", False)
     assert not reasoning.is_correct(task, "23 + 45 = 68. it is 68.", True)
     turn = tools.tool_turn("calc", "23 + 45 - 12", "56")
     assert reasoning.is_correct(task, turn + " it is 56.", True)
@@ -70,9 +98,7 @@ def test_a_reply_is_judged_on_its_own_words():
     assert reasoning.is_correct(unknown, "i don't know what xo ri does.", True)
     assert not reasoning.is_correct(unknown, "b a k e r has 5 letters. it is 5.", True)
     known = reasoning.letters_task("ka ri", "job", "baker")
-    assert reasoning.render(known, "cot") == (
-        "the job of ka ri is baker. b a k e r has 5 letters. it is 5."
-    )
+    assert reasoning.render(known, "cot") == ("the job of ka ri is baker. b a k e r has 5 letters.")
     assert reasoning.is_correct(known, reasoning.render(known, "cot"), True)
 
 

@@ -105,6 +105,9 @@ class WorldConfig:
     n_reason_eval: int = 0  # reason_eval split: the same kinds on eval people / unknowns
     cot_demo_frac: float = 0.0
     tool_demo_frac: float = 0.0  # needs tools.names with calc and lookup
+    # Pretraining documents solved step by step (documents.worked): operands and results
+    # restated, so the base model learns to copy them (see the README's reasoning results).
+    n_worked_docs: int = 0
 
     # Labeler.
     length_weight: float = labeler.DEFAULT_LENGTH_WEIGHT  # >0 rewards detail
@@ -114,7 +117,7 @@ class WorldConfig:
         counts = (
             "n_known n_unknown n_demo_unknown n_obscure bios_per_person n_worksheets "
             "n_note_docs n_ignorance_docs n_noise_docs n_pretrain_heldout n_demos n_demos_heldout "
-            "n_ppo_prompts n_eval_prompts n_reason_demos n_reason_eval"
+            "n_ppo_prompts n_eval_prompts n_reason_demos n_reason_eval n_worked_docs"
         ).split()
         for name in counts:
             if getattr(self, name) < 0:

@@ -16,6 +16,10 @@ Document kinds (each a plain string; never a chat transcript):
 - code: python-like snippets whose output shows a computed result.
 - ignorance: sentences admitting that nothing is known about obscure people.
 - noise: random words, letters and digits.
+- worked (only with WorldConfig.n_worked_docs > 0): exercises solved step by step, each
+  step restating what it uses ("23 + 45 = 68. 68 - 12 = 56. the answer is 56.", "b a k e
+  r has 5 letters."), the pretraining text from which a model can learn to copy operands
+  and results, which chain-of-thought and tool replies need.
 No line or document starts with a name (see vocab), so names tokenize the same
 everywhere.
 """
@@ -116,6 +120,16 @@ def code(items: list[dict], rng: random.Random) -> str:
         else:
             var = rng.choice(("x", "y", "out", "result", "total"))
             lines += [f"{var} = {expr}", f"print({var})  # {shown}"]
+    return "\n".join(lines)
+
+
+def worked(items: list[tuple[str, list[str], str]], rng: random.Random) -> str:
+    """Worked solutions: each item is (question, steps, answer)."""
+    lines = [f"{rng.choice(vocab.WORKSHEET_TITLES)} with solutions:"] if rng.random() < 0.5 else []
+    qa = rng.random() < 0.5
+    for question, steps, answer in items:
+        solution = " ".join([*steps, f"the answer is {answer}."])
+        lines.append(f"q: {question}\na: {solution}" if qa else f"{question} {solution}")
     return "\n".join(lines)
 
 

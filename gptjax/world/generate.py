@@ -151,6 +151,23 @@ def _fresh_task(skill: str, cfg: WorldConfig, rng: random.Random, excluded: set)
     )
 
 
+def _fresh_chain(cfg: WorldConfig, rng: random.Random, excluded: set) -> dict:
+    """A chain that is no excluded task, and neither is either of its steps."""
+    for _ in range(10_000):
+        task = reasoning.chain_task(reasoning.chain_operands(rng, cfg.max_number), rng)
+        _, a, op1, b, op2, c = task["operands"]
+        steps = [[op1, a, b], [op2, a + b if op1 == "+" else a - b, c]]
+        keys = [tasks.task_key(task)] + [
+            tasks.task_key(
+                {"skill": "arithmetic", "person": None, "attribute": None, "operands": s}
+            )
+            for s in steps
+        ]
+        if not any(k in excluded for k in keys):
+            return task
+    raise ValueError("WorldConfig leaves too few chain tasks: raise max_number")
+
+
 def _split_tasks(
     n: int, known: list, unknown: list, cfg: WorldConfig, rng: random.Random, taken: set
 ) -> list[dict]:
@@ -215,6 +232,19 @@ def _pretrain_doc(
             for _ in range(rng.randint(3, 6))
         ]
         return documents.code(items, rng)
+    if kind == "worked":
+        items = []
+        for _ in range(rng.randint(2, 4)):
+            k = rng.choice(("arithmetic", "chain", "letters"))
+            if k == "letters":
+                values = vocab.ATTRIBUTE_VALUES[rng.choice(reasoning.LETTER_ATTRIBUTES)]
+                task = reasoning.word_letters_task(rng.choice(values))
+            elif k == "chain":
+                task = _fresh_chain(cfg, rng, world["excluded"])
+            else:
+                task = _fresh_task("arithmetic", cfg, rng, world["excluded"])
+            items.append(reasoning.worked_item(task))
+        return documents.worked(items, rng)
     if kind == "ignorance":
         names = rng.sample(world["obscure"], min(len(world["obscure"]), rng.randint(1, 3)))
         return documents.ignorance(names, cfg.attributes, rng)
@@ -228,6 +258,7 @@ def _doc_counts(cfg: WorldConfig) -> dict[str, int]:
         "notes": cfg.n_note_docs,
         "ignorance": cfg.n_ignorance_docs if cfg.n_obscure else 0,
         "noise": cfg.n_noise_docs,
+        "worked": cfg.n_worked_docs,  # 0 by default: none drawn, the corpus unchanged
     }
     # code_doc_frac is a share of all documents, so the other kinds keep their counts.
     counts["code"] = round(sum(counts.values()) * cfg.code_doc_frac / (1 - cfg.code_doc_frac))

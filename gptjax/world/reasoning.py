@@ -12,7 +12,8 @@ Task kinds (`KINDS`), all task records as in tasks.py:
 Modes (`MODES`): the user asks for one with a cue at the end of the question (`CUES`), so
 one SFT model learns all three and the evaluator can ask each task in each mode:
 - direct: the answer sentence, "it is 56.";
-- cot: the steps first, "23 + 45 = 68. 68 - 12 = 56. it is 56." (Wei et al. 2022);
+- cot: the steps, the last one stating the result, "23 + 45 = 68. 68 - 12 = 56." (Wei
+  et al. 2022); a fact is stated, then answered: "the job of ka ri is baker. it is baker.";
 - tools: a call, its result, then the answer (gptjax/tools.py syntax):
   calc for arithmetic and chains, lookup for facts and letters (Toolformer-style).
 A reply is judged on its own words (tool turns stripped): the last value or integer it
@@ -122,6 +123,21 @@ def _idk(task: dict) -> str:
     return vocab.IDK_FACT_RESPONSES[task["attribute"]].format(n=task["person"])
 
 
+def cot_steps(task: dict) -> list[str]:
+    """The steps of a chain of thought, the last one stating the answer (facts: the fact)."""
+    k = kind(task)
+    if k in ("fact", "letters"):
+        value = task.get("value", task["answer"]) if k == "letters" else task["answer"]
+        steps = [_fact_sentence(task["person"], task["attribute"], value)] if task["person"] else []
+        if k == "letters":
+            steps.append(f"{' '.join(value)} has {len(value)} letters.")
+        return steps
+    if k == "chain":
+        return [f"{expr} = {result}." for expr, result in _chain_steps(task["operands"])]
+    op, a, b = task["operands"]
+    return [f"{a} {op} {b} = {task['answer']}."]
+
+
 def render(task: dict, mode: str, lookup: Callable[[str], str] | None = None) -> str:
     """The demonstrator's reply to `task` in `mode`; tools mode on facts needs `lookup`
     (the corpus index: the reply shows what it returned)."""
@@ -130,18 +146,12 @@ def render(task: dict, mode: str, lookup: Callable[[str], str] | None = None) ->
     if mode == "direct":
         return _idk(task) if value is None else _answer_sentence(task, task["answer"])
     if mode == "cot":
-        if k in ("fact", "letters"):
-            if value is None:
-                return _idk(task)
-            steps = [_fact_sentence(task["person"], task["attribute"], value)]
-            if k == "letters":
-                steps.append(f"{' '.join(value)} has {len(value)} letters.")
-        elif k == "chain":
-            steps = [f"{expr} = {result}." for expr, result in _chain_steps(task["operands"])]
-        else:
-            op, a, b = task["operands"]
-            steps = [f"{a} {op} {b} = {task['answer']}."]
-        return " ".join(steps + [_answer_sentence(task, task["answer"])])
+        if k in ("fact", "letters") and value is None:
+            return _idk(task)
+        # Computed steps end with the result, stated: no answer sentence after them (a
+        # 64-token model has no room for one; with it a sixth of the chain demos were cut).
+        steps = cot_steps(task)
+        return " ".join([*steps, _answer_sentence(task, value)] if k == "fact" else steps)
     if mode != "tools":
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
     if k in ("arithmetic", "chain"):
@@ -155,8 +165,20 @@ def render(task: dict, mode: str, lookup: Callable[[str], str] | None = None) ->
     turn = tools.tool_turn("lookup", query, lookup(query))
     if value is None:
         return f"{turn} {vocab.IDK_RESPONSES[0]}"
-    steps = [f"{' '.join(value)} has {len(value)} letters."] if k == "letters" else []
-    return " ".join([turn, *steps, _answer_sentence(task, task["answer"])])
+    if k == "letters":  # the count states the answer (and a 64-token model has no room)
+        return f"{turn} {' '.join(value)} has {len(value)} letters."
+    return f"{turn} {_answer_sentence(task, task['answer'])}"
+
+
+def worked_item(task: dict) -> tuple[str, list[str], str]:
+    """(question, steps, answer) of an arithmetic, chain or letters task for a worked document
+    (documents.worked): the chain of thought's steps, for a word's letters directly."""
+    return task["prompt"], cot_steps(task), task["answer"]
+
+
+def word_letters_task(word: str) -> dict:
+    """A letters task about a plain word (worked documents: no person, no fact)."""
+    return {**letters_task(None, "job", word), "prompt": f"how many letters has {word}?"}
 
 
 def question(task: dict, mode: str) -> str:
