@@ -27,9 +27,8 @@ def _cell(values) -> str:
 
 def summarize(results: list[dict]) -> str:
     lines = [f"runs: {len(results)}; mean [95% t-interval over runs]"]
-    header = f"{'model':<16}{'mode':<7}{'protocol':<9}" + "".join(
-        f"{k[9:][:18]:>22}" for k in KINDS
-    )
+    names = [k.replace("accuracy_", "") for k in KINDS]
+    header = f"{'model':<16}{'mode':<7}{'protocol':<9}" + "".join(f"{n[:18]:>22}" for n in names)
     lines.append(header)
     first = results[0]["variants"]
     for name, res in first.items():
