@@ -259,16 +259,32 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
 
 def _reasoning(c: ml_collections.ConfigDict) -> None:
-    """`reasoning=1`: the world's multi-step tasks, and demos that think or call tools.
+    """`reasoning=1`: the world's multi-step tasks, demos that think or call tools, and
+    RL on tool-using rollouts.
         python -m experiments.main --config=configs/pipeline.py:tiny,reasoning=1 \
-            --stages=pretrain,sft,reason --workdir=runs/reasoning
+            --stages=pretrain,sft,grpo_gold,reason --workdir=runs/reasoning
     A third of the reasoning demos each answer directly, think step by step, or call a
-    tool; SFT trains twice as long (the demos are 1.6x as many and longer)."""
+    tool; worked solutions in pretraining teach the base model to copy operands and
+    results (without them, tool replies miscopied both: arithmetic with tools 0.01).
+    SFT trains ten times as long: tool replies copy operands and results digit by digit,
+    and at temperature 1 the copies sharpen with training (arithmetic with tools, T=1: 0.23
+    after 600 steps, 0.79 after 1,500; greedy 0.93 -> 0.98). grpo_gold and ppo_gold train
+    on the world's reasoning tasks asked with the tools cue, with tools in the rollouts and
+    the final answer as the reward (1 right, 0 not)."""
     c.world.update(
-        n_reason_demos=2048, n_reason_eval=400, cot_demo_frac=1 / 3, tool_demo_frac=1 / 3
+        n_reason_demos=2048,
+        n_reason_eval=400,
+        n_reason_prompts=1024,
+        cot_demo_frac=1 / 3,
+        tool_demo_frac=1 / 3,
+        n_worked_docs=4000,
     )
     c.tools.names = "calc,lookup"
     c.sft.steps *= 10
+    for section in (c.ppo_gold, c.grpo_gold, c.rloo_gold):
+        # A prompt with its cue and a tool turn with its answer fill a 64-token model.
+        section.update(prompts="reason:tools", tools=True, max_prompt_len=28, eval_prompts=0)
+        section.max_new_tokens = c.model.max_len - section.max_prompt_len
 
 
 def _second_round(c: ml_collections.ConfigDict) -> None:

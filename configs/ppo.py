@@ -52,8 +52,12 @@ def rl_section(algo, algorithm: str, reward: str) -> ml_collections.ConfigDict:
             **config_lib.section(RolloutConfig()),
             "iterations": 200,  # RL iterations (rollout + scoring + update): the stage's steps
             # "world" (the world's ppo_prompts) | demos:PATH (the prompt turns of a
-            # demonstrations file, any format README lists).
+            # demonstrations file, any format README lists) | reason:MODE (the world's
+            # reason_ppo tasks asked in MODE: direct, cot or tools; world.n_reason_prompts).
             "prompts": "world",
+            # Rollouts call the run's tools (tools.names) and get their results fed back:
+            # multi-turn RL, the results masked out of the policy loss and the KL.
+            "tools": False,
             # AdamW for policy and value, each with its own state and clipping; the
             # schedule runs over iterations x epochs x minibatches updates. lm-human-
             # preferences decays the lr linearly to 0 and uses no weight decay.

@@ -324,10 +324,51 @@ def prompt_source(config, workdir: str, section, prefix: str):
     spec = section.prompts
     if spec == WORLD:
         return world_prompts(config, workdir, "rl")
+    if spec.startswith(REASON):
+        return reason_prompts(config, workdir, spec, f"{prefix}.prompts")
     try:
         return builders.load_split(spec, "train", data_dir(config, workdir))
     except ValueError as e:
         raise ConfigError(f"{prefix}.prompts", str(e)) from None
+
+
+REASON = "reason:"
+
+
+def check_reason_spec(config, spec: str, field: str) -> str:
+    """The mode of a `reason:MODE` prompts spec, checked, and the world has the tasks."""
+    from gptjax.world import reasoning
+
+    mode = spec[len(REASON) :]
+    if mode not in reasoning.MODES:
+        raise ConfigError(field, f"{spec!r}: the mode must be one of {', '.join(reasoning.MODES)}")
+    if int(config.world.get("n_reason_prompts", 0)) <= 0:
+        raise ConfigError(field, f"{spec!r} needs world.n_reason_prompts > 0")
+    return mode
+
+
+def reason_prompts(config, workdir: str, spec: str, field: str) -> Sequence[dict]:
+    """The world's reason_ppo tasks asked in the spec's mode (gptjax/world/reasoning.py)."""
+    from gptjax.world import reasoning
+
+    mode = check_reason_spec(config, spec, field)
+    tasks = world_data(config, workdir)["reason_ppo"]
+    return _Mapped(tasks, lambda t: {**t, "prompt": reasoning.question(t, mode)})
+
+
+class _Mapped(Sequence):
+    """A random-access source with fn applied to each record as it is read."""
+
+    def __init__(self, source, fn):
+        self._source, self._fn = source, fn
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self._fn(self._source[i])
 
 
 def check_user_data(config, workdir: str, datasets: Collection[str], section=None, name=""):
@@ -342,7 +383,10 @@ def check_user_data(config, workdir: str, datasets: Collection[str], section=Non
     if "comparisons" in datasets and config.data.comparisons != FROM_COMPARE:
         comparison_sources(config, workdir, "")
     if "prompts" in datasets and section is not None and section.prompts != WORLD:
-        prompt_source(config, workdir, section, name)
+        if section.prompts.startswith(REASON):  # the world's: only the spec to check
+            check_reason_spec(config, section.prompts, f"{name}.prompts")
+        else:
+            prompt_source(config, workdir, section, name)
 
 
 def report_long_prompts(source, render, limit: int, field: str) -> int:

@@ -147,6 +147,32 @@ def gae(rewards_BxN, values_BxN, mask_BxN, gamma: float, lam: float):
     return advantages, (advantages + values) * mask
 
 
+def gae_over_turns(rewards_BxN, values_BxN, mask_BxN, gamma: float, lam: float):
+    """GAE over the policy's own tokens of a tool-using reply: a column off the mask inside
+    the reply (a tool result the host fed) is skipped, not terminal, so δ_t uses the value
+    at the policy's next token after the result, and A_t that token's advantage:
+
+        δ_t = r_t + γ·V_{next(t)} − V_t,   A_t = δ_t + γλ·A_{next(t)}
+
+    the MDP whose steps are the policy's tokens (the tool is part of the environment). On
+    a mask without holes it equals `gae`. Returns (advantages_BxN, returns_BxN)."""
+    mask = mask_BxN.astype(jnp.float32)
+    values = values_BxN * mask
+
+    def step(carry, xs):
+        adv_next, value_next = carry
+        r, v, m = xs
+        adv = r + gamma * value_next - v + gamma * lam * adv_next
+        keep = m > 0
+        carry = (jnp.where(keep, adv, adv_next), jnp.where(keep, v, value_next))
+        return carry, adv * m
+
+    zeros = jnp.zeros(mask.shape[0], jnp.float32)
+    _, adv_NxB = jax.lax.scan(step, (zeros, zeros), (rewards_BxN.T, values.T, mask.T), reverse=True)
+    advantages = adv_NxB.T
+    return advantages, (advantages + values) * mask
+
+
 def masked_mean(x, mask):
     return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 

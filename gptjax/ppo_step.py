@@ -146,7 +146,9 @@ def advantages(batch, old_logp, old_values, mask, beta, cfg: PPOConfig):
     )
     if cfg.whiten_rewards:
         rewards = ppo.whiten(rewards, mask, shift_mean=False)
-    adv, returns = ppo.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    # A tool-using rollout's mask has holes at the fed results: GAE skips them.
+    gae = ppo.gae_over_turns if "tool_mask" in batch else ppo.gae
+    adv, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
     return rewards, kl, ppo.whiten(adv, mask), returns
 
 

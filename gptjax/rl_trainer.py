@@ -58,9 +58,11 @@ class RLTrainer:
     @classmethod
     def ppo(cls, policy: Model, sft_params, value: Model, value_params, rm_params,
             cfg: PPOConfig, optim: OptimConfig, mesh, *, iterations: int, max_new_tokens: int,
-            eos_id: int, sampling_seed: int, host_reward: HostRewardFn | None = None):  # fmt: skip
+            eos_id: int, sampling_seed: int, host_reward: HostRewardFn | None = None,
+            tools: ToolUse | None = None):  # fmt: skip
         """PPO. value: the value model, initialised from value_params (InstructGPT: the RM's);
-        the reward is the RM (rm_params, the value model's architecture) or host_reward."""
+        the reward is the RM (rm_params, the value model's architecture) or host_reward;
+        tools: rollouts call them (multi-turn)."""
         tx, schedule = make_optimizer(optim, iterations * cfg.epochs * cfg.minibatches)
         shardings = ppo_step.state_shardings(policy, value, cfg.value_head, tx, mesh)
         lora_ref = bool(policy.cfg.lora_rank)
@@ -76,7 +78,7 @@ class RLTrainer:
             ppo_step.ppo_train_step, policy=policy, value=value, tx=tx, schedule=schedule, cfg=cfg
         )
         rollout, score = _phases(policy, value, mesh, max_new_tokens, eos_id, cfg.temperature,
-                                 1, host_reward)  # fmt: skip
+                                 1, host_reward, tools)  # fmt: skip
         return cls(
             policy,
             mesh,
@@ -95,8 +97,9 @@ class RLTrainer:
     def group(cls, policy: Model, sft_params, rm: Model | None, rm_params,
               cfg: grpo.GroupConfig, optim: OptimConfig, mesh, *, iterations: int,
               max_new_tokens: int, eos_id: int, sampling_seed: int,
-              host_reward: HostRewardFn | None = None):  # fmt: skip
-        """GRPO or RLOO: no value model; the reward is the RM (rm, rm_params) or host_reward."""
+              host_reward: HostRewardFn | None = None, tools: ToolUse | None = None):  # fmt: skip
+        """GRPO or RLOO: no value model; the reward is the RM (rm, rm_params) or host_reward;
+        tools: rollouts call them (multi-turn)."""
         tx, schedule = make_optimizer(optim, iterations * cfg.epochs * cfg.minibatches)
         shardings = grpo.state_shardings(policy, tx, mesh)
         lora_ref = bool(policy.cfg.lora_rank)
@@ -109,7 +112,7 @@ class RLTrainer:
             grpo.group_train_step, policy=policy, tx=tx, schedule=schedule, cfg=cfg
         )
         rollout, score = _phases(policy, rm, mesh, max_new_tokens, eos_id, cfg.temperature,
-                                 cfg.group_size, host_reward)  # fmt: skip
+                                 cfg.group_size, host_reward, tools)  # fmt: skip
         return cls(
             policy,
             mesh,
@@ -150,8 +153,12 @@ class RLTrainer:
         t1 = time.perf_counter()
         if self.host_reward is not None:
             n = batch["response_mask"].shape[1]
+            # The reward reads the whole reply, tool results included.
+            whole = batch["response_mask"]
+            if "tool_mask" in batch:
+                whole = whole + batch["tool_mask"]
             host = sharding.host_rows(
-                {"r": batch["tokens"][:, -n:], "m": batch["response_mask"], "e": batch["ended"]}
+                {"r": batch["tokens"][:, -n:], "m": whole, "e": batch["ended"]}
             )
             records = [r for r in inputs["records"] for _ in range(self.group_size)]
             scores = self.host_reward(records, host["r"], host["m"], host["e"])
@@ -167,6 +174,8 @@ class RLTrainer:
         metrics = jax.block_until_ready(metrics)
         t3 = time.perf_counter()
         metrics = dict(metrics)
+        if "tool_mask" in batch:  # fed tool-result tokens per reply
+            metrics["tool_tokens"] = float(np.asarray(batch["tool_mask"]).sum(axis=1).mean())
         metrics.update(
             time_rollout_s=t1 - t0,
             time_score_s=t2 - t1,
@@ -200,11 +209,22 @@ def _frozen(rm_params, sft_params, host_reward, reference_from_state: bool) -> t
     return ref if host_reward else (rm_params, *ref)
 
 
-def _phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, host_reward):
-    """(rollout, score), jitted under the mesh. score: (rm params, reference params,
-    batch) -> {scores, ref_logprobs} for the RM; (reference params, batch) ->
-    {ref_logprobs} for a host reward, whose scores the iteration adds. The reference is
-    the policy's model, without its LoRA adapters."""
+@dataclasses.dataclass(frozen=True)
+class ToolUse:
+    """What a multi-turn rollout needs: the tools, the markers' ids and caps, and the
+    tokenizer that reads calls and writes results."""
+
+    toolbox: object  # gptjax/tools.py Toolbox
+    spec: object  # gptjax/tool_sampling.py ToolTokens
+    tokenizer: object
+
+
+def _phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, host_reward, tools):
+    """(rollout, score), jitted under the mesh (a tool rollout is a host loop over jitted
+    decode segments). score: (rm params, reference params, batch) -> {scores,
+    ref_logprobs} for the RM; (reference params, batch) -> {ref_logprobs} for a host
+    reward, whose scores the iteration adds. The reference is the policy's model, without
+    its LoRA adapters."""
     reference = get_model(lora.without_adapters(policy.cfg))
 
     def sample(params, prompt, mask, seeds):
@@ -228,4 +248,16 @@ def _phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, host
         return {"ref_logprobs": logp}
 
     score = score_ref if host_reward is not None else score_rm
-    return jax.jit(sharding.with_mesh(sample, mesh)), jax.jit(sharding.with_mesh(score, mesh))
+    score = jax.jit(sharding.with_mesh(score, mesh))
+    if tools is None:
+        return jax.jit(sharding.with_mesh(sample, mesh)), score
+
+    def sample_with_tools(params, prompt, mask, seeds):
+        return rollout_lib.tool_rollout(
+            policy, params, prompt, mask, seeds, max_new_tokens=max_new_tokens, eos_id=eos_id,
+            tokenizer=tools.tokenizer, toolbox=tools.toolbox, spec=tools.spec,
+            temperature=temperature, samples=samples,
+        )  # fmt: skip
+
+    # Not jitted: the host answers calls between the jitted decode segments it traces.
+    return sharding.with_mesh(sample_with_tools, mesh), score

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import losses, reward_model, sampling, sharding
+from gptjax import losses, reward_model, sampling, sharding, tool_sampling
 from gptjax.config import from_dict, need
 from gptjax.data.iterators import BatchIterator
 from gptjax.data.packing import host_slice
@@ -114,6 +115,49 @@ def rollout(
     }
 
 
+def tool_rollout(
+    model: Model,
+    params,
+    prompt_BxP,
+    prompt_mask_BxP,
+    seeds_B,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    tokenizer,
+    toolbox,
+    spec,
+    temperature: float = 1.0,
+    samples: int = 1,
+):
+    """`rollout` with tool turns (gptjax/tool_sampling.py): the same batch, where the fed
+    tool results are part of the sequence (attended to, in segment 1) but not of
+    response_mask: the policy loss, the KL and the value loss never see them, and GAE
+    carries values across them (ppo.gae_over_turns). tool_mask [B, N] marks them. Runs on
+    the host between jitted segments: one process only."""
+    if jax.process_count() > 1:
+        raise ValueError("tool rollouts run on one process (the host answers each call)")
+    out = tool_sampling.generate_with_tools(
+        model, params, prompt_BxP, prompt_mask_BxP, seeds_B, max_new_tokens=max_new_tokens,
+        eos_id=eos_id, tokenizer=tokenizer, toolbox=toolbox, spec=spec, temperature=temperature,
+        samples=samples,
+    )  # fmt: skip
+    prompt_BxP, prompt_mask_BxP = np.asarray(prompt_BxP), np.asarray(prompt_mask_BxP)
+    if samples > 1:
+        prompt_BxP = np.repeat(prompt_BxP, samples, axis=0)
+        prompt_mask_BxP = np.repeat(prompt_mask_BxP, samples, axis=0)
+    reply, mask, tool = out["tokens"], out["mask"], out["tool_mask"]
+    seg = np.concatenate([prompt_mask_BxP, mask], axis=1).astype(np.int32)
+    return {
+        "tokens": jnp.asarray(np.concatenate([prompt_BxP, reply], axis=1).astype(np.int32)),
+        "segment_ids": jnp.asarray(seg),
+        "positions": jnp.asarray(np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)),
+        "response_mask": jnp.asarray((mask * (1 - tool)).astype(np.float32)),
+        "tool_mask": jnp.asarray(tool.astype(np.float32)),
+        "ended": jnp.asarray(np.any((reply == eos_id) & (mask > 0), axis=1).astype(np.float32)),
+    }
+
+
 def response_logprobs(model: Model, params, batch, temperature: float = 1.0):
     """(logp_BxN, entropy_BxN) of the reply tokens under the policy, zero off the mask.
 
@@ -138,8 +182,11 @@ def response_values(model: Model, params, batch):
 
 
 def last_token_index(mask_BxN):
-    """Column (within the reply) of each reply's last token: its EOS if it ended."""
-    return jnp.maximum(jnp.sum(mask_BxN, axis=1).astype(jnp.int32) - 1, 0)
+    """Column (within the reply) of each reply's last masked token: its EOS if it ended.
+    The last column of the mask, not its count: a tool-using reply's mask has holes where
+    tool results were fed (tool_rollout)."""
+    cols = jnp.arange(mask_BxN.shape[1], dtype=jnp.int32)
+    return jnp.max(jnp.where(mask_BxN > 0, cols[None, :], 0), axis=1)
 
 
 def score_rollout(rm: Model, rm_params, ref: Model, ref_params, batch, temperature: float = 1.0):

@@ -297,14 +297,16 @@ def test_one_step_bandit_converges_to_the_kl_regularised_optimum():
 # ------------------------------------------------------------------------ the stage
 
 
-def tiny_workdir(workdir):
+def tiny_workdir(workdir, tools: str = ""):
     """A tiny world, its tokenizer, and stand-in SFT / RM checkpoints (random init; the
-    RM is the SFT trunk with a random scalar head), as the earlier stages would leave."""
+    RM is the SFT trunk with a random scalar head), as the earlier stages would leave.
+    tools: tools.names (the tokenizer then has the tool markers)."""
     from configs import pipeline
     from experiments import sources
     from gptjax import checkpoint as ckpt_lib
 
     config = pipeline.get_config("tiny")
+    config.tools.names = tools
     config.model.update(d_model=32, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=64, max_len=32)
     config.tokenizer.vocab_size = 320
     config.world.update(
@@ -326,6 +328,11 @@ def tiny_workdir(workdir):
     tokenizer = sources.get_tokenizer(config, str(workdir), corpus=train_src)
     policy = Model(sources.model_config(config, tokenizer))
     params = policy.init(jax.random.key(0))
+    if tools:  # the random policy closes a call often: its (tied) embedding row x 40
+        from gptjax.tools import CALL_END
+
+        assert policy.cfg.tie_embeddings and params["embed"].shape[0] >= tokenizer.vocab_size
+        params["embed"] = params["embed"].at[tokenizer.special_id(CALL_END)].multiply(40.0)
     rm_params = {
         **params,
         "score_w": jax.random.normal(jax.random.key(1), (32,)),
@@ -353,24 +360,33 @@ def tiny_workdir(workdir):
     return config
 
 
-def test_resume_mid_ppo_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch):
+def _resume_is_bitwise(tmp_path, monkeypatch, stage: str, tool_names: str = "", **section):
+    """Runs `stage` (4 iterations) straight, and again stopped by SIGTERM during iteration
+    3 then resumed; asserts every metric of every iteration and the final checkpoint are
+    equal bitwise. Returns the per-iteration metrics."""
     from experiments import pipeline
     from experiments.loop import StageStopped
     from experiments.stages import rl as rl_stage
     from gptjax.metrics import read_jsonl
     from gptjax.rollout import RolloutInputs
 
+    def setup(workdir):
+        config = tiny_workdir(workdir, tool_names)
+        if stage != "ppo_ptx":
+            config[stage].update({**config.ppo_ptx.to_dict(), "ptx_coef": 0.0, **section})
+        return config
+
     def run(workdir):
         # One device: the stage's mesh is the config's, over every (8 simulated) device.
-        ctx = pipeline.context(config, str(workdir), "ppo_ptx", jax.devices()[:1])
+        ctx = pipeline.context(config, str(workdir), stage, jax.devices()[:1])
         return rl_stage.run(ctx)
 
-    config = tiny_workdir(tmp_path / "straight")
+    config = setup(tmp_path / "straight")
     straight = run(tmp_path / "straight")
     assert straight["steps_run"] == 4
 
     resumed = tmp_path / "resumed"
-    tiny_workdir(resumed)
+    setup(resumed)
     real_next, calls = RolloutInputs.__next__, []
 
     def next_then_sigterm(self):
@@ -387,7 +403,7 @@ def test_resume_mid_ppo_reproduces_the_uninterrupted_run_bitwise(tmp_path, monke
     assert again["resumed_from"] == 3 and again["steps_run"] == 1
 
     def per_step(workdir):
-        rows = read_jsonl(os.path.join(workdir, "ppo_ptx", "metrics.jsonl"))
+        rows = read_jsonl(os.path.join(workdir, stage, "metrics.jsonl"))
         return {
             r["step"]: {k: v for k, v in r.items() if not k.startswith("time_")}
             for r in rows
@@ -397,14 +413,13 @@ def test_resume_mid_ppo_reproduces_the_uninterrupted_run_bitwise(tmp_path, monke
     a, b = per_step(tmp_path / "straight"), per_step(resumed)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert a == b  # bitwise: every metric of every iteration, β and the ptx loss included
-    assert a[4]["ptx_loss"] > 0 and a[4]["kl"] != 0
 
     def final(workdir):
         from gptjax import checkpoint as ckpt_lib
 
         names = ("params", "value", "opt_state", "kl")
         ckpt = ckpt_lib.Checkpointer(
-            os.path.join(workdir, "ppo_ptx", "checkpoints"), names, async_save=False
+            os.path.join(workdir, stage, "checkpoints"), names, async_save=False
         )
         meta = ckpt._manager.item_metadata(4)
         abstract = {
@@ -416,3 +431,17 @@ def test_resume_mid_ppo_reproduces_the_uninterrupted_run_bitwise(tmp_path, monke
         return jax.device_get(items)
 
     jax.tree.map(np.testing.assert_array_equal, final(tmp_path / "straight"), final(resumed))
+    return a
+
+
+def test_resume_mid_ppo_reproduces_the_uninterrupted_run_bitwise(tmp_path, monkeypatch):
+    a = _resume_is_bitwise(tmp_path, monkeypatch, "ppo_ptx")
+    assert a[4]["ptx_loss"] > 0 and a[4]["kl"] != 0
+
+
+def test_resume_mid_multi_turn_ppo_is_bitwise(tmp_path, monkeypatch):
+    """PPO whose rollouts call tools: results fed back between decode segments, masked out
+    of the losses. The random policy closes calls by chance (a malformed call is answered
+    with an error result, fed back the same way)."""
+    a = _resume_is_bitwise(tmp_path, monkeypatch, "ppo", tool_names="calc", tools=True)
+    assert any(row["tool_tokens"] > 0 for row in a.values()) and a[4]["kl"] != 0

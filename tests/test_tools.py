@@ -273,3 +273,71 @@ def test_a_users_tool_is_registered_as_module_function():
     assert box.names == ["calc", "capwords"]
     assert box.run("capwords(ka ri)") == ("Ka Ri", True)
     assert box.run("calc(2 + 2)") == ("4", True)
+
+
+# ---- multi-turn RL: the rollout's masks and GAE across tool results --------------------
+
+
+def test_tool_rollout_masks_results_out_of_every_rl_loss():
+    from gptjax import rollout
+
+    p = 2
+    script, expected = _script([(0, 1, 0), (3, 0, 2)], p)
+    spec = tool_sampling.ToolTokens(
+        CALL, CALL_END, RESULT, RESULT_END, max_calls=3, max_result_tokens=2
+    )
+    prompt = np.full((2, p), 7, np.int32)
+    batch = rollout.tool_rollout(
+        ScriptedModel(), {"script": jnp.asarray(script)}, prompt, np.ones_like(prompt),
+        np.arange(2), max_new_tokens=70, eos_id=EOS, tokenizer=CharTokenizer(),
+        toolbox=tools.Toolbox({"calc": calc.calc}), spec=spec,
+    )  # fmt: skip
+    for r, want in enumerate(expected):
+        reply = np.asarray(batch["tokens"])[r, p:]
+        fed = np.flatnonzero(np.asarray(batch["tool_mask"])[r])
+        assert len(fed) == 3 * 4 and all(
+            reply[k] in (RESULT, RESULT_END) or 10 <= reply[k] for k in fed
+        )
+        starts = [k for k in fed if reply[k] == RESULT]
+        assert [reply[k - 1] for k in starts] == [CALL_END] * 3  # right after each call
+        policy = np.flatnonzero(np.asarray(batch["response_mask"])[r])
+        # the policy's tokens are exactly the rest of the reply, EOS included
+        assert sorted([*policy, *fed]) == list(range(len(want)))
+        assert not set(policy) & set(fed) and reply[policy[-1]] == EOS
+        # the results stay in the sequence the model attends to
+        assert np.asarray(batch["segment_ids"])[r, p : p + len(want)].all()
+    assert np.asarray(batch["ended"]).tolist() == [1.0, 1.0]
+    assert rollout.last_token_index(batch["response_mask"]).tolist() == [
+        len(w) - 1 for w in expected
+    ]
+
+
+def test_gae_carries_values_across_tool_results():
+    from gptjax import ppo
+
+    rng = np.random.default_rng(0)
+    rewards, values = (
+        rng.normal(size=(3, 9)).astype(np.float32),
+        rng.normal(size=(3, 9)).astype(np.float32),
+    )
+    solid = np.array([[1] * 9, [1] * 6 + [0] * 3, [1] * 2 + [0] * 7], np.float32)
+    for a, b in zip(
+        ppo.gae(rewards, values, solid, 0.9, 0.8),
+        ppo.gae_over_turns(rewards, values, solid, 0.9, 0.8),
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    # holes (fed results) inside a reply: the same as GAE on the policy's tokens alone
+    holes = np.array([1, 1, 0, 0, 1, 1, 0, 1, 0], np.float32)
+    keep = np.flatnonzero(holes)
+    adv, ret = ppo.gae_over_turns(rewards[:1], values[:1], holes[None], 0.9, 0.8)
+    ref_adv, ref_ret = ppo.gae(
+        rewards[:1, keep], values[:1, keep], np.ones((1, len(keep))), 0.9, 0.8
+    )
+    np.testing.assert_allclose(np.asarray(adv)[0, keep], np.asarray(ref_adv)[0], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ret)[0, keep], np.asarray(ref_ret)[0], rtol=1e-6)
+    assert not np.asarray(adv)[0, holes == 0].any()
+    # the old GAE would have cut the episode at the first result
+    assert not np.allclose(
+        np.asarray(ppo.gae(rewards[:1], values[:1], holes[None], 0.9, 0.8)[0])[0, keep],
+        np.asarray(ref_adv)[0],
+    )

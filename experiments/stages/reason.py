@@ -245,6 +245,7 @@ def evaluate_all(ctx: StageContext) -> dict:
             res[proto_name] = eval_stats.summarize(fewshot, replies, ACCURACY, n_boot)
         out["variants"]["base few-shot"] = {"direct": res}
     variants = [("SFT", "sft")] + [(n, r) for n, r in POLICIES.items() if r in ctx.inputs]
+    replies_of = {}
     for name, role in variants:
         if not present(role):
             continue
@@ -267,6 +268,20 @@ def evaluate_all(ctx: StageContext) -> dict:
                     summary["tools"] = tool_metrics(records, replies)
                 res[mode][proto_name] = summary
         res["differences"] = _differences(records, got, n_boot)
+        if name != "SFT" and "SFT" in replies_of:  # a policy trained from SFT, against it
+            for (mode, proto_name), replies in got.items():
+                sft = replies_of["SFT"].get((mode, proto_name))
+                for metric in ("accuracy", "accuracy_multistep", "accuracy_arithmetic"):
+                    d = eval_stats.paired_difference(
+                        records, replies, sft, ACCURACY[metric], n_boot
+                    )
+                    res["differences"].setdefault(f"− SFT ({mode})", {})[
+                        f"{proto_name} {metric}"
+                    ] = {
+                        **d,
+                        "metric": metric,
+                    }
+        replies_of[name] = got
         out["variants"][name] = res
     return out
 

@@ -15,6 +15,12 @@ gptjax/rewards.py), then the update (gptjax/ppo_step.py, gptjax/grpo.py). Each p
 timed. The policy starts from the SFT model; PPO's value model from the RM (from the SFT
 trunk with a zero head when the reward is not the RM).
 
+With `tools` set, rollouts call the run's tools (experiments/toolbox.py) and get their
+results fed back (multi-turn); the results are masked out of the policy loss, the KL
+and the value loss, and PPO's GAE steps over them. `prompts=reason:MODE` trains on the
+world's reasoning tasks, and `reward=gold` then judges their final answers (1 right, 0
+not: gptjax/world/reasoning.py is_correct).
+
 Resuming is exact: policy, value and optimizer states, β, the step (which seeds the
 rollout sampling and the minibatch shuffling) are in the checkpoint, the prompt and ptx
 iterator positions in its metadata.
@@ -28,7 +34,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from experiments import sections, sources
+from experiments import sections, sources, toolbox
 from experiments.loop import run_stage, stage_meta
 from experiments.rundir import StageContext
 from gptjax import config as config_lib
@@ -37,9 +43,10 @@ from gptjax.data import chat
 from gptjax.data.iterators import BatchIterator, lm_batches
 from gptjax.errors import ConfigError
 from gptjax.model import Model
-from gptjax.rl_trainer import RLTrainer
+from gptjax.rl_trainer import RLTrainer, ToolUse
 from gptjax.rollout import RolloutInputs, rollout_config
 from gptjax.world import evaluation as world_eval
+from gptjax.world import reasoning
 
 KL_GUARDS = ("rollback", "stop")
 ALGORITHMS = ("ppo", "grpo", "rloo")
@@ -81,9 +88,23 @@ def settings(ctx: StageContext) -> dict:
         raise ConfigError(f"{name}.reward", "this instance reads no RM: gold or module:function")
     if reward not in (rewards.RM, rewards.GOLD):
         config_lib.load_callable(reward, f"{name}.reward")
+    if section.get("tools", False) and not toolbox.names_of(ctx.config):
+        raise ConfigError(f"{name}.tools", "true, but tools.names is empty")
+    if reasoning_prompts(section) and reward == rewards.RM:
+        raise ConfigError(f"{name}.reward", "the RM never saw reasoning tasks: gold or a function")
     return dict(
         algorithm=algorithm, cfg=cfg, shape=shape, loop=loop, optim=optim, mesh=mesh, reward=reward
     )
+
+
+def reasoning_prompts(section) -> bool:
+    return str(section.get("prompts", "")).startswith(sources.REASON)
+
+
+def reasoning_rewards(prompts, completions, ended) -> list[float]:
+    """The gold reward of a reasoning task: 1 for the right final answer (or an abstention
+    where nothing is known), else 0."""
+    return [float(reasoning.is_correct(p, c, e)) for p, c, e in zip(prompts, completions, ended)]
 
 
 def host_reward(ctx: StageContext, spec: str, tokenizer):
@@ -91,7 +112,9 @@ def host_reward(ctx: StageContext, spec: str, tokenizer):
     gold labeler, or the user's function named in the section's `reward`."""
     if spec == rewards.RM:
         return None
-    if spec == rewards.GOLD:
+    if spec == rewards.GOLD and reasoning_prompts(ctx.section):
+        fn = rewards.HostReward("gold (reasoning: the final answer)", reasoning_rewards)
+    elif spec == rewards.GOLD:
         weight = sources.world_config(ctx.config).length_weight
         fn = rewards.HostReward(
             "gold (the world's labeler)",
@@ -115,6 +138,8 @@ def eval_fn(ctx: StageContext, policy, tokenizer):
     the evaluator's fixed protocol (greedy and temperature 1); None off the world."""
     config, section = ctx.config, ctx.section
     if not section.eval_prompts or config.data.pretrain != sources.WORLD:
+        return None
+    if reasoning_prompts(section):  # the reason stage evaluates it
         return None
     records = sources.eval_records(config, ctx.workdir)[: section.eval_prompts]
     protocol = sources.protocol(config)
@@ -166,12 +191,17 @@ def build(ctx: StageContext) -> dict:
         )
     if policy.cfg.lora_rank:
         sft_params = lora_policy(policy, sft_params, rm_params, config.seeds.init)
+    tools = None
+    if section.get("tools", False):
+        box = toolbox.build(config, workdir)
+        tools = ToolUse(box, toolbox.tokens(config, tokenizer), tokenizer)
     kw = dict(
         iterations=section.iterations,
         max_new_tokens=shape.max_new_tokens,
         eos_id=tokenizer.eos_id,
         sampling_seed=config.seeds.sampling,
         host_reward=reward,
+        tools=tools,
     )
     if s["algorithm"] == "ppo":
         trainer = RLTrainer.ppo(

@@ -103,6 +103,7 @@ class WorldConfig:
     # probability cot_demo_frac, a tool call with tool_demo_frac, else the direct answer.
     n_reason_demos: int = 0
     n_reason_eval: int = 0  # reason_eval split: the same kinds on eval people / unknowns
+    n_reason_prompts: int = 0  # reason_ppo split, for RL: the same kinds on PPO people
     cot_demo_frac: float = 0.0
     tool_demo_frac: float = 0.0  # needs tools.names with calc and lookup
     # Pretraining documents solved step by step (documents.worked): operands and results
@@ -117,7 +118,8 @@ class WorldConfig:
         counts = (
             "n_known n_unknown n_demo_unknown n_obscure bios_per_person n_worksheets "
             "n_note_docs n_ignorance_docs n_noise_docs n_pretrain_heldout n_demos n_demos_heldout "
-            "n_ppo_prompts n_eval_prompts n_reason_demos n_reason_eval n_worked_docs"
+            "n_ppo_prompts n_eval_prompts n_reason_demos n_reason_eval n_reason_prompts "
+            "n_worked_docs"
         ).split()
         for name in counts:
             if getattr(self, name) < 0:

@@ -46,7 +46,8 @@ SPLITS = (
     "eval_prompts",
     "fewshot_examples",
 )
-REASON_SPLITS = ("reason_eval",)  # only when WorldConfig.n_reason_demos/n_reason_eval > 0
+# Only when WorldConfig.n_reason_eval / n_reason_prompts > 0.
+REASON_SPLITS = ("reason_eval", "reason_ppo")
 
 
 def _rng(cfg: WorldConfig, stream: str) -> random.Random:
@@ -283,7 +284,7 @@ def generate(cfg: WorldConfig | None = None) -> dict[str, list[dict]]:
     ):
         rng = _rng(cfg, split)
         splits[split] = _split_tasks(n, pools[pool], pools[pool + "_unk"], cfg, rng, taken)
-    reason = cfg.n_reason_demos > 0 or cfg.n_reason_eval > 0
+    reason = cfg.n_reason_demos > 0 or cfg.n_reason_eval > 0 or cfg.n_reason_prompts > 0
     if reason:  # its own stream, drawn only when asked for: the default world is unchanged
         rng = _rng(cfg, "reason")
         make = lambda n, pool: reasoning.make_tasks(  # noqa: E731
@@ -296,6 +297,10 @@ def generate(cfg: WorldConfig | None = None) -> dict[str, list[dict]]:
     if reason:
         rng = _rng(cfg, "reason/demos")
         reason_demos = make(cfg.n_reason_demos, "demos")
+        # RL prompts last, from their own stream: asking for them changes no other split
+        # (their arithmetic may then appear in pretraining, unlike the eval tasks').
+        rng = _rng(cfg, "reason/ppo")
+        reason_ppo = make(cfg.n_reason_prompts, "ppo")
     for split in ("demos", "demos_heldout"):
         rng = _rng(cfg, split + "/responses")
         splits[split] = [_demonstrate(t, cfg, rng) for t in splits[split]]
@@ -352,7 +357,9 @@ def generate(cfg: WorldConfig | None = None) -> dict[str, list[dict]]:
     ]
     if reason:
         _add_reasoning(cfg, splits, reason_demos, reason_eval, in_demos)
-    return {name: splits[name] for name in SPLITS + (REASON_SPLITS if reason else ())}
+        splits["reason_ppo"] = [{**t, "in_demos": t["person"] in in_demos} for t in reason_ppo]
+    extra = [name for name in REASON_SPLITS if splits.get(name)]  # empty ones left out
+    return {name: splits[name] for name in (*SPLITS, *extra)}
 
 
 def _add_reasoning(cfg: WorldConfig, splits: dict, demo_tasks: list, eval_tasks: list, in_demos):
