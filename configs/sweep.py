@@ -5,6 +5,7 @@
     python -m experiments.sweep --config=configs/sweep.py:kl --shared_from=runs/tiny-...
     python -m experiments.sweep --config=configs/sweep.py:kl --config.seed_all=True
     python -m experiments.sweep --config=configs/sweep.py:algorithms   # PPO/GRPO/RLOO/DPO
+    python -m experiments.sweep --config=configs/sweep.py:reasoning    # thinking and tools
 
 Every cell (variant x seed) runs `stages` through the sweep's stage cache
 (experiments/stage_cache.py): a stage whose settings and inputs are those of a stage
@@ -25,6 +26,8 @@ Fields:
   findings       the effects whose verdicts the report states: metric, protocol,
                  (variant a, model a), (variant b, model b), predicted sign of a − b
   frontier       the algorithms preset's matched-KL analysis (experiments/frontier.py)
+  per_variant    the report's per-variant tables: protocol -> metrics (default: the eval
+                 stage's; the reasoning preset's: the reason stage's accuracies)
 """
 
 import copy
@@ -347,7 +350,77 @@ PRESETS["ref_feature"] = (
         ),
     ],
 )
+# Thinking and tools (configs/pipeline.py:tiny,reasoning=1): the reason stage's modes
+# per model, as "SFT (cot)", "GRPO (gold reward) (tools)"; code documents in pretraining
+# on / off. Every cell is a whole pipeline at its seed.
+_REASON_STAGES = ("pretrain", "sft", "grpo_gold", "reason")
+PRESETS["reasoning"] = (
+    {"code_15": {}, "code_0": {"world.code_doc_frac": 0.0}},
+    _REASON_STAGES,
+    (),
+    (),
+    [
+        _finding(
+            "chain of thought beats direct answers on multi-step tasks",
+            "accuracy_multistep",
+            "greedy",
+            ("code_15", "SFT (cot)"),
+            ("code_15", "SFT (direct)"),
+            +1,
+            "the steps give a small model the intermediate results (Wei et al. 2022)",
+        ),
+        _finding(
+            "self-consistency beats a single chain",
+            "accuracy_multistep",
+            "sample",
+            ("code_15", "SFT (sc)"),
+            ("code_15", "SFT (cot)"),
+            +1,
+            "a majority vote over sampled chains (Wang et al. 2023) vs one sampled chain",
+        ),
+        _finding(
+            "tools raise arithmetic accuracy",
+            "accuracy_arithmetic",
+            "greedy",
+            ("code_15", "SFT (tools)"),
+            ("code_15", "SFT (direct)"),
+            +1,
+            "the calculator computes what the model cannot (Toolformer)",
+        ),
+        _finding(
+            "RL with tools raises multi-step accuracy over tool-SFT",
+            "accuracy_multistep",
+            "greedy",
+            ("code_15", "GRPO (gold reward) (tools)"),
+            ("code_15", "SFT (tools)"),
+            +1,
+            "GRPO on tool-using rollouts, rewarded for the final answer",
+        ),
+        _finding(
+            "code in pretraining raises chain-of-thought accuracy",
+            "accuracy_multistep",
+            "greedy",
+            ("code_15", "SFT (cot)"),
+            ("code_0", "SFT (cot)"),
+            +1,
+            "the published claim that code data helps multi-step reasoning",
+        ),
+    ],
+)
+_REASON_METRICS = (
+    "accuracy_arithmetic",
+    "accuracy_chain",
+    "accuracy_letters",
+    "accuracy_fact",
+    "abstention_unknown",
+    "tools_call_rate",
+)
 EXTRA = {
+    "reasoning": dict(
+        pipeline="tiny,reasoning=1",
+        seed_all=True,
+        per_variant={"greedy": _REASON_METRICS, "sample": _REASON_METRICS},
+    ),
     "gates": dict(seed_all=True, seeds=[0, 1, 2, 3, 4], overrides=[]),
     "ref_feature": dict(
         seed_all=True,

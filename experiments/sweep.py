@@ -34,7 +34,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import pipeline as pipeline_configs
-from experiments import cli, frontier, gates, plots, report, sources, stage_cache
+from experiments import cli, frontier, gates, plots, reason_report, report, sources, stage_cache
 from gptjax.errors import ConfigError
 from gptjax.eval_stats import t_interval
 
@@ -98,10 +98,13 @@ def run_cell(sweep, workdir: str, variant: str, seed: int, shared_from=None) -> 
         data_dir=os.path.join(workdir, "data"),
         shared_from=shared_from,
     )
+    results = dict(summaries["eval"]["variants"]) if "eval" in summaries else {}
+    if "reason" in summaries:  # "SFT (cot)", "GRPO (gold reward) (tools)", ...
+        results.update(reason_report.flat_variants(summaries["reason"]))
     out = {
         "variant": variant,
         "seed": seed,
-        "variants": summaries["eval"]["variants"],
+        "variants": results,
         # The cell's gate rows (each stage records its own when it runs in this cell).
         "gates": gates.load(directory),
     }
@@ -201,7 +204,7 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
             f"{v['effect']:.3f} | [{v['lo']:.3f}, {v['hi']:.3f}] | {v['seeds']} | "
             f"**{v['verdict']}** |"
         )
-    for protocol, metrics in PER_VARIANT.items():
+    for protocol, metrics in sweep.get("per_variant", PER_VARIANT).items():
         lines += ["", f"## Per variant, {protocol} (mean over seeds, 95% t-interval)", ""]
         lines += [
             "| variant / model | " + " | ".join(metrics) + " |",

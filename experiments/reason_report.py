@@ -1,7 +1,8 @@
-"""The reason stage's results over several runs (seeds): the mean and 95% t-interval over
-runs of every accuracy and every paired difference.
+"""The reason stage's results (experiments/stages/reason.py) read back: over several
+runs (seeds), the mean and 95% t-interval over runs of every accuracy and every paired
+difference; and flattened to the eval stage's shape for the sweep runner.
 
-    python -m experiments.reason_seeds runs/reason_seed0 runs/reason_seed1 runs/reason_seed2
+    python -m experiments.reason_report runs/reason_seed0 runs/reason_seed1 runs/reason_seed2
 
 Each run is one whole pipeline (pretrain, SFT, reason) at its own seeds; a difference's
 interval over seeds is the one a claim rests on (the per-run bootstrap intervals are
@@ -18,6 +19,31 @@ from gptjax import eval_stats
 from gptjax.world import reasoning
 
 KINDS = [f"accuracy_{k}" for k in reasoning.KINDS] + ["accuracy_multistep", "abstention_unknown"]
+
+
+def flat_variants(out: dict) -> dict:
+    """The results as the eval stage's shape, {"MODEL (mode)": {protocol: {metric: stat}}}
+    (the sweep runner's cells): self-consistency's vote under "sample" (it samples), the
+    tool metrics as stats of their own."""
+    flat = {}
+    for name, res in out["variants"].items():
+        for mode, by_proto in res.items():
+            if mode == "differences":
+                continue
+            for proto, m in by_proto.items():
+                stats = {k: v for k, v in m.items() if k != "tools"}
+                for k, v in m.get("tools", {}).items():
+                    if k != "replies":
+                        stats[f"tools_{k}"] = {
+                            "mean": v,
+                            "lo": float("nan"),
+                            "hi": float("nan"),
+                            "n": 1,
+                        }
+                flat.setdefault(f"{name} ({mode})", {})["sample" if proto == "vote" else proto] = (
+                    stats
+                )
+    return flat
 
 
 def _cell(values) -> str:
@@ -78,7 +104,7 @@ def summarize(results: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     if not argv:
-        print("usage: python -m experiments.reason_seeds RUN_DIR [RUN_DIR ...]", file=sys.stderr)
+        print("usage: python -m experiments.reason_report RUN_DIR [RUN_DIR ...]", file=sys.stderr)
         return 2
     results = []
     for run in argv:
