@@ -79,6 +79,28 @@ def choose(logits_BxV, keys_B, temperature: float, top_k: int, top_p: float):
 _STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p")
 
 
+def prefill(model: Model, params, prompt_BxP, prompt_mask_BxP, max_new_tokens: int, samples: int):
+    """The prompt's pass that fills a cache of P + N positions: (logits of each row's next
+    token [B·G, V], its position [B·G], the cache). With samples G > 1 each prompt is
+    prefilled once and its cache copied to its G rows, prompt-major."""
+    b, p = prompt_BxP.shape
+    positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
+    cache = model.init_cache(b, p + max_new_tokens)
+    logits_BxPxV, cache = model.apply(
+        params, prompt_BxP, prompt_mask_BxP, positions_BxP, cache=cache
+    )
+    if samples > 1:
+        grow = lambda x, axis=0: jnp.repeat(x, samples, axis=axis)  # noqa: E731
+        cache = {
+            "k": grow(cache["k"], 1),
+            "v": grow(cache["v"], 1),
+            "segment_ids": grow(cache["segment_ids"]),
+            "index": cache["index"],
+        }
+        logits_BxPxV, positions_BxP = grow(logits_BxPxV), grow(positions_BxP)
+    return logits_BxPxV[:, -1], positions_BxP[:, -1] + 1, cache
+
+
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "samples"))
 def generate(
     model: Model,
@@ -103,22 +125,9 @@ def generate(
     and its cache copied to its G rows, prompt-major (prompt i's replies are rows i·G ..
     i·G + G − 1); seeds_B and the outputs then have B·G rows.
     """
-    b, p = prompt_BxP.shape
     n = max_new_tokens
-    positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
-    cache = model.init_cache(b, p + n)
-    logits_BxPxV, cache = model.apply(
-        params, prompt_BxP, prompt_mask_BxP, positions_BxP, cache=cache
-    )
-    if samples > 1:
-        grow = lambda x, axis=0: jnp.repeat(x, samples, axis=axis)  # noqa: E731
-        cache = {
-            "k": grow(cache["k"], 1),
-            "v": grow(cache["v"], 1),
-            "segment_ids": grow(cache["segment_ids"]),
-            "index": cache["index"],
-        }
-        logits_BxPxV, positions_BxP, b = grow(logits_BxPxV), grow(positions_BxP), b * samples
+    logits_BxV, pos_B, cache = prefill(model, params, prompt_BxP, prompt_mask_BxP, n, samples)
+    b = logits_BxV.shape[0]
     keys_B = jax.vmap(jax.random.key)(seeds_B)
 
     def cond(carry):
@@ -141,8 +150,8 @@ def generate(
 
     init = (
         jnp.zeros((), jnp.int32),
-        logits_BxPxV[:, -1],
-        positions_BxP[:, -1] + 1,
+        logits_BxV,
+        pos_B,
         cache,
         jnp.zeros((b, n), jnp.int32),
         jnp.zeros((b, n), jnp.float32),

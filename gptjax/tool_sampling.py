@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax import tools
-from gptjax.sampling import choose
+from gptjax.sampling import choose, prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,43 +58,19 @@ class ToolTokens:
 _STATIC = ("model", "max_new_tokens", "temperature", "top_k", "top_p")
 
 
-@functools.partial(jax.jit, static_argnames=(*_STATIC, "samples", "forced_width"))
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "samples", "forced_width"))
 def _prefill(
-    model,
-    params,
-    prompt_BxP,
-    prompt_mask_BxP,
-    seeds_B,
-    *,
-    max_new_tokens,
-    samples,
-    forced_width,
-    temperature=0.0,
-    top_k=0,
-    top_p=1.0,
+    model, params, prompt_BxP, prompt_mask_BxP, seeds_B, *, max_new_tokens, samples, forced_width
 ):
-    del temperature, top_k, top_p  # shared static names with _segment
-    b, p = prompt_BxP.shape
-    n = max_new_tokens
-    positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=1) - 1, 0)
-    cache = model.init_cache(b, p + n)
-    logits_BxPxV, cache = model.apply(
-        params, prompt_BxP, prompt_mask_BxP, positions_BxP, cache=cache
+    logits_BxV, pos_B, cache = prefill(
+        model, params, prompt_BxP, prompt_mask_BxP, max_new_tokens, samples
     )
-    if samples > 1:
-        grow = lambda x, axis=0: jnp.repeat(x, samples, axis=axis)  # noqa: E731
-        cache = {
-            "k": grow(cache["k"], 1),
-            "v": grow(cache["v"], 1),
-            "segment_ids": grow(cache["segment_ids"]),
-            "index": cache["index"],
-        }
-        logits_BxPxV, positions_BxP, b = grow(logits_BxPxV), grow(positions_BxP), b * samples
+    b, n = logits_BxV.shape[0], max_new_tokens
     return {
         "i": jnp.zeros((), jnp.int32),
         "keys": jax.vmap(jax.random.key)(seeds_B),
-        "logits": logits_BxPxV[:, -1],
-        "pos": positions_BxP[:, -1] + 1,
+        "logits": logits_BxV,
+        "pos": pos_B,
         "cache": cache,
         "tokens": jnp.zeros((b, n), jnp.int32),
         "logp": jnp.zeros((b, n), jnp.float32),
@@ -205,9 +181,9 @@ def generate_with_tools(
         prompt_BxP,
         prompt_mask_BxP,
         seeds_B,
+        max_new_tokens=max_new_tokens,
         samples=samples,
         forced_width=width,
-        **sampling_args,
     )
     b = carry["tokens"].shape[0]
     calls: list[list[tuple[str, str, bool]]] = [[] for _ in range(b)]
