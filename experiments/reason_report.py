@@ -54,7 +54,7 @@ def _cell(values) -> str:
 def summarize(results: list[dict]) -> str:
     lines = [f"runs: {len(results)}; mean [95% t-interval over runs]"]
     names = [k.replace("accuracy_", "") for k in KINDS]
-    header = f"{'model':<16}{'mode':<7}{'protocol':<9}" + "".join(f"{n[:18]:>22}" for n in names)
+    header = f"{'model':<20}{'mode':<7}{'protocol':<9}" + "".join(f"{n[:18]:>22}" for n in names)
     lines.append(header)
     first = results[0]["variants"]
     for name, res in first.items():
@@ -70,7 +70,7 @@ def summarize(results: list[dict]) -> str:
                         if r["variants"][name][mode][proto].get(k, {}).get("n")
                     ]
                     cells.append(f"{_cell(values) if values else '-':>22}")
-                lines.append(f"{name:<16}{mode:<7}{proto:<9}" + "".join(cells))
+                lines.append(f"{name:<20}{mode:<7}{proto:<9}" + "".join(cells))
         for label, by in res.get("differences", {}).items():
             for proto, d in by.items():
                 values = [

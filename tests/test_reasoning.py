@@ -142,3 +142,40 @@ def test_bad_reasoning_settings_fail_before_pretraining(tmp_path, flags, message
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
         pipeline.run_stages(config, str(tmp_path), ["pretrain", "sft", "reason"])
     assert not any(tmp_path.iterdir())  # nothing computed, nothing written
+
+
+def test_reason_results_flatten_for_the_sweep_and_summarize_over_runs():
+    from experiments import reason_report
+
+    def stat(x):
+        return {"mean": x, "lo": x, "hi": x, "n": 10}
+
+    def run(shift):
+        acc = {"accuracy_multistep": stat(0.4 + shift), "accuracy_chain": stat(0.1)}
+        tool_stats = dict.fromkeys(
+            ("call_rate", "valid_calls", "right_result_rate", "accuracy_given_right_result"), 1.0
+        )
+        tool_stats["replies"] = 10
+        return {
+            "lookup_recall": {"recall_known": 1.0},
+            "variants": {
+                "SFT": {
+                    "cot": {"greedy": acc, "sample": acc},
+                    "sc": {"vote": acc},
+                    "tools": {"greedy": {**acc, "tools": tool_stats}},
+                    "differences": {
+                        "cot − direct": {"greedy": {"mean": shift, "metric": "accuracy_multistep"}}
+                    },
+                }
+            },
+        }
+
+    flat = reason_report.flat_variants(run(0.0))
+    assert set(flat) == {"SFT (cot)", "SFT (sc)", "SFT (tools)"}
+    assert set(flat["SFT (sc)"]) == {"sample"}  # the vote is a sampling protocol
+    assert flat["SFT (tools)"]["greedy"]["tools_call_rate"]["mean"] == 1.0
+    assert "tools_replies" not in flat["SFT (tools)"]["greedy"]
+    text = reason_report.summarize([run(0.0), run(0.1), run(0.2)])
+    # mean 0.5 over runs, its t-interval: 0.5 ± 4.30 · 0.1 / √3
+    assert "cot − direct (accuracy_multistep, greedy): 0.100 [-0.15, 0.35]" in text
+    assert "0.500 [0.25, 0.75]" in text

@@ -335,8 +335,9 @@ def format_results(out: dict) -> str:
                     )
         for label, by in res.get("differences", {}).items():
             for proto_name, d in by.items():
+                what = proto_name if d["metric"] in proto_name else f"{d['metric']}, {proto_name}"
                 lines.append(
-                    f"  {name}: {label} ({d['metric']}, {proto_name}) "
+                    f"  {name}: {label} ({what}) "
                     f"{d['mean']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] over {d['n']} tasks"
                 )
     return "\n".join(lines)
