@@ -230,6 +230,8 @@ def evaluate_all(ctx: StageContext) -> dict:
         "tools": toolbox.names_of(config),
         "variants": {},
     }
+    if box is not None and "lookup" in box.tools:
+        out["lookup_recall"] = lookup_recall(box.tools["lookup"], world["people"])
     n_boot = proto.bootstrap
     if present("base"):
         fewshot = _fewshot_records(
