@@ -46,7 +46,6 @@ from gptjax.model import Model
 from gptjax.rl_trainer import RLTrainer, ToolUse
 from gptjax.rollout import RolloutInputs, rollout_config
 from gptjax.world import evaluation as world_eval
-from gptjax.world import reasoning
 
 KL_GUARDS = ("rollback", "stop")
 ALGORITHMS = ("ppo", "grpo", "rloo")
@@ -101,19 +100,13 @@ def reasoning_prompts(section) -> bool:
     return str(section.get("prompts", "")).startswith(sources.REASON)
 
 
-def reasoning_rewards(prompts, completions, ended) -> list[float]:
-    """The gold reward of a reasoning task: 1 for the right final answer (or an abstention
-    where nothing is known), else 0."""
-    return [float(reasoning.is_correct(p, c, e)) for p, c, e in zip(prompts, completions, ended)]
-
-
 def host_reward(ctx: StageContext, spec: str, tokenizer):
     """The reward computed on the host from decoded replies (None for the RM): the world's
     gold labeler, or the user's function named in the section's `reward`."""
     if spec == rewards.RM:
         return None
     if spec == rewards.GOLD and reasoning_prompts(ctx.section):
-        fn = rewards.HostReward("gold (reasoning: the final answer)", reasoning_rewards)
+        fn = rewards.HostReward("gold (the final answer)", world_eval.reasoning_rewards)
     elif spec == rewards.GOLD:
         weight = sources.world_config(ctx.config).length_weight
         fn = rewards.HostReward(

@@ -12,6 +12,7 @@ from gptjax import eval_stats, evaluate
 from gptjax.data import chat
 from gptjax.world.documents import parse_fewshot_completion
 from gptjax.world.labeler import DEFAULT_LENGTH_WEIGHT, classify, gold_score
+from gptjax.world.reasoning import is_correct
 
 CORRECT = ("correct", "correct_verbose")
 
@@ -49,6 +50,13 @@ def gold_rewards(prompts, completions, ended, length_weight=None) -> list[float]
     noiseless score of each reply, with the world's length weight."""
     kw = {} if length_weight is None else {"length_weight": length_weight}
     return [gold_score(p, c, e, **kw) for p, c, e in zip(prompts, completions, ended)]
+
+
+def reasoning_rewards(prompts, completions, ended) -> list[float]:
+    """The gold reward of a reasoning task (gptjax/world/reasoning.py) as an RL reward: 1
+    for the right final answer in the reply's own words (or an abstention where nothing
+    is known), else 0."""
+    return [float(is_correct(p, c, e)) for p, c, e in zip(prompts, completions, ended)]
 
 
 def _answerable(rec):
