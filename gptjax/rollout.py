@@ -102,6 +102,11 @@ def rollout(
         temperature=temperature,
         samples=samples,
     )
+    return _batch(prompt_BxP, prompt_mask_BxP, reply_BxN, mask_BxN, eos_id, samples)
+
+
+def _batch(prompt_BxP, prompt_mask_BxP, reply_BxN, mask_BxN, eos_id: int, samples: int):
+    """The rollout batch of sampled replies (their prompts repeated `samples` times)."""
     if samples > 1:
         prompt_BxP = jnp.repeat(prompt_BxP, samples, axis=0)
         prompt_mask_BxP = jnp.repeat(prompt_mask_BxP, samples, axis=0)
@@ -142,20 +147,14 @@ def tool_rollout(
         eos_id=eos_id, tokenizer=tokenizer, toolbox=toolbox, spec=spec, temperature=temperature,
         samples=samples,
     )  # fmt: skip
-    prompt_BxP, prompt_mask_BxP = np.asarray(prompt_BxP), np.asarray(prompt_mask_BxP)
-    if samples > 1:
-        prompt_BxP = np.repeat(prompt_BxP, samples, axis=0)
-        prompt_mask_BxP = np.repeat(prompt_mask_BxP, samples, axis=0)
-    reply, mask, tool = out["tokens"], out["mask"], out["tool_mask"]
-    seg = np.concatenate([prompt_mask_BxP, mask], axis=1).astype(np.int32)
-    return {
-        "tokens": jnp.asarray(np.concatenate([prompt_BxP, reply], axis=1).astype(np.int32)),
-        "segment_ids": jnp.asarray(seg),
-        "positions": jnp.asarray(np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)),
-        "response_mask": jnp.asarray((mask * (1 - tool)).astype(np.float32)),
-        "tool_mask": jnp.asarray(tool.astype(np.float32)),
-        "ended": jnp.asarray(np.any((reply == eos_id) & (mask > 0), axis=1).astype(np.float32)),
-    }
+    tool = jnp.asarray(out["tool_mask"])
+    batch = _batch(
+        prompt_BxP, prompt_mask_BxP, jnp.asarray(out["tokens"]), jnp.asarray(out["mask"]),
+        eos_id, samples,
+    )  # fmt: skip
+    batch["response_mask"] = batch["response_mask"] * (1 - tool).astype(jnp.float32)
+    batch["tool_mask"] = tool.astype(jnp.float32)
+    return batch
 
 
 def response_logprobs(model: Model, params, batch, temperature: float = 1.0):

@@ -154,7 +154,6 @@ def vote(records, chains) -> list[evaluate.Reply]:
 
 @dataclasses.dataclass
 class _Runner:
-    ctx: StageContext
     tokenizer: object
     records: list
     protocol: evaluate.Protocol
@@ -208,7 +207,7 @@ def evaluate_all(ctx: StageContext) -> dict:
     )
     box = toolbox.build(config, ctx.workdir)
     spec = toolbox.tokens(config, tokenizer) if box is not None else None
-    run = _Runner(ctx, tokenizer, records, proto, box, spec)
+    run = _Runner(tokenizer, records, proto, box, spec)
     mesh = ctx.mesh()
 
     def load(role):
