@@ -2,6 +2,7 @@
 
     python -m experiments.bench train [--configs=tiny,small_cpu,gpt2_4l] [--steps=20]
     python -m experiments.bench sample [--configs=tiny,small_cpu]
+    python -m experiments.bench compare [--configs=tiny,gpt2_4l]   # beside PyTorch
     python -m experiments.bench ppo [--configs=tiny,small_cpu] [--iterations=5] [--ptx]
     python -m experiments.bench grpo|rloo|dpo [--configs=tiny,small_cpu]   # beside PPO
     python -m experiments.bench hf_import [--shape=llama_1b]   # experiments/bench_hf.py
@@ -17,6 +18,10 @@ train: training tokens/s and model-FLOPs utilisation (MFU) of the pretrain stage
   - MFU = tokens/s * FLOPs per token / peak.
   Also reports the first step's compile time, and fails loudly if the step recompiles
   after step 1 or XLA reports that donated buffers were not usable.
+compare: the train step's tokens/s beside a nanoGPT-style PyTorch model with the same
+  parameter count, and greedy decode tokens/s (tiny, B=1 and 64) beside Hugging Face
+  `generate` on the same weights, in one process, ratios gptjax / PyTorch
+  (experiments/bench_torch.py; needs the test extra).
 ppo, grpo, rloo, dpo: seconds per iteration of the alignment stages and their split
   (rollout / scoring / update), each beside PPO's: experiments/bench_rl.py.
 """
@@ -197,6 +202,91 @@ def run_train(args) -> dict:
     return {"peak_flops": peak, "env": environment(), "rows": rows}
 
 
+def _decode_params(model: Model, seed: int = 0):
+    """Random weights whose greedy choices are far from ties: with the init's std of 0.02
+    the tied unembedding gives logits within ~0.1 of each other, and float32 rounding
+    differences between two implementations flip some argmaxes; a 50x embedding spreads
+    them by ~10 (the final LayerNorm keeps the trunk's scale)."""
+    params = jax.jit(model.init)(jax.random.key(seed))
+    return {**params, "embed": params["embed"] * 50.0}
+
+
+def compare_decode(name: str, batch: int, threads: int, prompt_len=16, new_tokens=32) -> dict:
+    """Greedy decode tokens/s, gptjax's KV-cache sampler vs Hugging Face `generate`, on
+    the same weights; their output tokens are asserted identical before timing."""
+    import experiments.bench_torch as bench_torch  # torch: the test extra
+    from gptjax import sampling
+
+    model = Model(from_pipeline(pipeline.get_config(name)))
+    params = _decode_params(model)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, model.cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
+    mask, seeds = np.ones_like(prompts), np.arange(batch, dtype=np.int32)
+
+    def ours():
+        out = sampling.generate(
+            model, params, prompts, mask, seeds, max_new_tokens=new_tokens, eos_id=-1
+        )
+        return jax.block_until_ready(out)[0]
+
+    theirs = bench_torch.hf_greedy(model.cfg, params, prompts, new_tokens, threads)
+    ours_tokens, their_tokens = np.asarray(ours()), theirs()
+    differ = np.any(ours_tokens != their_tokens, axis=1)
+    if differ.any():
+        raise BenchError(
+            f"decode {name} B={batch}: greedy tokens differ from Hugging Face's in "
+            f"{int(differ.sum())} of {batch} rows"
+        )
+    repeats = 5 if batch > 1 else 10
+    ours_s = bench_torch.median_seconds(ours, repeats)
+    theirs_s = bench_torch.median_seconds(theirs, repeats)
+    work = f"greedy decode {name}, B={batch}, prompt {prompt_len}, {new_tokens} new"
+    return _compare_row(work, batch * new_tokens / ours_s, batch * new_tokens / theirs_s)
+
+
+def compare_train(name: str, steps: int, threads: int) -> dict:
+    """Training tokens/s at the pretrain stage's shapes: gptjax's step vs the nanoGPT-style
+    PyTorch model with the same parameter count (asserted)."""
+    import experiments.bench_torch as bench_torch  # torch: the test extra
+
+    config = pipeline.get_config(name)
+    train, optim = section_configs(config.pretrain, "pretrain")
+    ours = bench_train(name, steps, 1.0)
+    theirs = bench_torch.train_tokens_per_s(
+        from_pipeline(config), train.batch_size, train.seq_len, steps, optim.lr,
+        optim.clip_norm, threads,
+    )  # fmt: skip
+    if theirs["params"] != ours["params"]:
+        raise BenchError(
+            f"{name}: the PyTorch reference has {theirs['params']} params, gptjax "
+            f"{ours['params']}: not the same model"
+        )
+    work = f"train step {name} ({ours['params'] / 1e6:.2f}M), B{train.batch_size}xT{train.seq_len}"
+    return _compare_row(work, ours["tokens_per_s"], theirs["tokens_per_s"])
+
+
+def _compare_row(work: str, ours: float, theirs: float) -> dict:
+    return {"work": work, "gptjax_tokens_per_s": ours, "torch_tokens_per_s": theirs,
+            "ratio": ours / theirs}  # fmt: skip
+
+
+def run_compare(args) -> dict:
+    try:
+        import torch
+    except ImportError as e:
+        raise BenchError("compare needs PyTorch: pip install -e '.[test]'") from e
+    rows = [compare_train(name, args.steps, args.threads) for name in args.configs.split(",")]
+    rows += [compare_decode("tiny", b, args.threads) for b in (1, 64)]
+    print(f"PyTorch {torch.__version__}, {args.threads} threads, eager; JAX {jax.__version__}")
+    print(f"{'work':<58} {'gptjax tok/s':>12} {'PyTorch tok/s':>13} {'ratio':>6}")
+    for r in rows:
+        print(
+            f"{r['work']:<58} {r['gptjax_tokens_per_s']:>12.0f} "
+            f"{r['torch_tokens_per_s']:>13.0f} {r['ratio']:>5.2f}x"
+        )
+    return {"env": environment(), "torch": torch.__version__, "rows": rows}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench")
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -207,6 +297,11 @@ def main(argv=None) -> int:
     p = sub.add_parser("sample", help="decode tokens/s, cached vs uncached")
     p.add_argument("--configs", default=",".join(SAMPLE_CONFIGS))
     p.add_argument("--out", default="runs/bench/sample.json")
+    p = sub.add_parser("compare", help="train and decode tokens/s beside PyTorch's")
+    p.add_argument("--configs", default="tiny,gpt2_4l")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads")
+    p.add_argument("--out", default="runs/bench/compare.json")
     p = sub.add_parser("ppo", help="seconds per PPO iteration: rollout / scoring / update")
     p.add_argument("--configs", default=",".join(RL_CONFIGS))
     p.add_argument("--iterations", type=int, default=5)
@@ -224,6 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench/hf_import.json")
     args = parser.parse_args(argv)
     runners = {"train": run_train, "sample": run_sample, "ppo": run_ppo}
+    runners["compare"] = run_compare
     runners["hf_import"] = bench_hf.run
     runners.update(grpo=run_versus_ppo, rloo=run_versus_ppo)
     runners.update(dpo=run_versus_ppo)

@@ -92,3 +92,24 @@ def test_reward_model_exports_as_a_sequence_classifier(tmp_path):
     params["score_logp"] = jnp.asarray(1.0)  # the reference feature: not expressible
     with pytest.raises(ValueError, match="rm.ref_logprob=False"):
         export_model(str(tmp_path / "rm2"), params, cfg)
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt2_4l"])
+def test_the_pytorch_benchmark_reference_is_the_same_model(name):
+    """`bench compare`'s ratios are fair only if the PyTorch GPT has gptjax's parameter
+    count and its decode reference computes gptjax's greedy tokens on the same weights."""
+    from configs import pipeline
+    from experiments import bench, bench_torch
+    from gptjax import sampling
+    from gptjax.model import Model, from_pipeline
+
+    cfg = from_pipeline(pipeline.get_config(name))
+    model = Model(cfg)
+    assert sum(p.numel() for p in bench_torch.GPT(cfg).parameters()) == model.param_count()
+    params = bench._decode_params(model)
+    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, (3, 5), dtype=np.int32)
+    ours, _, _ = sampling.generate(
+        model, params, prompts, np.ones_like(prompts), np.arange(3), max_new_tokens=6, eos_id=-1
+    )
+    theirs = bench_torch.hf_greedy(cfg, params, prompts, 6, threads=1)()
+    np.testing.assert_array_equal(np.asarray(ours), theirs)

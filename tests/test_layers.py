@@ -17,6 +17,7 @@ TOOLS = (
     "aot_table",
     "bench",
     "bench_rl",
+    "bench_torch",
     "calibrate",
     "chat",
     "plots",
@@ -63,7 +64,9 @@ def test_a_tool_never_imports_a_stage(tool):
     assert not stage_imports(os.path.join(ROOT, "experiments", f"{tool}.py"))
 
 
-@pytest.mark.parametrize("tool", ["aot", "aot_programs", "aot_table", "bench", "bench_rl"])
+@pytest.mark.parametrize(
+    "tool", ["aot", "aot_programs", "aot_table", "bench", "bench_rl", "bench_torch"]
+)
 def test_aot_and_bench_import_only_gptjax_and_configs(tool):
     ours = {
         m
