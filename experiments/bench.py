@@ -45,7 +45,13 @@ import experiments.bench_hf as bench_hf
 from configs import model as model_configs
 from configs import pipeline
 from experiments.bench_rl import CONFIGS as RL_CONFIGS
-from experiments.bench_rl import environment, one_device_mesh, run_ppo, run_versus_ppo
+from experiments.bench_rl import (
+    environment,
+    one_device_mesh,
+    run_ppo,
+    run_versus_ppo,
+    use_cpu_devices,
+)
 from gptjax import sharding
 from gptjax.flops import train_flops_per_token
 from gptjax.model import Model, from_pipeline
@@ -289,6 +295,12 @@ def run_compare(args) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m experiments.bench")
+    parser.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=1,
+        help="data parallelism over this many single-threaded XLA:CPU devices",
+    )
     sub = parser.add_subparsers(dest="bench", required=True)
     p = sub.add_parser("train", help="training tokens/s and MFU")
     p.add_argument("--configs", default=",".join(TRAIN_CONFIGS))
@@ -318,6 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (fsdp)")
     p.add_argument("--out", default="runs/bench/hf_import.json")
     args = parser.parse_args(argv)
+    use_cpu_devices(args.cpu_devices)
     runners = {"train": run_train, "sample": run_sample, "ppo": run_ppo}
     runners["compare"] = run_compare
     runners["hf_import"] = bench_hf.run

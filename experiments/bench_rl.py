@@ -41,6 +41,7 @@ def environment() -> dict:
         "jax": jax.__version__,
         "backend": jax.default_backend(),
         "devices": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "cpus": os.cpu_count(),
         "machine": platform.machine(),
         "python": platform.python_version(),
@@ -48,9 +49,25 @@ def environment() -> dict:
 
 
 def one_device_mesh(config):
-    return sharding.make_mesh(
-        from_dict(sharding.MeshConfig, config.mesh, "mesh"), devices=jax.devices()[:1]
-    )
+    """The benchmark's mesh: one device, or with `bench --cpu_devices=N` (N > 1) pure data
+    parallelism over the N host devices (weights replicated, gradients all-reduced)."""
+    n = jax.device_count() if CPU_DEVICES["n"] > 1 else 1
+    mesh = dict(config.mesh, data=n, fsdp=1) if n > 1 else config.mesh
+    return sharding.make_mesh(from_dict(sharding.MeshConfig, mesh, "mesh"), jax.devices()[:n])
+
+
+CPU_DEVICES = {"n": 1}  # set once by bench's main, before JAX starts its backend
+
+
+def use_cpu_devices(n: int) -> None:
+    """N XLA:CPU devices, one thread each (Eigen's intra-op pool off, so N devices do not
+    oversubscribe N cores). Must run before JAX initialises its backend."""
+    if n > 1:
+        os.environ["XLA_FLAGS"] = (
+            os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+        )
+        jax.config.update("jax_num_cpu_devices", n)
+    CPU_DEVICES["n"] = n
 
 
 def _median_times(step, iterations: int) -> tuple[dict, dict]:

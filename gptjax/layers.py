@@ -116,6 +116,29 @@ def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
     return out.reshape(b, t, n, h)
 
 
+ATTENTION = ("einsum", "xla", "cudnn")
+
+
+def attention(impl: str, q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+    """Softmax attention by ModelConfig.attention: "einsum" (`attend`, any mask), "xla"
+    (jax.nn.dot_product_attention's XLA path, any mask), "cudnn" (its cuDNN flash
+    attention, Dao 2023, on NVIDIA GPUs). cuDNN takes causal and padding masks but not the
+    segment masks of packed documents, so the caller passes mask None only for batches of
+    one causal document per row (Model.__call__ without segment ids); a cudnn model given
+    packed or padded rows, or decoding from its KV cache, computes the XLA path."""
+    if impl == "einsum":
+        return attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
+    if mask_BxTxS is None:
+        return jax.nn.dot_product_attention(
+            q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=True, implementation="cudnn"
+        )
+    dt = v_BxSxKxH.dtype
+    out = jax.nn.dot_product_attention(
+        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None], implementation="xla"
+    )
+    return out.astype(dt)
+
+
 @jax.custom_vjp
 def gelu_tanh(x):
     """GELU, tanh approximation (Hendrycks & Gimpel 2016, sec. 2): jax.nn.gelu(x, True).

@@ -16,12 +16,13 @@ import jax
 import jax.numpy as jnp
 
 
-def target_mask(segment_ids_BxT, loss_mask_BxT=None):
+def target_mask(segment_ids_BxT, loss_mask_BxT=None, shape=None):
     """Weight of each target token: inside a document, not its first token, times loss_mask.
 
-    Column 0 has no prediction (nothing precedes it), so it is always 0.
+    Column 0 has no prediction (nothing precedes it), so it is always 0. segment_ids None:
+    one document fills each row of `shape` (B, T).
     """
-    seg = segment_ids_BxT
+    seg = jnp.ones(shape, jnp.int32) if segment_ids_BxT is None else segment_ids_BxT
     same_doc = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
     mask = jnp.pad(same_doc.astype(jnp.float32), ((0, 0), (1, 0)))
     if loss_mask_BxT is not None:

@@ -34,10 +34,11 @@ from gptjax.config import from_dict, need
 from gptjax.data import tokenizer as tok_lib
 from gptjax.errors import ConfigError
 from gptjax.layers import (
+    ATTENTION,
     DTYPES,
     Norm,
     apply_dropout,
-    attend,
+    attention,
     attention_mask,
     dense,
     gelu_tanh,
@@ -112,6 +113,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     scan_layers: bool = True  # one lax.scan over layers (fast compiles) or unrolled
+    # einsum (gptjax's own, any mask) | xla | cudnn (flash attention on NVIDIA GPUs, for
+    # batches of one document per row; others take the xla path): layers.attention.
+    attention: str = "einsum"
     remat: str = "none"  # none | dots | full: recomputation in the backward pass
 
     @property
@@ -202,6 +206,11 @@ class ModelConfig:
             f"{self.rope_fraction} of head dim {self.head_dim} must be a positive even count",
         )
         need(self.head in ("lm", "scalar"), "head", f"{self.head!r} not in lm|scalar")
+        need(
+            self.attention in ATTENTION,
+            "attention",
+            f"{self.attention!r} not in {'|'.join(ATTENTION)}",
+        )
         need(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
         need(
             self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} not in {list(DTYPES)}"
@@ -343,7 +352,7 @@ class Block(nnx.Module):
             k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
             v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
         k, v = constrain(k, BSKH), constrain(v, BSKH)
-        a = constrain(attend(q, k, v, mask_BxTxS), BTNH)
+        a = constrain(attention(cfg.attention, q, k, v, mask_BxTxS), BTNH)
         out = self._dense(a, "wo", dt)
         if cfg.out_bias:
             out = out + _b(self.bo, dt)
@@ -459,13 +468,18 @@ class Transformer(nnx.Module):
         """
         b, t = tokens_BxT.shape
         index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        # No segment ids: one causal document per row, the layout cuDNN's flash attention
+        # takes (attention="cudnn", mask None); packed or padded rows need the full mask.
+        one_doc = segment_ids_BxT is None and cache is None and self.cfg.attention == "cudnn"
         if segment_ids_BxT is None:
             segment_ids_BxT = jnp.ones((b, t), jnp.int32)
         if positions_BxT is None:
             positions_BxT = index_BxT
         if cache is not None:
             return self._cached(tokens_BxT, segment_ids_BxT, positions_BxT, cache)
-        mask = attention_mask(segment_ids_BxT, segment_ids_BxT, index_BxT, index_BxT)
+        mask = None
+        if not one_doc:
+            mask = attention_mask(segment_ids_BxT, segment_ids_BxT, index_BxT, index_BxT)
         rng_embed, rng_blocks = jax.random.split(rng) if rng is not None else (None, None)
         x_BxTxD = self._embed(tokens_BxT, positions_BxT, rng_embed)
         x_BxTxD = self._blocks(x_BxTxD, mask, positions_BxT, rng_blocks)

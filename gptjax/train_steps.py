@@ -182,11 +182,11 @@ def lm_train_step(
         logits = model.apply(
             params,
             mb["tokens"],
-            mb["segment_ids"],
-            mb["positions"],
+            mb.get("segment_ids"),  # absent: one document per row (Model.__call__)
+            mb.get("positions"),
             rng=mb_rng if model.cfg.dropout > 0 else None,
         )
-        mask = losses.target_mask(mb["segment_ids"], mb["loss_mask"])
+        mask = losses.target_mask(mb.get("segment_ids"), mb["loss_mask"], mb["tokens"].shape)
         loss_sum, count, aux = losses.next_token_loss(logits, mb["tokens"], mask, z_loss)
         return loss_sum, (count, aux)
 

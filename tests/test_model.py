@@ -191,3 +191,74 @@ def test_grad_accumulation_equals_one_big_batch():
     s4, m4 = run(4)
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-6)
     _assert_trees_close(s1["params"], s4["params"], rtol=1e-5, atol=1e-7)
+
+
+def _packed_batch(rng):
+    """Two rows: three documents packed in one, a left-padded prompt in the other."""
+    seg = np.array([[1] * 5 + [2] * 7 + [3] * 4, [0] * 6 + [1] * 10], np.int32)
+    pos = np.concatenate(
+        [np.r_[np.arange(5), np.arange(7), np.arange(4)][None], np.r_[[0] * 6, np.arange(10)][None]]
+    )
+    return lm_batch(rng.integers(3, 64, size=(2, 16)), seg, pos)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama"])
+def test_xla_attention_equals_einsum_attention_on_packed_rows(variant):
+    """attention="xla" (jax.nn.dot_product_attention) computes gptjax's own attention on
+    segment masks too: packed documents, left padding, grouped KV heads (llama)."""
+    fields = dict(VARIANTS[variant], n_kv_heads=2)
+    model, params = model_and_params(**fields)
+    xla = Model(tiny_model_config(**fields, attention="xla"))
+    batch = _packed_batch(np.random.default_rng(0))
+    l1, g1 = _loss_and_grads(model, params, batch)
+    l2, g2 = _loss_and_grads(xla, params, batch)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    _assert_trees_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_cudnn_attention_only_for_one_document_per_row(monkeypatch):
+    """A cudnn model asks for cuDNN flash attention only where the batch has no segment
+    ids (one causal document per row); packed rows and KV-cache decoding take the XLA
+    path with the full mask. cuDNN needs a GPU, so the call is recorded and answered by the
+    XLA path, which must then match gptjax's own causal attention."""
+    asked = []
+    real = jax.nn.dot_product_attention
+
+    def recording(*args, implementation=None, **kw):
+        asked.append(implementation)
+        return real(*args, implementation="xla", **kw)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+    model, params = model_and_params(positions="rope")
+    cudnn = Model(tiny_model_config(positions="rope", attention="cudnn"))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, size=(2, 16)))
+    np.testing.assert_allclose(
+        cudnn.apply(params, tokens), model.apply(params, tokens), rtol=1e-5, atol=1e-5
+    )
+    assert set(asked) == {"cudnn"}
+    asked.clear()
+    batch = _packed_batch(np.random.default_rng(1))
+    args = (batch["tokens"], batch["segment_ids"], batch["positions"])
+    np.testing.assert_allclose(
+        cudnn.apply(params, *args), model.apply(params, *args), rtol=1e-5, atol=1e-5
+    )
+    assert set(asked) == {"xla"}
+    asked.clear()
+    cache = cudnn.init_cache(2, 16)
+    cudnn.apply(params, tokens[:, :4], cache=cache)
+    assert set(asked) == {"xla"}
+
+
+def test_a_batch_without_segment_ids_is_one_document_per_row():
+    """The LM step's batch may leave out segment_ids and positions (the layout cuDNN
+    flash attention takes): the same loss and update as all-ones segments."""
+    model, params = model_and_params()
+    tx = optax.adamw(1e-3)
+    step = jax.jit(functools.partial(train_steps.lm_train_step, model=model, tx=tx,
+                                     schedule=lambda s: 1e-3))  # fmt: skip
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0)}
+    batch = random_batch(np.random.default_rng(2), 2, 16, 64)
+    bare = {k: batch[k] for k in ("tokens", "loss_mask")}
+    (s1, m1), (s2, m2) = step(state, batch, jax.random.key(0)), step(state, bare, jax.random.key(0))
+    np.testing.assert_array_equal(m1["loss"], m2["loss"])
+    _assert_trees_close(s1["params"], s2["params"], rtol=0, atol=0)
