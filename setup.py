@@ -45,6 +45,9 @@ EXTRAS_REQUIRE = {
         "peft==0.21.2",
         "accelerate==1.16.0",
     ],
+    # NVIDIA GPUs (driver >= 580, CUDA 13): the CUDA plugin with its pip-installed CUDA
+    # and cuDNN libraries, at the pinned jax version (BUILD.md, GPU).
+    "gpu": ["jax[cuda13]==0.10.2"],
     # libtpu for TPU VMs; also lets a CPU host compile ahead of time for TPU topologies.
     "tpu": ["jax[tpu]==0.10.2"],
     # Reading registered TFDS datasets that need TensorFlow to prepare (lm1b, c4).

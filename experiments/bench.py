@@ -3,6 +3,7 @@
     python -m experiments.bench train [--configs=tiny,small_cpu,gpt2_4l] [--steps=20]
     python -m experiments.bench sample [--configs=tiny,small_cpu]
     python -m experiments.bench compare [--configs=tiny,gpt2_4l]   # beside PyTorch
+    python -m experiments.bench gpu   # on one NVIDIA GPU: experiments/bench_gpu.py
     python -m experiments.bench ppo [--configs=tiny,small_cpu] [--iterations=5] [--ptx]
     python -m experiments.bench grpo|rloo|dpo [--configs=tiny,small_cpu]   # beside PPO
     python -m experiments.bench hf_import [--shape=llama_1b]   # experiments/bench_hf.py
@@ -22,6 +23,9 @@ compare: the train step's tokens/s beside a nanoGPT-style PyTorch model with the
   parameter count, and greedy decode tokens/s (tiny, B=1 and 64) beside Hugging Face
   `generate` on the same weights, in one process, ratios gptjax / PyTorch
   (experiments/bench_torch.py; needs the test extra).
+gpu: one GPU's training MFU against its bf16 peak (gpt2_124m, llama_1b with cuDNN flash
+  attention), decode tokens/s at B = 1, 64, 256 and a PPO iteration's split
+  (experiments/bench_gpu.py; BUILD.md, GPU).
 ppo, grpo, rloo, dpo: seconds per iteration of the alignment stages and their split
   (rollout / scoring / update), each beside PPO's: experiments/bench_rl.py.
 """
@@ -41,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import experiments.bench_gpu as bench_gpu
 import experiments.bench_hf as bench_hf
 from configs import model as model_configs
 from configs import pipeline
@@ -78,10 +83,29 @@ def measure_peak_flops(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / min(times)
 
 
-def bench_train(name: str, steps: int, peak: float) -> dict:
+def bench_train(
+    name: str,
+    steps: int,
+    peak: float,
+    batch: int = 0,
+    seq_len: int = 0,
+    model: dict | None = None,
+    one_doc: bool = False,
+) -> dict:
+    """Tokens/s and MFU of the pretrain stage's step for preset `name`; batch, seq_len and
+    model fields (e.g. attention, remat) override the preset's; one_doc: batches without
+    segment ids, one document per row (the layout cuDNN flash attention takes)."""
     config = pipeline.get_config(name)
+    config.model.update(model or {})
     train, optim = section_configs(config.pretrain, "pretrain")
-    train = dataclasses.replace(train, steps=steps + 1)
+    train = dataclasses.replace(
+        train,
+        steps=steps + 1,
+        batch_size=batch or train.batch_size,
+        seq_len=seq_len or train.seq_len,
+    )
+    if batch:  # the given rows in one microbatch
+        optim = dataclasses.replace(optim, grad_accum_steps=1)
     model_cfg = from_pipeline(config)
     mesh = one_device_mesh(config)
     trainer = LMTrainer.build(model_cfg, optim, train, mesh, seed=0)
@@ -97,6 +121,8 @@ def bench_train(name: str, steps: int, peak: float) -> dict:
         }
         for _ in range(4)
     ]
+    if one_doc:
+        batches = [{k: x[k] for k in ("tokens", "loss_mask")} for x in batches]
     batches = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in batches]
     key = jax.random.key(1)
 
@@ -314,6 +340,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads")
     p.add_argument("--out", default="runs/bench/compare.json")
+    p = sub.add_parser("gpu", help="MFU, decode tokens/s and a PPO split on one GPU")
+    p.add_argument("--train", default="gpt2_124m,llama_1b", help="PRESET[:ROWSxTOKENS],...")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--attention", default="cudnn", help="ModelConfig.attention")
+    p.add_argument("--decode", default="llama_1b", help="preset decoded at B = 1, 64, 256")
+    p.add_argument("--prompt_len", type=int, default=64)
+    p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--ppo", default="gpt2_124m", help="preset of the PPO split ('' skips)")
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--out", default="runs/bench/gpu.json")
     p = sub.add_parser("ppo", help="seconds per PPO iteration: rollout / scoring / update")
     p.add_argument("--configs", default=",".join(RL_CONFIGS))
     p.add_argument("--iterations", type=int, default=5)
@@ -333,6 +369,7 @@ def main(argv=None) -> int:
     use_cpu_devices(args.cpu_devices)
     runners = {"train": run_train, "sample": run_sample, "ppo": run_ppo}
     runners["compare"] = run_compare
+    runners["gpu"] = bench_gpu.run
     runners["hf_import"] = bench_hf.run
     runners.update(grpo=run_versus_ppo, rloo=run_versus_ppo)
     runners.update(dpo=run_versus_ppo)

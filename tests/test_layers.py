@@ -16,6 +16,7 @@ TOOLS = (
     "aot_programs",
     "aot_table",
     "bench",
+    "bench_gpu",
     "bench_rl",
     "bench_torch",
     "calibrate",
@@ -65,7 +66,7 @@ def test_a_tool_never_imports_a_stage(tool):
 
 
 @pytest.mark.parametrize(
-    "tool", ["aot", "aot_programs", "aot_table", "bench", "bench_rl", "bench_torch"]
+    "tool", ["aot", "aot_programs", "aot_table", "bench", "bench_gpu", "bench_rl", "bench_torch"]
 )
 def test_aot_and_bench_import_only_gptjax_and_configs(tool):
     ours = {
@@ -89,3 +90,18 @@ def test_the_library_imports_nothing_above_it():
                     if m.split(".")[0] in ("experiments", "configs", "tests")
                 }
                 assert not above, (name, above)
+
+
+def test_the_gpu_benchmark_reads_each_gpus_bf16_peak():
+    """MFU on a GPU divides by NVIDIA's dense bf16 figure for the device kind JAX reports."""
+    import types
+
+    from experiments import bench_gpu
+
+    h100 = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", platform="gpu")
+    h200 = types.SimpleNamespace(device_kind="NVIDIA H200", platform="gpu")
+    assert bench_gpu.device_peak(h100)[0] == bench_gpu.device_peak(h200)[0] == 989.4e12
+    assert bench_gpu.parse_train("tiny:4x32,llama_1b") == [
+        ("tiny", 4, 32, {}),
+        ("llama_1b", 8, 2048, {"remat": "dots"}),
+    ]
