@@ -57,9 +57,9 @@ from experiments.bench_rl import (
     run_versus_ppo,
     use_cpu_devices,
 )
-from gptjax import sharding
+from gptjax import host, sharding
 from gptjax.flops import train_flops_per_token
-from gptjax.model import Model, from_pipeline
+from gptjax.model import Model, ModelConfig, from_pipeline
 from gptjax.trainer import LMTrainer, section_configs
 
 TRAIN_CONFIGS = model_configs.CPU_PRESETS
@@ -216,7 +216,8 @@ def run_train(args) -> dict:
     # The peak is measured before and after the configs and the higher one kept: a
     # background job slowing one measurement must not inflate MFU.
     peak = measure_peak_flops()
-    rows = [bench_train(name, args.steps, 1.0) for name in args.configs.split(",")]
+    fields = model_fields(args.model)
+    rows = [bench_train(name, args.steps, 1.0, model=fields) for name in args.configs.split(",")]
     peak = max(peak, measure_peak_flops())
     for r in rows:
         r["mfu"] /= peak
@@ -243,13 +244,17 @@ def _decode_params(model: Model, seed: int = 0):
     return {**params, "embed": params["embed"] * 50.0}
 
 
-def compare_decode(name: str, batch: int, threads: int, prompt_len=16, new_tokens=32) -> dict:
+def compare_decode(
+    name: str, batch: int, threads: int, fields=None, prompt_len=16, new_tokens=32
+) -> dict:
     """Greedy decode tokens/s, gptjax's KV-cache sampler vs Hugging Face `generate`, on
     the same weights; their output tokens are asserted identical before timing."""
     import experiments.bench_torch as bench_torch  # torch: the test extra
     from gptjax import sampling
 
-    model = Model(from_pipeline(pipeline.get_config(name)))
+    config = pipeline.get_config(name)
+    config.model.update(fields or {})
+    model = Model(from_pipeline(config))
     params = _decode_params(model)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, model.cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
@@ -276,14 +281,14 @@ def compare_decode(name: str, batch: int, threads: int, prompt_len=16, new_token
     return _compare_row(work, batch * new_tokens / ours_s, batch * new_tokens / theirs_s)
 
 
-def compare_train(name: str, steps: int, threads: int) -> dict:
+def compare_train(name: str, steps: int, threads: int, fields: dict | None = None) -> dict:
     """Training tokens/s at the pretrain stage's shapes: gptjax's step vs the nanoGPT-style
     PyTorch model with the same parameter count (asserted)."""
     import experiments.bench_torch as bench_torch  # torch: the test extra
 
     config = pipeline.get_config(name)
     train, optim = section_configs(config.pretrain, "pretrain")
-    ours = bench_train(name, steps, 1.0)
+    ours = bench_train(name, steps, 1.0, model=fields)
     theirs = bench_torch.train_tokens_per_s(
         from_pipeline(config), train.batch_size, train.seq_len, steps, optim.lr,
         optim.clip_norm, threads,
@@ -297,6 +302,19 @@ def compare_train(name: str, steps: int, threads: int) -> dict:
     return _compare_row(work, ours["tokens_per_s"], theirs["tokens_per_s"])
 
 
+def model_fields(spec: str) -> dict:
+    """ "scan_layers=false,attention=xla" -> ModelConfig fields typed as their defaults."""
+    defaults = dataclasses.asdict(ModelConfig())
+    out = {}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise BenchError(f"--model: no ModelConfig field {key!r}")
+        kind = type(defaults[key])
+        out[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
+    return out
+
+
 def _compare_row(work: str, ours: float, theirs: float) -> dict:
     return {"work": work, "gptjax_tokens_per_s": ours, "torch_tokens_per_s": theirs,
             "ratio": ours / theirs}  # fmt: skip
@@ -307,8 +325,9 @@ def run_compare(args) -> dict:
         import torch
     except ImportError as e:
         raise BenchError("compare needs PyTorch: pip install -e '.[test]'") from e
-    rows = [compare_train(name, args.steps, args.threads) for name in args.configs.split(",")]
-    rows += [compare_decode("tiny", b, args.threads) for b in (1, 64)]
+    fields = model_fields(args.model)
+    rows = [compare_train(n, args.steps, args.threads, fields) for n in args.configs.split(",")]
+    rows += [compare_decode("tiny", b, args.threads, fields) for b in (1, 64)]
     print(f"PyTorch {torch.__version__}, {args.threads} threads, eager; JAX {jax.__version__}")
     print(f"{'work':<58} {'gptjax tok/s':>12} {'PyTorch tok/s':>13} {'ratio':>6}")
     for r in rows:
@@ -327,10 +346,16 @@ def main(argv=None) -> int:
         default=1,
         help="data parallelism over this many single-threaded XLA:CPU devices",
     )
+    parser.add_argument(
+        "--keep_freed_memory",
+        action="store_true",
+        help="glibc malloc keeps freed memory (gptjax/host.py; not the pipeline's default)",
+    )
     sub = parser.add_subparsers(dest="bench", required=True)
     p = sub.add_parser("train", help="training tokens/s and MFU")
     p.add_argument("--configs", default=",".join(TRAIN_CONFIGS))
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--model", default="", help="ModelConfig overrides: FIELD=VALUE,...")
     p.add_argument("--out", default="runs/bench/train.json")
     p = sub.add_parser("sample", help="decode tokens/s, cached vs uncached")
     p.add_argument("--configs", default=",".join(SAMPLE_CONFIGS))
@@ -339,6 +364,7 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="tiny,gpt2_4l")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads")
+    p.add_argument("--model", default="", help="ModelConfig overrides: FIELD=VALUE,...")
     p.add_argument("--out", default="runs/bench/compare.json")
     p = sub.add_parser("gpu", help="MFU, decode tokens/s and a PPO split on one GPU")
     p.add_argument("--train", default="gpt2_124m,llama_1b", help="PRESET[:ROWSxTOKENS],...")
@@ -366,6 +392,8 @@ def main(argv=None) -> int:
     p.add_argument("--devices", type=int, default=8, help="simulated CPU devices (fsdp)")
     p.add_argument("--out", default="runs/bench/hf_import.json")
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        host.keep_freed_memory()
     use_cpu_devices(args.cpu_devices)
     runners = {"train": run_train, "sample": run_sample, "ppo": run_ppo}
     runners["compare"] = run_compare
