@@ -344,13 +344,19 @@ class Block(nnx.Module):
         if kv_cache is not None:
             # In place inside the decode loop: XLA aliases a loop carry updated by
             # dynamic_update_slice, so no step copies the cache.
+            # The cache is [L, B, K, S, H]: a layer's keys and values are then laid out as
+            # the attention dots read them (batch dims B, K first), so reading a layer's
+            # slice is a plain copy, not a transposing one ([L, B, S, K, H] made each
+            # decode step transpose every layer's whole cache: most of its time on CPU).
             k_all, v_all, layer = kv_cache
-            start = (layer, 0, cache_index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+            start = (layer, 0, 0, cache_index, 0)
+            new_k = jnp.swapaxes(k, 1, 2)[None].astype(k_all.dtype)
+            new_v = jnp.swapaxes(v, 1, 2)[None].astype(v_all.dtype)
+            k_all = jax.lax.dynamic_update_slice(k_all, new_k, start)
+            v_all = jax.lax.dynamic_update_slice(v_all, new_v, start)
             kv_cache = (k_all, v_all)
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+            k = jnp.swapaxes(jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False), 1, 2)
+            v = jnp.swapaxes(jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False), 1, 2)
         k, v = constrain(k, BSKH), constrain(v, BSKH)
         a = constrain(attention(cfg.attention, q, k, v, mask_BxTxS), BTNH)
         out = self._dense(a, "wo", dt)
@@ -572,9 +578,9 @@ class Model:
 
     def init_cache(self, batch: int, length: int):
         """An empty KV cache for `batch` rows of up to `length` tokens (prompt + new): keys
-        and values [L, B, S, K, H], stacked over layers like the weights."""
+        and values [L, B, K, S, H], stacked over layers like the weights."""
         cfg = self.cfg
-        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
         dt = DTYPES[cfg.dtype]
         return {
             "k": jnp.zeros(shape, dt),
