@@ -380,6 +380,7 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default=",".join(RL_CONFIGS))
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--ptx", action="store_true", help="also time PPO-ptx")
+    p.add_argument("--value_from", default="", help="rm (a value model) or head (on the policy)")
     p.add_argument("--out", default="runs/bench/ppo.json")
     for method in ("grpo", "rloo", "dpo"):
         p = sub.add_parser(method, help=f"{method} beside PPO at the same sampled tokens")

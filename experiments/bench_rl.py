@@ -81,11 +81,13 @@ def _median_times(step, iterations: int) -> tuple[dict, dict]:
     return first, {k[len("time_") :]: statistics.median(v) for k, v in times.items()}
 
 
-def bench_rl(name: str, stage: str, iterations: int) -> dict:
+def bench_rl(name: str, stage: str, iterations: int, fields: dict | None = None) -> dict:
     """Seconds per iteration of an online RL stage (ppo, ppo_ptx, grpo, rloo) and its
-    split, with the stage's own settings and random-init policy and RM."""
+    split, with the stage's own settings (and `fields` over them) and random-init policy
+    and RM."""
     config = pipeline.get_config(name)
     section = config[stage]
+    section.update(fields or {})
     shape = rollout_config(section, stage)
     optim = from_dict(OptimConfig, section.optim, f"{stage}.optim")
     policy = Model(from_pipeline(config))
@@ -212,7 +214,10 @@ def print_rows(rows) -> None:
 
 def run_ppo(args) -> dict:
     stages = ("ppo", "ppo_ptx") if args.ptx else ("ppo",)
-    rows = [bench_rl(n, s, args.iterations) for n in args.configs.split(",") for s in stages]
+    fields = {"value_from": args.value_from} if args.value_from else {}
+    rows = [
+        bench_rl(n, s, args.iterations, fields) for n in args.configs.split(",") for s in stages
+    ]
     print_rows(rows)
     return {"env": environment(), "rows": rows}
 

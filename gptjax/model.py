@@ -451,17 +451,29 @@ class Transformer(nnx.Module):
         return constrain(apply_dropout(x_BxTxD, cfg.dropout, rng), BTD)
 
     def _head(self, x_BxTxD):
-        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         h_BxTxD = self.final_norm(x_BxTxD)
-        if cfg.head == "scalar":
-            w = self.score_w[...].astype(jnp.float32)
-            values_BxT = h_BxTxD.astype(jnp.float32) @ w + self.score_b[...].astype(jnp.float32)
-            return constrain(values_BxT, ("batch", "length"))
+        if self.cfg.head == "scalar":
+            return _scalar_head(h_BxTxD, self.score_w[...], self.score_b[...])
+        return self._lm_head(h_BxTxD)
+
+    def _lm_head(self, h_BxTxD):
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         unembed_DxV = self.embed[...].T if cfg.tie_embeddings else self.unembed[...]
         logits_BxTxV = jnp.einsum(
             "btd,dv->btv", h_BxTxD, unembed_DxV.astype(dt), preferred_element_type=jnp.float32
         )
         return constrain(logits_BxTxV, ("batch", "length", "vocab"))
+
+    def lm_and_values(self, tokens_BxT, segment_ids_BxT, positions_BxT, score_w, score_b):
+        """(logits_BxTxV, values_BxT) from one pass of the trunk: the LM head and a scalar
+        head (score_w, score_b) on the same final hidden states (PPO's value head on the
+        policy, value_from="head"). The same values as a scalar-head model with this trunk."""
+        b, t = tokens_BxT.shape
+        index_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        mask = attention_mask(segment_ids_BxT, segment_ids_BxT, index_BxT, index_BxT)
+        x_BxTxD = self._embed(tokens_BxT, positions_BxT)
+        h_BxTxD = self.final_norm(self._blocks(x_BxTxD, mask, positions_BxT, None))
+        return self._lm_head(h_BxTxD), _scalar_head(h_BxTxD, score_w, score_b)
 
     def __call__(self, tokens_BxT, segment_ids_BxT=None, positions_BxT=None, rng=None, cache=None):
         """Returns float32 logits_BxTxV (head='lm') or values_BxT (head='scalar').
@@ -529,6 +541,12 @@ class Transformer(nnx.Module):
         return self._head(x_BxTxD), new_cache
 
 
+def _scalar_head(h_BxTxD, w_D, b):
+    w = w_D.astype(jnp.float32)
+    values_BxT = h_BxTxD.astype(jnp.float32) @ w + b.astype(jnp.float32)
+    return constrain(values_BxT, ("batch", "length"))
+
+
 def _logical_axes(state) -> Params:
     return nnx.to_pure_dict(
         jax.tree.map(
@@ -575,6 +593,15 @@ class Model:
         """Outputs for tokens_BxT; with a cache, (outputs, new cache) (see Transformer)."""
         model = nnx.merge(self.graphdef, params)
         return model(tokens_BxT, segment_ids_BxT, positions_BxT, rng, cache)
+
+    def apply_lm_and_values(self, params: Params, head: Params, tokens_BxT, segment_ids_BxT,
+                            positions_BxT):  # fmt: skip
+        """(logits, values) of an LM with a scalar head `head` (score_w, score_b) on its
+        own trunk, the trunk computed once (Transformer.lm_and_values)."""
+        model = nnx.merge(self.graphdef, params)
+        return model.lm_and_values(
+            tokens_BxT, segment_ids_BxT, positions_BxT, head["score_w"], head["score_b"]
+        )
 
     def init_cache(self, batch: int, length: int):
         """An empty KV cache for `batch` rows of up to `length` tokens (prompt + new): keys

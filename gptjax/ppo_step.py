@@ -35,19 +35,10 @@ import optax
 from gptjax import lora, losses, ppo, sharding
 from gptjax.model import HEAD_KEYS, Model
 from gptjax.ppo import PPOConfig
-from gptjax.rollout import response_logprobs, response_values
+from gptjax.rollout import response_logprobs, response_logprobs_and_values, response_values
 from gptjax.train_steps import apply_update, grad_of_trainable, opt_state_shardings
 
 # ------------------------------------------------------------------------ train state
-
-
-def value_tree(policy_params, value_params, value_head: bool):
-    """The params the value Model is applied with: its own, or (value_head) the policy's
-    trunk with the value head's score_w / score_b."""
-    if not value_head:
-        return value_params
-    trunk = {k: v for k, v in policy_params.items() if k not in HEAD_KEYS and k != "unembed"}
-    return {**trunk, **value_params}
 
 
 def initial_value_params(value_model: Model, rm_params, value_head: bool):
@@ -106,14 +97,21 @@ def old_logprobs_and_values(state, chunks, *, policy: Model, value: Model, cfg: 
 
     def old_pass(chunk):
         chunk = sharding.constrain_batch(chunk)
-        logp, entropy = response_logprobs(policy, state["params"], chunk, cfg.temperature)
-        vals = response_values(
-            value, value_tree(state["params"], state["value"], cfg.value_head), chunk
-        )
-        return logp, entropy, vals
+        return logprobs_and_values(policy, value, state["params"], state["value"], chunk, cfg)
 
     k, m, n = chunks["response_mask"].shape
     return tuple(x.reshape(k * m, n) for x in jax.lax.map(old_pass, chunks))
+
+
+def logprobs_and_values(policy: Model, value: Model, policy_params, value_params, batch, cfg):
+    """(logp, entropy, values) of the reply tokens: the policy's and the value model's
+    passes, or with a value head on the policy (value_from="head") one pass of its trunk."""
+    if cfg.value_head:
+        return response_logprobs_and_values(
+            policy, policy_params, value_params, batch, cfg.temperature
+        )
+    logp, entropy = response_logprobs(policy, policy_params, batch, cfg.temperature)
+    return logp, entropy, response_values(value, value_params, batch)
 
 
 def _finite_on_mask(x_BxN, mask_BxN):
@@ -156,8 +154,7 @@ def ppo_loss(trainable, mb, ptx_mb, *, policy: Model, value: Model, cfg: PPOConf
     """L = L_clip + vf_coef·L_V − ent_coef·H (+ ptx_coef·L_ptx) on one minibatch, as means
     over its reply tokens (and ptx target tokens); returns (loss, stats)."""
     policy_params, value_params = trainable
-    logp, entropy = response_logprobs(policy, policy_params, mb, cfg.temperature)
-    vals = response_values(value, value_tree(policy_params, value_params, cfg.value_head), mb)
+    logp, entropy, vals = logprobs_and_values(policy, value, policy_params, value_params, mb, cfg)
     mmask = mb["response_mask"]
     pg_sum, count, pg_aux = ppo.policy_loss(
         logp, mb["old_logp"], mb["advantages"], mmask, cfg.clip_ratio

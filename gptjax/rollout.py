@@ -171,6 +171,20 @@ def response_logprobs(model: Model, params, batch, temperature: float = 1.0):
     return losses.reply_logprobs(logits[:, -n - 1 : -1], batch["tokens"][:, -n:], mask, temperature)
 
 
+def response_logprobs_and_values(policy: Model, params, head, batch, temperature: float = 1.0):
+    """response_logprobs and response_values of a policy with a value head `head` on its
+    own trunk (PPO's value_from="head"), from one pass of the trunk."""
+    mask = batch["response_mask"]
+    n = mask.shape[1]
+    logits, values_BxT = policy.apply_lm_and_values(
+        params, head, batch["tokens"], batch["segment_ids"], batch["positions"]
+    )
+    logp, entropy = losses.reply_logprobs(
+        logits[:, -n - 1 : -1], batch["tokens"][:, -n:], mask, temperature
+    )
+    return logp, entropy, values_BxT[:, -n - 1 : -1] * mask
+
+
 def response_values(model: Model, params, batch):
     """values_BxN: the scalar head at the columns that predict each reply token (the state
     before the token is chosen), as lm-human-preferences reads its value head."""

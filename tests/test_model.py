@@ -262,3 +262,20 @@ def test_a_batch_without_segment_ids_is_one_document_per_row():
     (s1, m1), (s2, m2) = step(state, batch, jax.random.key(0)), step(state, bare, jax.random.key(0))
     np.testing.assert_array_equal(m1["loss"], m2["loss"])
     _assert_trees_close(s1["params"], s2["params"], rtol=0, atol=0)
+
+
+def test_one_trunk_pass_gives_the_lm_head_and_a_value_head():
+    """PPO's value head on the policy (value_from="head") reads the policy's trunk once:
+    the LM's logits and a scalar-head model's values on the same trunk, as two passes."""
+    model, params = model_and_params(positions="rope")
+    scalar = Model(tiny_model_config(positions="rope", head="scalar"))
+    value_params = jax.jit(scalar.init)(jax.random.key(5))
+    value_params = {**value_params, **{k: params[k] for k in value_params if k in params}}
+    head = {"score_w": jax.random.normal(jax.random.key(6), value_params["score_w"].shape),
+            "score_b": jnp.float32(0.3)}  # fmt: skip
+    value_params.update(head)
+    batch = _packed_batch(np.random.default_rng(3))
+    args = (batch["tokens"], batch["segment_ids"], batch["positions"])
+    logits, values = jax.jit(model.apply_lm_and_values)(params, head, *args)
+    np.testing.assert_allclose(logits, model.apply(params, *args), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(values, scalar.apply(value_params, *args), rtol=1e-6, atol=1e-6)
