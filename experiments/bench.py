@@ -69,10 +69,10 @@ class BenchError(RuntimeError):
     pass
 
 
-def measure_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a jitted n^3 float32 matmul: the machine's attainable peak for MFU."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def measure_peak_flops(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> float:
+    """FLOP/s of a jitted n^3 matmul: the machine's attainable peak for MFU."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     matmul = jax.jit(jnp.matmul)
     matmul(a, b).block_until_ready()
     times = []
@@ -250,22 +250,8 @@ def compare_decode(
     """Greedy decode tokens/s, gptjax's KV-cache sampler vs Hugging Face `generate`, on
     the same weights; their output tokens are asserted identical before timing."""
     import experiments.bench_torch as bench_torch  # torch: the test extra
-    from gptjax import sampling
 
-    config = pipeline.get_config(name)
-    config.model.update(fields or {})
-    model = Model(from_pipeline(config))
-    params = _decode_params(model)
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(3, model.cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
-    mask, seeds = np.ones_like(prompts), np.arange(batch, dtype=np.int32)
-
-    def ours():
-        out = sampling.generate(
-            model, params, prompts, mask, seeds, max_new_tokens=new_tokens, eos_id=-1
-        )
-        return jax.block_until_ready(out)[0]
-
+    model, params, prompts, ours = greedy_decoder(name, batch, prompt_len, new_tokens, fields)
     theirs = bench_torch.hf_greedy(model.cfg, params, prompts, new_tokens, threads)
     ours_tokens, their_tokens = np.asarray(ours()), theirs()
     differ = np.any(ours_tokens != their_tokens, axis=1)
@@ -279,6 +265,29 @@ def compare_decode(
     theirs_s = bench_torch.median_seconds(theirs, repeats)
     work = f"greedy decode {name}, B={batch}, prompt {prompt_len}, {new_tokens} new"
     return _compare_row(work, batch * new_tokens / ours_s, batch * new_tokens / theirs_s)
+
+
+def greedy_decoder(name: str, batch: int, prompt_len: int, new_tokens: int, fields=None):
+    """(model, params, prompts, decode()) for preset `name` (model `fields` over it): decode()
+    runs the KV-cache sampler greedily with no EOS (every row decodes new_tokens) on random
+    prompts and returns its tokens."""
+    from gptjax import sampling
+
+    config = pipeline.get_config(name)
+    config.model.update(fields or {})
+    model = Model(from_pipeline(config))
+    params = _decode_params(model)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, model.cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
+    mask, seeds = np.ones_like(prompts), np.arange(batch, dtype=np.int32)
+
+    def decode():
+        out = sampling.generate(
+            model, params, prompts, mask, seeds, max_new_tokens=new_tokens, eos_id=-1
+        )
+        return jax.block_until_ready(out)[0]
+
+    return model, params, prompts, decode
 
 
 def compare_train(name: str, steps: int, threads: int, fields: dict | None = None) -> dict:

@@ -18,7 +18,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # Dense bf16 tensor-core peaks, FLOP/s (NVIDIA datasheets, SXM parts without sparsity).
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L4": 121e12}
@@ -37,39 +36,17 @@ def device_peak(device=None) -> tuple[float, str]:
     for name, peak in PEAK_BF16.items():
         if name in kind:
             return peak, f"{kind}: datasheet dense bf16"
-    return measured_bf16_peak(), f"{kind or device.platform}: measured 4096^3 bf16 matmul"
+    import experiments.bench as bench
 
-
-def measured_bf16_peak(n: int = 4096, repeats: int = 5) -> float:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times)
+    peak = bench.measure_peak_flops(4096, 5, jnp.bfloat16)
+    return peak, f"{kind or device.platform}: measured 4096^3 bf16 matmul"
 
 
 def decode_tokens_per_s(name: str, batch: int, prompt_len: int, new_tokens: int) -> dict:
     """Greedy decode with the KV cache, no EOS (every row decodes new_tokens), median of 3."""
-    from configs import pipeline
-    from gptjax import sampling
-    from gptjax.model import Model, from_pipeline
+    import experiments.bench as bench
 
-    model = Model(from_pipeline(pipeline.get_config(name)))
-    params = jax.jit(model.init)(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(3, model.cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
-    mask, seeds = np.ones_like(prompts), np.arange(batch, dtype=np.int32)
-
-    def run():
-        out = sampling.generate(
-            model, params, prompts, mask, seeds, max_new_tokens=new_tokens, eos_id=-1
-        )
-        jax.block_until_ready(out)
-
+    *_, run = bench.greedy_decoder(name, batch, prompt_len, new_tokens)
     t0 = time.perf_counter()
     run()
     compile_s = time.perf_counter() - t0
