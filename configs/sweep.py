@@ -355,7 +355,12 @@ PRESETS["ref_feature"] = (
 # on / off. Every cell is a whole pipeline at its seed.
 _REASON_STAGES = ("pretrain", "sft", "grpo_gold", "reason")
 PRESETS["reasoning"] = (
-    {"code_15": {}, "code_0": {"world.code_doc_frac": 0.0}},
+    {
+        "code_15": {},
+        "code_0": {"world.code_doc_frac": 0.0},
+        # No chain-of-thought demos: their share goes to direct answers.
+        "cot_0": {"world.cot_demo_frac": 0.0},
+    },
     _REASON_STAGES,
     (),
     (),
@@ -404,6 +409,15 @@ PRESETS["reasoning"] = (
             ("code_0", "SFT (cot)"),
             +1,
             "the published claim that code data helps multi-step reasoning",
+        ),
+        _finding(
+            "chain-of-thought demos raise chain-of-thought accuracy",
+            "accuracy_multistep",
+            "greedy",
+            ("code_15", "SFT (cot)"),
+            ("cot_0", "SFT (cot)"),
+            +1,
+            "a third of the reasoning demos written step by step vs none",
         ),
     ],
 )

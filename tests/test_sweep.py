@@ -179,6 +179,7 @@ PRESETS = (
     "verbosity",
     "abstention",
     "algorithms",
+    "reasoning",
 )
 
 
