@@ -352,7 +352,8 @@ PRESETS["ref_feature"] = (
 )
 # Thinking and tools (configs/pipeline.py:tiny,reasoning=1): the reason stage's modes
 # per model, as "SFT (cot)", "GRPO (gold reward) (tools)"; code documents in pretraining
-# on / off. Every cell is a whole pipeline at its seed.
+# on / off, chain-of-thought demos on / off. Every cell is a whole pipeline at its seed
+# (3 variants x 3 seeds: about 2 hours on 2 CPU cores).
 _REASON_STAGES = ("pretrain", "sft", "grpo_gold", "reason")
 PRESETS["reasoning"] = (
     {
