@@ -347,7 +347,7 @@ class Block(nnx.Module):
             # The cache is [L, B, K, S, H]: a layer's keys and values are then laid out as
             # the attention dots read them (batch dims B, K first), so reading a layer's
             # slice is a plain copy, not a transposing one ([L, B, S, K, H] made each
-            # decode step transpose every layer's whole cache: most of its time on CPU).
+            # decode step transpose every layer's whole cache; BUILD.md, Benchmarks).
             k_all, v_all, layer = kv_cache
             start = (layer, 0, 0, cache_index, 0)
             new_k = jnp.swapaxes(k, 1, 2)[None].astype(k_all.dtype)
