@@ -51,8 +51,8 @@ from configs import model as model_configs
 from configs import pipeline
 from experiments.bench_rl import CONFIGS as RL_CONFIGS
 from experiments.bench_rl import (
+    bench_mesh,
     environment,
-    one_device_mesh,
     run_ppo,
     run_versus_ppo,
     use_cpu_devices,
@@ -107,7 +107,7 @@ def bench_train(
     if batch:  # the given rows in one microbatch
         optim = dataclasses.replace(optim, grad_accum_steps=1)
     model_cfg = from_pipeline(config)
-    mesh = one_device_mesh(config)
+    mesh = bench_mesh(config)
     trainer = LMTrainer.build(model_cfg, optim, train, mesh, seed=0)
     model, step, state = trainer.model, trainer.train_step, trainer.init_state()
     b, t = train.batch_size, train.seq_len

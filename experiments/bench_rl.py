@@ -48,7 +48,7 @@ def environment() -> dict:
     }
 
 
-def one_device_mesh(config):
+def bench_mesh(config):
     """The benchmark's mesh: one device, or with `bench --cpu_devices=N` (N > 1) pure data
     parallelism over the N host devices (weights replicated, gradients all-reduced)."""
     n = jax.device_count() if CPU_DEVICES["n"] > 1 else 1
@@ -100,7 +100,7 @@ def bench_rl(name: str, stage: str, iterations: int, fields: dict | None = None)
         eos_id=-1,
         sampling_seed=0,
     )
-    mesh = one_device_mesh(config)
+    mesh = bench_mesh(config)
     if section.algorithm == "ppo":
         cfg = ppo.from_section(section, stage)
         trainer = RLTrainer.ppo(policy, params, rm, rm_params, rm_params, cfg, optim, mesh, **kw)
@@ -150,7 +150,7 @@ def bench_dpo(name: str, iterations: int) -> dict:
     section = config.dpo
     train, optim = section_configs(section, "dpo")
     cfg = from_dict(dpo.DPOConfig, {"beta": section.beta, "loss": section.loss}, "dpo")
-    mesh = one_device_mesh(config)
+    mesh = bench_mesh(config)
     trainer = LMTrainer.build(
         from_pipeline(config), optim, train, mesh, seed=0,
         make_steps=lambda model, tx, schedule: dpo.make_steps(model, tx, schedule, cfg=cfg),

@@ -165,32 +165,37 @@ def response_logprobs(model: Model, params, batch, temperature: float = 1.0):
     distribution the sampler drew from (lm-human-preferences scales by the temperature in
     training as in sampling). At temperature 1 logp equals `losses.token_logprobs`.
     """
-    mask = batch["response_mask"]
-    n = mask.shape[1]
     logits = model.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
-    return losses.reply_logprobs(logits[:, -n - 1 : -1], batch["tokens"][:, -n:], mask, temperature)
+    return _reply_logprobs(logits, batch, temperature)
 
 
 def response_logprobs_and_values(policy: Model, params, head, batch, temperature: float = 1.0):
     """response_logprobs and response_values of a policy with a value head `head` on its
     own trunk (PPO's value_from="head"), from one pass of the trunk."""
-    mask = batch["response_mask"]
-    n = mask.shape[1]
     logits, values_BxT = policy.apply_lm_and_values(
         params, head, batch["tokens"], batch["segment_ids"], batch["positions"]
     )
-    logp, entropy = losses.reply_logprobs(
-        logits[:, -n - 1 : -1], batch["tokens"][:, -n:], mask, temperature
-    )
-    return logp, entropy, values_BxT[:, -n - 1 : -1] * mask
+    return *_reply_logprobs(logits, batch, temperature), _reply_values(values_BxT, batch)
 
 
 def response_values(model: Model, params, batch):
     """values_BxN: the scalar head at the columns that predict each reply token (the state
     before the token is chosen), as lm-human-preferences reads its value head."""
+    values_BxT = model.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
+    return _reply_values(values_BxT, batch)
+
+
+def _reply_logprobs(logits_BxTxV, batch, temperature: float):
+    """The reply's N tokens scored by the columns before them, P-1 .. T-2."""
     mask = batch["response_mask"]
     n = mask.shape[1]
-    values_BxT = model.apply(params, batch["tokens"], batch["segment_ids"], batch["positions"])
+    targets = batch["tokens"][:, -n:]
+    return losses.reply_logprobs(logits_BxTxV[:, -n - 1 : -1], targets, mask, temperature)
+
+
+def _reply_values(values_BxT, batch):
+    mask = batch["response_mask"]
+    n = mask.shape[1]
     return values_BxT[:, -n - 1 : -1] * mask
 
 
