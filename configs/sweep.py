@@ -183,6 +183,26 @@ PRESETS = {
             )
         ],
     ),
+    # Gao et al. (2022)'s over-optimisation study (experiments/overopt.py): RMs trained on
+    # three amounts of comparisons, each optimised by best-of-n (n up to 64) and by a long
+    # low-β PPO run evaluated during training. Pretrain and SFT are shared by every cell.
+    "overopt": (
+        {f"rm_{n}": {"compare.n_prompts": n} for n in (256, 512, 1536)},
+        ALL,
+        ("compare", "rm", "ppo"),
+        ("SFT", "best-of-n", "PPO"),
+        [
+            _finding(
+                "a larger RM holds up better under best-of-64",
+                "gold_reward",
+                "sample",
+                ("rm_1536", "best-of-64"),
+                ("rm_256", "best-of-64"),
+                +1,
+                "a proxy fitted to more comparisons is exploited less at the same n",
+            )
+        ],
+    ),
     "label_noise": (
         {f"noise_{round(100 * n)}pct": {"world.label_noise": n} for n in (0.05, 0.25, 0.4)},
         ALL,
@@ -437,6 +457,22 @@ EXTRA = {
         per_variant={"greedy": _REASON_METRICS, "sample": _REASON_METRICS},
     ),
     "gates": dict(seed_all=True, seeds=[0, 1, 2, 3, 4], overrides=[]),
+    "overopt": dict(
+        seeds=[0, 1],
+        # The same 128 eval prompts for the evaluator and PPO's in-stage evaluations, so
+        # SFT's point (d = 0) and the RL curve share prompts; best-of-64 draws 64 x 4
+        # SFT samples a prompt, the pool of its exact KL. β 0.01 (default 0.3) for 60
+        # iterations (default 20): a run long and loose enough to over-optimise.
+        overrides=[
+            ["eval.max_prompts", 128],
+            ["eval.best_of_curve", (2, 4, 8, 16, 32, 64)],
+            ["ppo.kl_coef", 0.01],
+            ["ppo.iterations", 60],
+            ["ppo.eval_every", 4],
+            ["ppo.eval_prompts", 128],
+        ],
+        overopt=dict(rl_stages=["ppo"]),
+    ),
     "ref_feature": dict(
         seed_all=True,
         curves_across_variants=False,  # two RMs, not a knob: a curve per variant

@@ -34,7 +34,17 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from configs import pipeline as pipeline_configs
-from experiments import cli, frontier, gates, plots, reason_report, report, sources, stage_cache
+from experiments import (
+    cli,
+    frontier,
+    gates,
+    overopt,
+    plots,
+    reason_report,
+    report,
+    sources,
+    stage_cache,
+)
 from gptjax.errors import ConfigError
 from gptjax.eval_stats import t_interval
 
@@ -107,6 +117,8 @@ def run_cell(sweep, workdir: str, variant: str, seed: int, shared_from=None) -> 
         "variants": results,
         # The cell's gate rows (each stage records its own when it runs in this cell).
         "gates": gates.load(directory),
+        # RL stages' evaluations during training (gold, proxy, KL): overopt's RL curves.
+        "stage_evals": overopt.stage_evals(directory, sweep.stages),
     }
     with open(done + ".tmp", "w") as f:
         json.dump(out, f, default=float)
@@ -225,11 +237,25 @@ def write_report(directory: str, sweep_name: str, sweep, cells, prov: dict) -> d
         )
         analysis = frontier.analyse(sweep.frontier, sweep, cells)
         lines += ["", *frontier.report_lines(analysis, sweep.frontier)]
+    overopt_rows = None
+    if sweep.get("overopt"):
+        overopt_rows = overopt.analyse(sweep.overopt, cells)
+        figures["overopt"] = os.path.join(directory, "overopt.png")
+        overopt.plot(figures["overopt"], overopt_rows)
+        with open(os.path.join(directory, "overopt.json"), "w") as f:
+            json.dump(overopt_rows, f, indent=1)
+        lines += ["", *overopt.report_lines(overopt_rows)]
     lines += [""] + [f"![{name}]({os.path.basename(p)})" for name, p in figures.items()]
     path = os.path.join(directory, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    return {"report": path, "verdicts": verdicts, "plots": figures, "frontier": analysis}
+    return {
+        "report": path,
+        "verdicts": verdicts,
+        "plots": figures,
+        "frontier": analysis,
+        "overopt": overopt_rows,
+    }
 
 
 # The report's per-variant tables: per protocol, the metrics shown.

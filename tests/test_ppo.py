@@ -1,6 +1,7 @@
 """PPO: GAE, losses, whitening, KL control against plain references; the train step's
 first-minibatch ratio, a bandit with a known optimum, 8 devices == 1, exact resume."""
 
+import dataclasses
 import functools
 import os
 import signal
@@ -445,3 +446,35 @@ def test_resume_mid_multi_turn_ppo_is_bitwise(tmp_path, monkeypatch):
     with an error result, fed back the same way)."""
     a = _resume_is_bitwise(tmp_path, monkeypatch, "ppo", tool_names="calc", tools=True)
     assert any(row["tool_tokens"] > 0 for row in a.values()) and a[4]["kl"] != 0
+
+
+def test_in_stage_proxy_and_kl_read_the_frozen_rm_and_reference(tmp_path):
+    """The RL curves of experiments/overopt.py: the in-stage evaluation's RM reward and KL
+    to SFT. KL is 0 at the reference itself; the proxy depends on the replies only (the
+    RM and its SFT feature are frozen), not on the policy being evaluated."""
+    from experiments import pipeline
+    from experiments.stages import rl as rl_stage
+    from gptjax import evaluate
+
+    config = tiny_workdir(tmp_path)
+    config.ppo.update({**config.ppo_ptx.to_dict(), "ptx_coef": 0.0})
+    ctx = pipeline.context(config, str(tmp_path), "ppo", jax.devices()[:1])
+    parts = rl_stage.build(ctx)
+    trainer, tokenizer = parts["trainer"], parts["tokenizer"]
+    policy, sft_params = trainer.policy, trainer.frozen[-1]
+    rm = Model(dataclasses.replace(policy.cfg, head="scalar"))
+    records = [{"prompt": p} for p in ("who is mo?", "2 + 3 = ?", "hi", "where is lyon?")]
+    protocol = evaluate.Protocol(max_new_tokens=6, batch_size=8)
+    replies = evaluate.generate_replies(
+        policy, sft_params, tokenizer, records, mode=evaluate.CHAT, temperature=1.0,
+        samples=2, protocol=protocol,
+    )  # fmt: skip
+    args = (tokenizer, records, replies, protocol)
+    at_sft = rl_stage.proxy_and_kl(trainer, policy, rm, sft_params, *args)
+    assert at_sft["sample/kl_to_sft"] == 0.0
+    other = jax.tree.map(lambda x: x * 1.5, sft_params)
+    moved = rl_stage.proxy_and_kl(trainer, policy, rm, other, *args)
+    assert moved["sample/kl_to_sft"] != 0.0
+    assert moved["sample/rm_reward"] == at_sft["sample/rm_reward"]
+    head_only = evaluate.score_replies(rm, trainer.frozen[0], *args)
+    assert not np.isclose(head_only.mean(), at_sft["sample/rm_reward"])  # the feature is in

@@ -126,9 +126,15 @@ def host_reward(ctx: StageContext, spec: str, tokenizer):
     return score
 
 
-def eval_fn(ctx: StageContext, policy, tokenizer):
+def eval_fn(ctx: StageContext, policy, tokenizer, trainer: RLTrainer, rm: Model):
     """Gold reward etc. of the policy on the first `eval_prompts` world eval prompts, under
-    the evaluator's fixed protocol (greedy and temperature 1); None off the world."""
+    the evaluator's fixed protocol (greedy and temperature 1); None off the world.
+
+    When the stage trains on the RM, the temperature-1 replies also get the proxy reward
+    (the RM's score, as the scoring phase computes it) and their KL to SFT (the summed
+    log-ratio along each sampled reply, the evaluator's estimator), so a long run gives
+    gold and proxy reward against KL along training: the RL curves of Gao et al. (2022),
+    experiments/overopt.py."""
     config, section = ctx.config, ctx.section
     if not section.eval_prompts or config.data.pretrain != sources.WORLD:
         return None
@@ -140,13 +146,30 @@ def eval_fn(ctx: StageContext, policy, tokenizer):
 
     def run(params):
         result = evaluate.evaluate(policy, params, tokenizer, records, metrics, protocol)
-        return {
+        out = {
             f"{proto}/{metric}": result[proto][metric]["mean"]
             for proto in ("greedy", "sample")
             for metric in ("gold_reward", "accuracy", "abstention_unknown", "eos_rate")
         }
+        if trainer.host_reward is None:
+            out.update(proxy_and_kl(trainer, policy, rm, params, tokenizer, records,
+                                    result["replies"]["sample"], protocol))  # fmt: skip
+        return out
 
     return run
+
+
+def proxy_and_kl(trainer: RLTrainer, policy: Model, rm: Model, params, tokenizer, records,
+                 replies, protocol) -> dict:  # fmt: skip
+    """Mean RM reward (the proxy the policy is trained on) and mean KL to SFT of the
+    policy's sampled replies."""
+    rm_params, *ref = trainer.frozen
+    ref_params = lora.base(params) if trainer.reference_from_state else ref[0]
+    logp, _ = evaluate.score_replies(policy, params, tokenizer, records, replies, protocol)
+    ref_logp, _ = evaluate.score_replies(policy, ref_params, tokenizer, records, replies, protocol)
+    proxy = evaluate.rm_rewards((rm, rm_params), tokenizer, records, replies, protocol, ref_logp)
+    kl = logp - ref_logp
+    return {"sample/rm_reward": float(proxy.mean()), "sample/kl_to_sft": float(kl.mean())}
 
 
 def lora_policy(policy: Model, sft_params, value_params, seed: int):
@@ -239,7 +262,7 @@ def build(ctx: StageContext) -> dict:
         tokenizer=tokenizer,
         loop=s["loop"],
         inputs=RolloutInputs(prompts, ptx, source if reward is not None else None),
-        eval_fn=eval_fn(ctx, policy, tokenizer),
+        eval_fn=eval_fn(ctx, policy, tokenizer, trainer, rm),
     )
 
 
