@@ -10,8 +10,8 @@ of comparison data (one sweep variant each), two ways of optimising:
   over each prompt's pool of SFT samples (eval_stats.best_of_n_kl_pool);
 - RL: a long low-β PPO run, evaluated every few iterations during training (the in-stage
   evaluation's gold reward, RM reward and KL, experiments/stages/rl.py proxy_and_kl: the
-  summed log-ratio along the policy's own samples, the evaluator's estimator for every
-  policy).
+  full-vocabulary KL at each token along the policy's own samples, summed per reply, the
+  evaluator's estimator for every policy, gptjax/evaluate.py kl_to_reference).
 
 Gao et al. fit R_bon(d) = d(α − β d) (their eq. 1) and R_RL(d) = d(α − β log d) (eq. 2) to
 the gold gains (they fix R(0) = 0, so the fits have no intercept); the gold curve peaks at
@@ -36,7 +36,7 @@ from gptjax import eval_stats
 BEST_OF, SFT = "best-of-", "SFT"
 FALL = 0.02
 FORMS = {
-    # name: (features of d whose least-squares weights are (α, −β), peak d* from α, β)
+    # name: (features of d whose least-squares weights are (α, β), peak d* from α, β)
     "bon": (lambda d: np.stack([d, -(d**2)], 1), lambda a, b: a / (2 * b)),
     "rl": (
         lambda d: np.stack([d, -d * np.log(np.maximum(d, 1e-12))], 1),
@@ -50,9 +50,8 @@ def fit(d, gain, form: str) -> dict:
     intercept; R² about the mean gain; the peak d* (inf when β <= 0: no peak)."""
     d, gain = np.asarray(d, float), np.asarray(gain, float)
     features, peak = FORMS[form]
-    (alpha, minus_beta), *_ = np.linalg.lstsq(features(d), gain, rcond=None)
-    beta = -minus_beta
-    resid = gain - features(d) @ np.array([alpha, minus_beta])
+    (alpha, beta), *_ = np.linalg.lstsq(features(d), gain, rcond=None)
+    resid = gain - features(d) @ np.array([alpha, beta])
     total = float(np.sum((gain - gain.mean()) ** 2))
     r2 = 1.0 - float(np.sum(resid**2)) / total if total > 0 else math.nan
     d_star = peak(alpha, beta) if beta > 0 else math.inf
@@ -209,7 +208,7 @@ def plot(path: str, rows: list[dict]) -> None:
                 ax.plot(d, pts[:, col] - pts[0, col], "o-", color=colour, ms=3, lw=1, label=label)
                 grid = np.linspace(0, d.max(), 50)
                 features, _ = FORMS[r["form"]]
-                fitted = features(grid) @ np.array([r[key]["alpha"], -r[key]["beta"]])
+                fitted = features(grid) @ np.array([r[key]["alpha"], r[key]["beta"]])
                 ax.plot(grid, fitted, "--", color=colour, lw=0.8)
                 ax.set_title(f"{method}: {key} gain over SFT")
                 ax.set_xlabel("d = √KL(π ‖ SFT)")

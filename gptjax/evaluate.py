@@ -14,9 +14,11 @@ Metrics, their 95% bootstrap intervals over prompts and the tables: gptjax/eval_
 
 Beyond the gold labeler's verdicts, replies can be scored by models (`score_replies`,
 teacher-forced, one compiled program per shape): the RM's reward at the reply's last
-token, the policy's and the reference (SFT) model's log-probabilities of the reply (their
-difference on temperature-1 samples is a one-sample estimate of KL(pi || pi_sft) per
-sequence, the quantity PPO's penalty controls), and the policy's per-token entropy.
+token, a model's log-probability of the reply and its per-token entropy. A policy's KL to
+the reference (SFT) model, KL(pi || pi_sft) per sequence (the quantity PPO's penalty
+controls), is `kl_to_reference`: the full-vocabulary KL at each token along the policy's
+own samples, summed per reply, one estimator for every policy (best-of-n, which has no
+token distribution, gets its exact KL over a pool of SFT samples instead).
 `compare_to` adds win rates against a reference model's replies to the same prompts and
 seeds, under any judges (e.g. the RM's reward, the world's gold score; a tie counts one
 half). Diversity is measured within a
@@ -176,6 +178,72 @@ def _teacher_forced(model, params, tokens_BxT, lengths_B, reply_start_B, tempera
     )
 
 
+@functools.partial(jax.jit, static_argnames=("model", "ref_model", "temperature"))
+def _teacher_forced_kl(
+    model, params, ref_model, ref_params, tokens_BxT, lengths_B, reply_start_B, temperature
+):
+    """Per row: Σ over the reply's tokens of KL(model at `temperature` ‖ ref_model at 1)
+    over the full vocabulary (losses.token_kl)."""
+    t = tokens_BxT.shape[1]
+    col = jnp.arange(t)[None, :]
+    seg_BxT = (col < lengths_B[:, None]).astype(jnp.int32)
+    logits = model.apply(params, tokens_BxT, seg_BxT, col * seg_BxT)[:, :-1]
+    ref_logits = ref_model.apply(ref_params, tokens_BxT, seg_BxT, col * seg_BxT)[:, :-1]
+    target = ((col >= reply_start_B[:, None]) & (col < lengths_B[:, None]))[:, 1:]
+    kl = losses.token_kl(logits if temperature == 1.0 else logits / temperature, ref_logits)
+    return jnp.sum(kl * target, axis=1)
+
+
+def kl_to_reference(
+    model,
+    params,
+    ref_model,
+    ref_params,
+    tokenizer,
+    records: Sequence[dict],
+    replies: Sequence[Reply],
+    protocol,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """[N] KL(policy ‖ reference) of each reply's sequence: the full-vocabulary KL at each
+    reply token (policy at `temperature`, the one a tempered variant sampled from;
+    reference at 1), summed. On replies sampled from the policy its mean estimates the
+    sequence KL without bias, with less variance than the summed log-ratio."""
+    outs = [
+        jax.device_get(
+            _teacher_forced_kl(model, params, ref_model, ref_params, *batch, temperature)
+        )
+        for batch in _scoring_batches(model, tokenizer, records, replies, protocol)
+    ]
+    return np.concatenate(outs)[: len(replies)] if outs else np.zeros(0)
+
+
+def _scoring_batches(model, tokenizer, records, replies, protocol, max_len: int | None = None):
+    """(tokens, lengths, reply starts) batches of protocol.batch_size chat rows (prompt +
+    reply, the last batch padded with EOS rows), as score_replies describes."""
+    limit = model.cfg.max_len if max_len is None else min(max_len, model.cfg.max_len)
+    rows = []
+    for r in replies:
+        p, y = chat_prompt_ids(records[r.index], tokenizer), list(r.ids) or [tokenizer.eos_id]
+        ids = (p + y)[-limit:]
+        rows.append((ids, max(len(ids) - len(y), 0)))
+    width = max((len(ids) for ids, _ in rows), default=1)
+    # Round the width up to a multiple of 16 (at most the model's max_len) so the many
+    # scoring calls of an evaluation (each variant x protocol x scorer) share a handful of
+    # compiled programs.
+    width = max(width, min(-(-width // 16) * 16, model.cfg.max_len))
+    bs = protocol.batch_size
+    for start in range(0, len(rows), bs):
+        chunk = rows[start : start + bs]
+        chunk = chunk + [([tokenizer.eos_id, tokenizer.eos_id], 1)] * (bs - len(chunk))
+        tokens = np.zeros((bs, width), np.int32)
+        for k, (ids, _) in enumerate(chunk):
+            tokens[k, : len(ids)] = ids
+        lengths = np.array([len(ids) for ids, _ in chunk], np.int32)
+        starts = np.array([s for _, s in chunk], np.int32)
+        yield tokens, lengths, starts
+
+
 def score_replies(
     model,
     params,
@@ -194,30 +262,11 @@ def score_replies(
     training rows do (gptjax/data/iterators.py comparison_example): the prompt loses its
     start first, and the reply's own start only if the reply alone is longer. Memory is
     bounded by batch x max_len whatever the longest record."""
-    limit = model.cfg.max_len if max_len is None else min(max_len, model.cfg.max_len)
-    rows = []
-    for r in replies:
-        p, y = chat_prompt_ids(records[r.index], tokenizer), list(r.ids) or [tokenizer.eos_id]
-        ids = (p + y)[-limit:]
-        rows.append((ids, max(len(ids) - len(y), 0)))
-    width = max((len(ids) for ids, _ in rows), default=1)
-    # Round the width up to a multiple of 16 (at most the model's max_len) so the many
-    # scoring calls of an evaluation (each variant x protocol x scorer) share a handful of
-    # compiled programs.
-    width = max(width, min(-(-width // 16) * 16, model.cfg.max_len))
-    bs = protocol.batch_size
-    outs = []
-    for start in range(0, len(rows), bs):
-        chunk = rows[start : start + bs]
-        chunk = chunk + [([tokenizer.eos_id, tokenizer.eos_id], 1)] * (bs - len(chunk))
-        tokens = np.zeros((bs, width), np.int32)
-        for k, (ids, _) in enumerate(chunk):
-            tokens[k, : len(ids)] = ids
-        lengths = np.array([len(ids) for ids, _ in chunk], np.int32)
-        starts = np.array([s for _, s in chunk], np.int32)
-        out = _teacher_forced(model, params, tokens, lengths, starts, temperature)
-        outs.append(jax.device_get(out))
-    n = len(rows)
+    outs = [
+        jax.device_get(_teacher_forced(model, params, *batch, temperature))
+        for batch in _scoring_batches(model, tokenizer, records, replies, protocol, max_len)
+    ]
+    n = len(replies)
     if model.cfg.head == "scalar":
         return np.concatenate(outs)[:n] if outs else np.zeros(0)
     logp, ent, count = (np.concatenate(x)[:n] for x in zip(*outs))

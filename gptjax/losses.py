@@ -43,6 +43,16 @@ def reply_logprobs(logits_BxNxV, targets_BxN, mask_BxN, temperature: float = 1.0
     return logp * mask_BxN, entropy * mask_BxN
 
 
+def token_kl(logits_BxNxV, ref_logits_BxNxV):
+    """KL(p ‖ p_ref) over the full vocabulary at each position, in float32 [B, N]: the
+    exact per-token KL, where the sampled log-ratio log p(y) − log p_ref(y) is its
+    one-sample estimate. Summed along a reply sampled from p it estimates the sequence KL
+    without bias (chain rule) and is never negative."""
+    logp = jax.nn.log_softmax(logits_BxNxV.astype(jnp.float32), axis=-1)
+    ref_logp = jax.nn.log_softmax(ref_logits_BxNxV.astype(jnp.float32), axis=-1)
+    return jnp.sum(jnp.exp(logp) * (logp - ref_logp), axis=-1)
+
+
 def token_logprobs(logits_BxTxV, tokens_BxT, mask_BxT=None):
     """log p(tokens[t] | tokens[<t]) in float32, aligned with tokens (column 0, with nothing
     before it, is 0), times mask_BxT if given."""

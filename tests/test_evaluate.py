@@ -136,6 +136,35 @@ def test_a_prompt_longer_than_the_model_names_max_len():
         )
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_kl_to_reference_is_the_full_vocabulary_kl_summed_over_the_reply(temperature):
+    import jax
+
+    from gptjax.model import Model
+    from tests.helpers import tiny_model_config
+
+    tok = _ByteTokenizer()
+    records = [{"prompt": "what is 2 + 3?"}, {"prompt": "sort c a b"}]
+    replies = [Reply(0, 0, "", True, 3, ids=(9, 10, 1)), Reply(1, 0, "", False, 2, ids=(11, 12))]
+    proto = evaluate.Protocol(batch_size=4)
+    lm = Model(tiny_model_config())
+    p, q = lm.init(jax.random.key(0)), lm.init(jax.random.key(1))
+    args = (tok, records, replies, proto)
+    kl = evaluate.kl_to_reference(lm, p, lm, q, *args, temperature=temperature)
+    for k, r in enumerate(replies):
+        prompt = evaluate.chat_prompt_ids(records[r.index], tok)
+        row = np.array([prompt + list(r.ids)], np.int32)
+        # Logits at column t predict token t + 1: the reply's tokens are predicted from
+        # columns len(prompt) - 1 ... len(row) - 2.
+        cols = slice(len(prompt) - 1, row.shape[1] - 1)
+        lp = jax.nn.log_softmax(np.asarray(lm.apply(p, row), np.float64)[0, cols] / temperature)
+        lq = jax.nn.log_softmax(np.asarray(lm.apply(q, row), np.float64)[0, cols])
+        want = np.sum(np.exp(lp) * (lp - lq))
+        assert kl[k] == pytest.approx(float(want), rel=1e-4) and kl[k] > 0
+    same = evaluate.kl_to_reference(lm, p, lm, p, *args)
+    np.testing.assert_allclose(same, 0.0, atol=1e-6)
+
+
 def test_teacher_forced_scores_match_sequence_logprobs_and_rm_rewards():
     import jax
 

@@ -397,3 +397,72 @@ def test_seeding_only_the_evaluator_is_refused():
         sweep_lib.check_findings(sweep)
     sweep.seed_all = True
     sweep_lib.check_findings(sweep)
+
+
+@pytest.mark.parametrize("form, alpha, beta", [("bon", 0.8, 0.3), ("rl", 0.5, 0.4)])
+def test_overopt_fits_recover_gaos_coefficients_and_peak(form, alpha, beta):
+    from experiments import overopt
+
+    d = np.linspace(0.05, 3.0, 12)
+    gain = d * (alpha - beta * (d if form == "bon" else np.log(d)))
+    got = overopt.fit(d, gain, form)
+    assert got["alpha"] == pytest.approx(alpha) and got["beta"] == pytest.approx(beta)
+    assert got["r2"] == pytest.approx(1.0)
+    # d* is where the fitted curve is highest.
+    grid = np.linspace(0.01, 20, 20000)
+    curve = grid * (alpha - beta * (grid if form == "bon" else np.log(grid)))
+    assert got["d_star"] == pytest.approx(grid[np.argmax(curve)], abs=2e-3)
+    rising = overopt.fit(d, 0.5 * d, form)
+    assert rising["beta"] <= 1e-9 or rising["d_star"] > d.max()
+
+
+def test_overopt_says_gold_falls_only_when_it_peaks_inside_the_range_and_drops():
+    from experiments import overopt
+
+    d = [0.0, 0.5, 1.0, 1.5, 2.0]
+    peaked = [0.0, 0.10, 0.15, 0.10, 0.05]
+    assert overopt.peaks_and_falls(list(zip(d, peaked)), d_star=1.0)
+    assert not overopt.peaks_and_falls(list(zip(d, [0.0, 0.1, 0.15, 0.16, 0.17])), d_star=9.0)
+    flat_end = [0.0, 0.10, 0.15, 0.145, 0.14]  # within FALL of the peak: not a fall
+    assert not overopt.peaks_and_falls(list(zip(d, flat_end)), d_star=1.2)
+
+
+def test_overopt_report_reads_best_of_n_and_the_rl_stage_curves(tmp_path):
+    from experiments import overopt
+
+    sweep = sweep_configs.get_config("overopt")
+    cells = []
+    for variant, fall in (("rm_256", 0.4), ("rm_1536", 0.0)):
+        for seed in (0, 1):
+            models = {"SFT": {"sample": {"gold_reward": _stat(0.1), "rm_reward": _stat(0.0),
+                                         "kl_to_sft": _stat(0.0)}}}  # fmt: skip
+            for n in (2, 4, 8, 16, 32, 64):
+                d = np.sqrt(np.log(n) - (n - 1) / n)
+                models[f"best-of-{n}"] = {
+                    "sample": {
+                        "gold_reward": _stat(0.1 + d * (0.3 - fall * d)),
+                        "rm_reward": _stat(0.5 * d),
+                        "kl_to_sft": _stat(d**2),
+                    }
+                }
+            rows = [
+                {"step": 4 * i, "eval/sample/kl_to_sft": (0.4 * i) ** 2,
+                 "eval/sample/gold_reward": 0.1 + 0.4 * i * (0.2 - fall * np.log(0.4 * i)),
+                 "eval/sample/rm_reward": 0.3 * i}
+                for i in range(1, 9)
+            ]  # fmt: skip
+            cells.append({"variant": variant, "seed": seed, "variants": models,
+                          "stage_evals": {"ppo": rows}})  # fmt: skip
+    prov = {"commit": "abc", "packages": {}, "world_hash": "w", "tokenizer_hash": "t" * 16,
+            "seeds": {"init": 0}}  # fmt: skip
+    out = sweep_lib.write_report(str(tmp_path), "overopt", sweep, cells, prov)
+    rows = {(r["variant"], r["method"], r["seed"]): r for r in out["overopt"]}
+    assert len(rows) == 8  # 2 RMs x 2 seeds x (best-of-n, ppo)
+    assert rows["rm_256", "best-of-n", 0]["gold"]["beta"] == pytest.approx(0.4)
+    assert rows["rm_256", "ppo", 1]["gold"]["beta"] == pytest.approx(0.4)
+    assert rows["rm_256", "best-of-n", 0]["falls"] and rows["rm_256", "ppo", 0]["falls"]
+    assert not rows["rm_1536", "best-of-n", 0]["falls"] and not rows["rm_1536", "ppo", 0]["falls"]
+    assert rows["rm_1536", "ppo", 0]["points"][0] == [0.0, 0.1, 0.0]  # SFT at d = 0
+    text = open(out["report"]).read()
+    assert "## Over-optimisation" in text and "| rm_256 | best-of-n | 2 |" in text
+    assert os.path.getsize(out["plots"]["overopt"]) > 1000

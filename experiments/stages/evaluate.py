@@ -247,7 +247,8 @@ def pool_kl(pool, n: int, replies) -> list[float]:
 
 
 def _model_scores(v: Variant, models: Models, records, proto, replies, kl: bool):
-    """Entropy of the answering model, and per-sequence KL to SFT on samples."""
+    """Entropy of the answering model, and per-sequence KL to SFT on samples (the
+    full-vocabulary per-token KL along them, summed: evaluate.kl_to_reference)."""
     if v.mode != "chat":
         return replies
     # A tempered variant's own distribution is SFT's logits / T: its entropy, and its
@@ -258,8 +259,13 @@ def _model_scores(v: Variant, models: Models, records, proto, replies, kl: bool)
         return replies
     if v.best_of:
         return replies  # its exact KL over the pool of SFT samples (_replies)
-    ref, _ = models.scores("sft", records, replies, proto)
-    return evaluate.with_extra(replies, "kl", logp - ref)
+    model, params = models.get(v.role)
+    ref_model, ref_params = models.get("sft")
+    kl = evaluate.kl_to_reference(
+        model, params, ref_model, ref_params, models.tokenizer, records, replies, proto,
+        v.temperature or 1.0,
+    )  # fmt: skip
+    return evaluate.with_extra(replies, "kl", kl)
 
 
 def world_judging(config) -> tuple[dict, dict]:

@@ -131,8 +131,8 @@ def eval_fn(ctx: StageContext, policy, tokenizer, trainer: RLTrainer, rm: Model)
     the evaluator's fixed protocol (greedy and temperature 1); None off the world.
 
     When the stage trains on the RM, the temperature-1 replies also get the proxy reward
-    (the RM's score, as the scoring phase computes it) and their KL to SFT (the summed
-    log-ratio along each sampled reply, the evaluator's estimator), so a long run gives
+    (the RM's score, as the scoring phase computes it) and their KL to SFT (the
+    evaluator's estimator, evaluate.kl_to_reference), so a long run gives
     gold and proxy reward against KL along training: the RL curves of Gao et al. (2022),
     experiments/overopt.py."""
     config, section = ctx.config, ctx.section
@@ -162,13 +162,13 @@ def eval_fn(ctx: StageContext, policy, tokenizer, trainer: RLTrainer, rm: Model)
 def proxy_and_kl(trainer: RLTrainer, policy: Model, rm: Model, params, tokenizer, records,
                  replies, protocol) -> dict:  # fmt: skip
     """Mean RM reward (the proxy the policy is trained on) and mean KL to SFT of the
-    policy's sampled replies."""
+    policy's sampled replies (the evaluator's estimator: evaluate.kl_to_reference)."""
     rm_params, *ref = trainer.frozen
     ref_params = lora.base(params) if trainer.reference_from_state else ref[0]
-    logp, _ = evaluate.score_replies(policy, params, tokenizer, records, replies, protocol)
-    ref_logp, _ = evaluate.score_replies(policy, ref_params, tokenizer, records, replies, protocol)
-    proxy = evaluate.rm_rewards((rm, rm_params), tokenizer, records, replies, protocol, ref_logp)
-    kl = logp - ref_logp
+    args = (tokenizer, records, replies, protocol)
+    ref_logp, _ = evaluate.score_replies(policy, ref_params, *args)
+    proxy = evaluate.rm_rewards((rm, rm_params), *args, ref_logp)
+    kl = evaluate.kl_to_reference(policy, params, policy, ref_params, *args)
     return {"sample/rm_reward": float(proxy.mean()), "sample/kl_to_sft": float(kl.mean())}
 
 
