@@ -10,9 +10,11 @@
 Presets: tiny (CPU, minutes), small_cpu (CPU, ~12M params), gpt2_4l (CPU, the benchmark's
 mid-size shape), gpt2_124m, gpt2_350m, gpt2_1.5b, llama_1b, llama_7b, gpt3_175b (TPU;
 each with a target slice and the settings that fit it, configs/model.py TARGETS/FITS).
-The arg is `MODEL[,mesh=MESH][,rounds=2][,reasoning=1]` (rounds=2: a second comparison
-round from the PPO policy, `_second_round`; reasoning=1: the world's multi-step tasks,
-chain-of-thought and tool demos, and the calc and lookup tools, `_reasoning`). The
+The arg is `MODEL[,mesh=MESH][,rounds=2][,reasoning=1][,heldout_rm=1]` (rounds=2: a
+second comparison round from the PPO policy, `_second_round`; reasoning=1: the world's
+multi-step tasks, chain-of-thought and tool demos, and the calc and lookup tools,
+`_reasoning`; heldout_rm=1: an RM on other comparisons that judges every variant,
+`_heldout_rm`). The
 sections are written for the TPU presets; the CPU presets are shrunk in one place,
 `_runlocal` (big_vision's runlocal).
 
@@ -108,6 +110,9 @@ def _compare() -> ml_collections.ConfigDict:
             temperature=1.0,
             max_new_tokens=16,
             batch_size=512,  # sampled replies per generate call
+            # Added to seeds.sampling for the replies and the labeler's noise: another
+            # instance with another offset collects other comparisons on the same prompts.
+            seed_offset=0,
             # Who ranks the replies: "" = the world's noisy gold labeler (label_noise), or
             # "module:function" taking (prompt_record, replies) -> ranks (0 best, ties ok).
             labeler="",
@@ -148,11 +153,11 @@ def _reason() -> ml_collections.ConfigDict:
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     name, opts = model_presets.parse_arg(arg)
-    unknown = set(opts) - {"mesh", "rounds", "reasoning"}
+    unknown = set(opts) - {"mesh", "rounds", "reasoning", "heldout_rm"}
     if unknown:
         raise ValueError(
             f"unknown config arg options {sorted(unknown)} in {arg!r}; "
-            "known: mesh, rounds, reasoning"
+            "known: mesh, rounds, reasoning, heldout_rm"
         )
     c = ml_collections.ConfigDict()
     c.preset = name
@@ -255,6 +260,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         if opts["reasoning"] != "1":
             raise ValueError(f"reasoning={opts['reasoning']}: 0 or 1")
         _reasoning(c)
+    if opts.get("heldout_rm", "0") != "0":
+        if opts["heldout_rm"] != "1":
+            raise ValueError(f"heldout_rm={opts['heldout_rm']}: 0 or 1")
+        _heldout_rm(c)
     return c
 
 
@@ -305,6 +314,26 @@ def _second_round(c: ml_collections.ConfigDict) -> None:
         "rm_2": {"like": "rm", "reads": {"comparisons": "compare_2"}},
         "ppo_2": {"like": "ppo", "reads": {"rm": "rm_2"}},
         "eval_2": {"like": "eval", "reads": {"ppo": "ppo_2", "rm": "rm_2"}},
+    }
+
+
+def _heldout_rm(c: ml_collections.ConfigDict) -> None:
+    """`heldout_rm=1`: a second RM, trained on other comparisons (other replies and label
+    noise on the same prompts: compare_heldout, seed_offset 1), that no policy is trained
+    against; the evaluator reports its reward of every variant ("heldout_rm_reward"), a
+    judge that PPO cannot have exploited.
+        python -m experiments.main --config=configs/pipeline.py:tiny,heldout_rm=1 \
+            --stages=compare_heldout,rm_heldout,eval --workdir=RUN   # after a default run
+    """
+    c.compare_heldout = c.compare.copy_and_resolve_references()
+    c.compare_heldout.seed_offset = 1
+    c.rm_heldout = c.rm.copy_and_resolve_references()
+    c.instances = {
+        **(c.get("instances") or {}),
+        "compare_heldout": {"like": "compare"},
+        "rm_heldout": {"like": "rm", "reads": {"comparisons": "compare_heldout"}},
+        # The evaluator's rows, plus the held-out RM (required: the point of the option).
+        "eval": {"like": "eval", "reads": {"heldout_rm": "rm_heldout"}},
     }
 
 

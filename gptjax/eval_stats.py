@@ -65,6 +65,8 @@ REPLY_METRICS = {
     "length_tokens": (lambda rec: True, lambda rec, r: float(r.n_tokens)),
     "eos_rate": (lambda rec: True, lambda rec, r: float(r.ended)),
     "rm_reward": (lambda rec: True, lambda rec, r: r.extra.get("rm_reward")),
+    # An RM trained on other comparisons, when the run has one (no policy trained on it).
+    "heldout_rm_reward": (lambda rec: True, lambda rec, r: r.extra.get("heldout_rm_reward")),
     "kl_to_sft": (lambda rec: True, lambda rec, r: r.extra.get("kl")),
     "entropy": (lambda rec: True, lambda rec, r: r.extra.get("entropy")),
 }

@@ -221,6 +221,21 @@ def test_compare_with_a_plugged_in_labeler(sft_workdir):
         assert done_2["this_round"][split] == len(two[split]) - len(first)
     assert sum(done_2["this_round"].values()) > 0
 
+    # The held-out RM's comparisons (configs/pipeline.py heldout_rm=1): the same prompts,
+    # other replies (seed_offset 1).
+    config = config_from_flags(flags)
+    pipeline._heldout_rm(config)
+    rows = pipeline_lib.table(config)
+    assert rows["rm_heldout"].reads["comparisons"] == "compare_heldout"
+    assert rows["eval"].reads["heldout_rm"] == "rm_heldout"
+    assert pipeline_lib.order(config, ["eval", "rm_heldout"]) == ["rm_heldout", "eval"]
+    assert pipeline_lib.run_guarded(config, str(workdir), ["compare_heldout"]) == 0
+    other = formats.read_comparisons(sources.compare_paths(workdir / "compare_heldout")["train"])
+    other = {r["prompt"]: r["responses"] for r in other}
+    mine = {r["prompt"]: r["responses"] for r in records["train"]}
+    shared = set(other) & set(mine)
+    assert shared and any(other[p] != mine[p] for p in shared)
+
     # Same settings: the finished files are reused, not sampled again.
     mtime = os.path.getmtime(paths["train"])
     again = _main(workdir, "--stages=compare", *flags)

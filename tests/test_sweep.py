@@ -428,7 +428,6 @@ def test_overopt_says_gold_falls_only_when_it_peaks_inside_the_range_and_drops()
 
 
 def test_overopt_report_reads_best_of_n_and_the_rl_stage_curves(tmp_path):
-    from experiments import overopt
 
     sweep = sweep_configs.get_config("overopt")
     cells = []

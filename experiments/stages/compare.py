@@ -7,7 +7,8 @@
 For each of the first `compare.n_prompts` of the world's prompts kept for comparisons
 (data.rm_prompt_share of its ppo_prompts; RL stages train on the others), K replies are
 sampled at `compare.temperature` with the KV-cache sampler (fixed per-reply seeds from
-seeds.sampling, so a rerun draws the same replies) and ranked by a labeler (InstructGPT,
+seeds.sampling + compare.seed_offset, so a rerun draws the same replies) and ranked by a
+labeler (InstructGPT,
 sec. 3.4: labelers rank K = 4..9 outputs per prompt). The default labeler is the world's
 noisy gold labeler (Bradley-Terry noise at world.label_noise); `compare.labeler` may name
 any callable "module:function" `(prompt_record, replies) -> ranks`, rank 0 best, equal
@@ -127,9 +128,12 @@ def previous_round(ctx: StageContext) -> dict[str, list[dict]]:
     return {split: list(formats.read_comparisons(paths[split])) for split in SPLITS}
 
 
-def label(records, replies, k: int, labeler: Callable | None, config, tokenizer) -> list[dict]:
+def label(
+    records, replies, k: int, labeler: Callable | None, config, tokenizer, seed: int
+) -> list[dict]:
     """Ranked comparisons (with gold meta) from K replies per record, each reply with the
-    token ids it was sampled as (`response_ids`, under `tokenizer`: its hash)."""
+    token ids it was sampled as (`response_ids`, under `tokenizer`: its hash); seed: the
+    world labeler's noise."""
     world = sources.world_config(config)
     out = []
     for i, task in enumerate(records):
@@ -137,7 +141,7 @@ def label(records, replies, k: int, labeler: Callable | None, config, tokenizer)
         ended = [r.ended for r in replies[i * k : (i + 1) * k]]
         scores = [gold_score(task, t, e, world.length_weight) for t, e in zip(texts, ended)]
         if labeler is None:
-            rng = np.random.default_rng([config.seeds.sampling, i])
+            rng = np.random.default_rng([seed, i])
             ranks = noisy_ranking(
                 task, texts, ended, rng, world.label_temperature, world.length_weight
             )
@@ -184,8 +188,10 @@ def run(ctx: StageContext) -> dict:
     model, params = sources.load_stage_params(
         config, workdir, ctx.inputs["init"], tokenizer, directory=ctx.checkpoints("init")
     )
+    # Another seed_offset draws other replies, and other label noise, on the same prompts.
+    seed = config.seeds.sampling + c.seed_offset
     protocol = evaluate.Protocol(
-        max_new_tokens=c.max_new_tokens, seed=config.seeds.sampling, batch_size=c.batch_size
+        max_new_tokens=c.max_new_tokens, seed=seed, batch_size=c.batch_size
     )
     replies = evaluate.generate_replies(
         model,
@@ -208,6 +214,7 @@ def run(ctx: StageContext) -> dict:
             labeler,
             config,
             tokenizer,
+            seed,
         ),
         "heldout": label(
             records[n - n_heldout :],
@@ -216,6 +223,7 @@ def run(ctx: StageContext) -> dict:
             labeler,
             config,
             tokenizer,
+            seed,
         ),
     }
     fresh, earlier = comparisons, previous_round(ctx)

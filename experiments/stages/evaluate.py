@@ -166,7 +166,7 @@ class Models:
                 ctx.workdir,
                 ctx.inputs[role],
                 self.tokenizer,
-                head="scalar" if role == "rm" else "lm",
+                head="scalar" if role in ("rm", HELDOUT_RM) else "lm",
                 directory=ctx.checkpoints(role),
                 mesh=self.mesh,
             )
@@ -197,23 +197,30 @@ class Models:
         return self._scores[key]
 
 
+# The role of an RM trained on other comparisons (configs/pipeline.py `heldout_rm=1`): a
+# judge no policy was trained against, "heldout_rm_reward" beside "rm_reward".
+HELDOUT_RM = "heldout_rm"
+
+
 def _replies(v: Variant, models: Models, records, proto, temperature: float, samples: int):
-    """The variant's replies, RM-scored when an RM exists (best-of-n needs it)."""
+    """The variant's replies, RM-scored when an RM exists (best-of-n needs it), and by the
+    held-out RM when there is one."""
     mode = world_eval.MODES[v.mode]
     if v.temperature and temperature > 0:
         temperature = v.temperature
     kw = dict(mode=mode, temperature=temperature, samples=samples, protocol=proto)
-    rm = models.get("rm") if has_stage(models.ctx, "rm") else None
+    rms = [role for role in ("rm", HELDOUT_RM) if has_stage(models.ctx, role)]
 
     def rm_scored(replies):
-        if rm is None:
-            return replies
-        ref = None
-        if evaluate.uses_reference(rm[1]) and has_stage(models.ctx, "sft"):
-            ref = models.scores("sft", records, replies, proto)[0]
-        values = models.scores("rm", records, replies, proto)
-        values = evaluate.add_reference(values, rm[1], replies, ref)
-        return evaluate.with_extra(replies, "rm_reward", values)
+        for role in rms:
+            rm = models.get(role)
+            ref = None
+            if evaluate.uses_reference(rm[1]) and has_stage(models.ctx, "sft"):
+                ref = models.scores("sft", records, replies, proto)[0]
+            values = models.scores(role, records, replies, proto)
+            values = evaluate.add_reference(values, rm[1], replies, ref)
+            replies = evaluate.with_extra(replies, f"{role}_reward", values)
+        return replies
 
     if not v.best_of:
         return rm_scored(models.generate(v.role, records, **kw))
@@ -379,7 +386,8 @@ def evaluate_all(ctx: StageContext) -> dict:
         out["differences"] = differences(records, replies, metrics, proto.bootstrap, names)
         out["prompts"] = config.eval.prompts
     else:
-        out["differences"] = differences(records, replies, metrics, proto.bootstrap)
+        names = DIFFERENCE_METRICS + (("heldout_rm_reward",) if has_stage(ctx, HELDOUT_RM) else ())
+        out["differences"] = differences(records, replies, metrics, proto.bootstrap, names)
     return out
 
 
@@ -423,5 +431,7 @@ def run(ctx: StageContext) -> dict:
         tables = (USER_TABLE_METRICS, ("heldout_lm_loss",))
     else:
         tables = (world_eval.TABLE_METRICS, world_eval.MODEL_METRICS)
+    if has_stage(ctx, HELDOUT_RM):
+        tables = (tables[0] + ("heldout_rm_reward",), tables[1])
     text = f"results: {path}\n" + eval_stats.format_results(out, *tables)
     return {"stage": ctx.name, "text": text, **out}
