@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Collection, Mapping
 
-from experiments import calibrate, gates, report, show_data, sources, toolbox
+from experiments import calibrate, compile_clock, gates, report, show_data, sources, toolbox
 from experiments.loop import StageStopped
 from experiments.rundir import StageContext, on_process_0, stage_dir, write_json
 from experiments.stages import compare, dpo, evaluate, pretrain, reason, rl, rm, sft
@@ -237,11 +237,14 @@ def run_stage(config, workdir: str, name: str, key: str | None = None) -> dict:
     """Runs one stage: prints its summary and gates, records its wall time and its key
     (default stage_key(config, name))."""
     ctx = context(config, workdir, name)
-    start = time.perf_counter()
+    start, compiled = time.perf_counter(), compile_clock.snapshot()
     summary = table(config)[name].run(ctx)
     print_summary(summary)
-    seconds = time.perf_counter() - start
-    on_process_0("stage times", functools.partial(report.record_stage_time, workdir, name, seconds))
+    seconds, compiling = time.perf_counter() - start, compile_clock.since(compiled)
+    on_process_0(
+        "stage times",
+        functools.partial(report.record_stage_time, workdir, name, seconds, compiling),
+    )
     if os.path.isdir(stage_dir(workdir, name)):
         key = key or stage_key(config, name)
         write_json(os.path.join(stage_dir(workdir, name), "stage.json"), {"key": key})

@@ -182,6 +182,7 @@ def write_run_report(
     stage_times: dict[str, float],
     prov: dict,
     workdir: str | None = None,
+    compile_times: dict[str, dict] | None = None,
 ) -> dict[str, str]:
     """report.md, results.csv, provenance.json and plots for one pipeline run (with the
     workdir: each trained stage's training curves too)."""
@@ -205,9 +206,21 @@ def write_run_report(
     lines = ["# gptjax run report", "", "## Provenance", "", *provenance_md(prov), ""]
     lines += ["## Gates", "", gates_md(gates), ""]
     if stage_times:
-        lines += ["## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v:.0f} |" for k, v in stage_times.items()]
-        lines += [f"| total | {sum(stage_times.values()):.0f} |", ""]
+        compiling = compile_times or {}
+        lines += [
+            "## Wall time per stage",
+            "",
+            "Of it, compiling: tracing, lowering and XLA compiles (or persistent-cache loads).",
+            "",
+            "| stage | seconds | compiling, s | programs |",
+            "|---|---|---|---|",
+        ]
+        for k, v in stage_times.items():
+            c = compiling.get(k)
+            cols = f"{c['total_s']:.0f} | {c['programs']}" if c else "— | —"
+            lines.append(f"| {k} | {v:.0f} | {cols} |")
+        total_c = sum(c["total_s"] for c in compiling.values())
+        lines += [f"| total | {sum(stage_times.values()):.0f} | {total_c:.0f} | |", ""]
     lines += ["## Evaluation", "", eval_text, ""]
     lines += [f"![gold reward]({os.path.basename(paths['gold_plot'])})", ""]
     if "kl_plot" in paths:
@@ -261,16 +274,21 @@ def gate_line(row: dict) -> str:
     )
 
 
-def record_stage_time(workdir: str, stage: str, seconds: float) -> None:
-    """<workdir>/stage_times.json: the wall time of each stage's latest run."""
-    path = os.path.join(workdir, "stage_times.json")
-    times = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            times = json.load(f)
-    times[stage] = seconds
-    with open(path, "w") as f:
-        json.dump(times, f, indent=2)
+def record_stage_time(workdir: str, stage: str, seconds: float, compiling: dict | None = None):
+    """<workdir>/stage_times.json: the wall time of each stage's latest run; and
+    <workdir>/compile_times.json: of that, the seconds spent tracing, lowering and
+    compiling (experiments/compile_clock.py)."""
+    for name, value in (("stage_times.json", seconds), ("compile_times.json", compiling)):
+        if value is None:
+            continue
+        path = os.path.join(workdir, name)
+        times = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                times = json.load(f)
+        times[stage] = value
+        with open(path, "w") as f:
+            json.dump(times, f, indent=2)
 
 
 def run(ctx) -> dict:
@@ -286,11 +304,11 @@ def run(ctx) -> dict:
         raise FileNotFoundError(f"no eval results at {path}: run --stages=eval first")
     with open(path) as f:
         results = json.load(f)
-    times_path = os.path.join(workdir, "stage_times.json")
-    times = {}
-    if os.path.exists(times_path):
-        with open(times_path) as f:
-            times = json.load(f)
+    times, compile_times = ({}, {})
+    for name, out in (("stage_times.json", times), ("compile_times.json", compile_times)):
+        if os.path.exists(os.path.join(workdir, name)):
+            with open(os.path.join(workdir, name)) as f:
+                out.update(json.load(f))
     rows = list(gates.load(workdir).values())
     tokenizer = sources.get_tokenizer(config, workdir)
     world_hash = (
@@ -299,7 +317,14 @@ def run(ctx) -> dict:
     prov = provenance(config, world_hash, tokenizer.hash)
     text = eval_stats.format_results(results, world_eval.TABLE_METRICS, world_eval.MODEL_METRICS)
     paths = write_run_report(
-        os.path.join(workdir, "report"), text, results["variants"], rows, times, prov, workdir
+        os.path.join(workdir, "report"),
+        text,
+        results["variants"],
+        rows,
+        times,
+        prov,
+        workdir,
+        compile_times,
     )
     failed = [r for r in rows if gate_failed(r)]
     gated = [r for r in rows if not r.get("demoted")]

@@ -255,11 +255,14 @@ def test_run_report_from_fake_eval_results(tmp_path):
     (workdir / "ppo" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (workdir / "rm" / "train" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n')
     (workdir / "eval").mkdir()  # no metrics: no figure
+    compiling = {"sft": {"total_s": 12.4, "programs": 7}}
     paths = report.write_run_report(
-        str(tmp_path / "report"), "TABLE", variants, gates, {"sft": 61.0}, prov, str(workdir)
-    )
+        str(tmp_path / "report"), "TABLE", variants, gates, {"sft": 61.0, "rm": 5.0}, prov,
+        str(workdir), compiling,
+    )  # fmt: skip
     text = open(paths["report"]).read()
-    assert "TABLE" in text and "PASS" in text and "| sft | 61 |" in text
+    assert "TABLE" in text and "PASS" in text and "| sft | 61 | 12 | 7 |" in text
+    assert "| rm | 5 | — | — |" in text  # timed before compile seconds were recorded
     assert {k for k in paths if k.startswith("curves_")} == {"curves_ppo", "curves_rm"}
     assert "![ppo](curves_ppo.png)" in text and os.path.getsize(paths["curves_ppo"]) > 1000
     assert os.path.getsize(paths["gold_plot"]) > 1000 and os.path.exists(paths["kl_plot"])
@@ -465,3 +468,22 @@ def test_overopt_report_reads_best_of_n_and_the_rl_stage_curves(tmp_path):
     text = open(out["report"]).read()
     assert "## Over-optimisation" in text and "| rm_256 | best-of-n | 2 |" in text
     assert os.path.getsize(out["plots"]["overopt"]) > 1000
+
+
+def test_the_compile_clock_counts_each_new_program_once():
+    import jax
+    import jax.numpy as jnp
+
+    from experiments import compile_clock
+
+    fn = jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)
+    seven, nine = np.ones(7, np.float32), np.ones(9, np.float32)  # host arrays: no programs
+    start = compile_clock.snapshot()
+    fn(seven)
+    first = compile_clock.since(start)
+    assert first["programs"] == 1 and first["total_s"] > 0 and first["trace_s"] > 0
+    again = compile_clock.snapshot()
+    fn(seven)  # the same shapes: nothing traced or compiled again
+    assert compile_clock.since(again)["programs"] == 0
+    fn(nine)  # a new shape: a new program
+    assert compile_clock.since(again)["programs"] == 1
