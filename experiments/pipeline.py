@@ -33,6 +33,8 @@ from gptjax.errors import CheckpointError, ConfigError
 
 # Sections every stage reads besides its own: what the data, tokenizer, model and mesh are.
 GLOBAL_SECTIONS = ("seeds", "world", "data", "tokenizer", "model", "mesh", "tools")
+# The world's fields that only the labeler reads (gptjax/world/config.py "Labeler").
+LABELER_FIELDS = ("length_weight", "label_noise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +47,9 @@ class Stage:
     # Validates the instance's config before any stage runs (no data is read).
     check: Callable[[StageContext], object] | None = None
     sections: tuple[str, ...] = ()  # config sections read besides GLOBAL_SECTIONS and its own
+    # Whether it calls the world's labeler (rankings, gold rewards): a stage that does not
+    # (pretraining, SFT) is shared across sweeps of the labeler's fields (stage_key).
+    judges: bool = True
     runner: str = ""  # the runner's name, for instances declared in a config
     outputs: tuple[str, ...] = ()  # workdir entries it writes besides its own directory
     # The user datasets it reads (sources.check_user_data), read before any stage runs.
@@ -74,8 +79,9 @@ TABLE = (
         check=pretrain.settings,
         outputs=("tokenizer",),
         data=("pretrain",),
+        judges=False,
     ),
-    Stage("sft", sft.run, {"init": "pretrain"}, check=sft.settings, data=("demos",)),
+    Stage("sft", sft.run, {"init": "pretrain"}, check=sft.settings, data=("demos",), judges=False),
     Stage("compare", compare.run, {"init": "sft"}, check=compare.settings),
     Stage(
         "rm",
@@ -180,6 +186,9 @@ def stage_key(
     row = table(own_config)[name]
     sections = (*GLOBAL_SECTIONS, name, *row.sections)
     own = {s: own_config[s].to_dict() for s in sections if s in own_config}
+    if not row.judges and "world" in own:
+        # The labeler's fields change no document or demo the stage reads.
+        own["world"] = {k: v for k, v in own["world"].items() if k not in LABELER_FIELDS}
     inputs = {}
     for role, source in row.reads.items():
         override = own_config[name].get(f"{role}_from", "") if name in own_config else ""

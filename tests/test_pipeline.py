@@ -66,6 +66,14 @@ def test_a_stage_key_changes_with_what_it_reads_and_only_that():
     config.sft.steps = 3
     changed = {s for s in base if pipeline.stage_key(config, s) != base[s]}
     assert changed == {"sft", "rm", "ppo", "eval"}
+    for field, value in (("label_noise", 0.4), ("length_weight", 0.1)):
+        config = tiny()
+        config.world[field] = value  # the labeler's: the base and SFT models are shared
+        changed = {s for s in base if pipeline.stage_key(config, s) != base[s]}
+        assert changed == {"rm", "ppo", "eval"}, field
+    config = tiny()
+    config.world.n_known = 300  # any other world field: every stage
+    assert {s for s in base if pipeline.stage_key(config, s) != base[s]} == set(base)
     config = tiny()
     config.eval.max_prompts = 7  # the evaluator's settings: eval and the PPO stages' check
     changed = {s for s in base if pipeline.stage_key(config, s) != base[s]}
