@@ -108,6 +108,12 @@ def _compare() -> ml_collections.ConfigDict:
             n_prompts=0,  # first n of the prompts kept for it (data.rm_prompt_share); 0 = all
             heldout_fraction=0.15,  # of the prompts: the RM's held-out comparisons
             temperature=1.0,
+            # Replies from several policies, as InstructGPT collected them: a comma list of
+            # temperatures cycled over the sampled replies ("0.7,1.0,1.3"); empty = all at
+            # `temperature`.
+            temperatures="",
+            # The last of the K replies is the world demonstrator's (as in the SFT demos).
+            demonstration=False,
             max_new_tokens=16,
             batch_size=512,  # sampled replies per generate call
             # Added to seeds.sampling for the replies and the labeler's noise: another

@@ -236,6 +236,23 @@ def test_compare_with_a_plugged_in_labeler(sft_workdir):
     shared = set(other) & set(mine)
     assert shared and any(other[p] != mine[p] for p in shared)
 
+    # Replies from several policies: two temperatures and the demonstrator's reply last.
+    config = config_from_flags(flags)
+    config.compare_mix = config.compare.copy_and_resolve_references()
+    config.compare_mix.update(temperatures="0.5,1.5", demonstration=True)
+    config.instances = {"compare_mix": {"like": "compare"}}
+    assert compare.slot_groups(config.compare_mix) == {0.5: [0], 1.5: [1]}  # K = 3
+    assert pipeline_lib.run_guarded(config, str(workdir), ["compare_mix"]) == 0
+    mixed = formats.read_comparisons(sources.compare_paths(workdir / "compare_mix")["train"])
+    world = sources.world_config(config)
+    for rec in mixed:
+        task = rec["meta"]["task"]
+        demo = rec["responses"][-1]
+        assert rec["ended"][-1] and chat.decode_reply(rec["response_ids"][-1], tok) == (demo, True)
+        if task["answer"] is not None:  # the demonstrator answers known people truly
+            assert labeler.gold_score(task, demo, True, world.length_weight) > 0.5
+        assert rec["responses"][:2] != mine.get(rec["prompt"], [])[:2]  # other draws
+
     # Same settings: the finished files are reused, not sampled again.
     mtime = os.path.getmtime(paths["train"])
     again = _main(workdir, "--stages=compare", *flags)
@@ -340,6 +357,21 @@ def test_k_outside_2_to_9_names_the_field(k, tmp_path):
     config = pipeline.get_config("tiny")
     config.compare.k = k
     with pytest.raises(ConfigError, match=rf"config\.compare\.k: must be in 2\.\.9, got {k}"):
+        compare.run(pipeline_lib.context(config, str(tmp_path), "compare"))
+
+
+@pytest.mark.parametrize(
+    "fields,match",
+    [
+        ({"temperatures": "0.7,x"}, r"config\.compare\.temperatures: a comma list of numbers"),
+        ({"temperatures": "0.7,0"}, r"config\.compare\.temperatures: must be > 0"),
+        ({"k": 2, "demonstration": True}, r"config\.compare\.demonstration: needs k >= 3"),
+    ],
+)
+def test_bad_reply_sources_name_the_field(fields, match, tmp_path):
+    config = pipeline.get_config("tiny")
+    config.compare.update(fields)
+    with pytest.raises(ConfigError, match=match):
         compare.run(pipeline_lib.context(config, str(tmp_path), "compare"))
 
 

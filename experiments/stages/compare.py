@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import Callable
 
 import numpy as np
@@ -34,9 +35,10 @@ from experiments import sources
 from experiments.rundir import StageContext, write_json, write_text
 from gptjax import config as config_lib
 from gptjax import evaluate
-from gptjax.data import formats
+from gptjax.data import chat, formats
 from gptjax.errors import ConfigError
 from gptjax.world import gold_score, noisy_ranking
+from gptjax.world.generate import demonstrate
 
 K_RANGE = (2, 9)
 SPLITS = sources.COMPARE_SPLITS
@@ -60,6 +62,32 @@ def check_ranks(ranks, k: int, where: str) -> list[int]:
     return [int(r) for r in ranks]
 
 
+def temperatures(c) -> list[float]:
+    """The sampled slots' temperatures: compare.temperatures (comma list, cycled over the
+    slots) or compare.temperature for all."""
+    spec = [t.strip() for t in str(c.temperatures).split(",") if t.strip()]
+    return [float(t) for t in spec] if spec else [float(c.temperature)]
+
+
+def slot_groups(c) -> dict[float, list[int]]:
+    """{temperature: the reply slots sampled at it}, slots 0 … K−1 (the last is the
+    demonstration's when compare.demonstration)."""
+    temps, out = temperatures(c), {}
+    for slot in range(c.k - int(c.demonstration)):
+        out.setdefault(temps[slot % len(temps)], []).append(slot)
+    return out
+
+
+def demonstration_reply(index: int, task: dict, world, tokenizer, seed: int) -> evaluate.Reply:
+    """The world demonstrator's reply to a task (as it wrote the SFT demos: a true answer
+    for a known person, "i don't know" or a made-up one for an unknown), as a reply whose
+    ids are its text in the chat template."""
+    rng = random.Random(f"demonstration {seed} {index}")
+    text = demonstrate(task, world, rng)["response"]
+    ids = (*chat.encode_reply(text, tokenizer), tokenizer.eos_id)
+    return evaluate.Reply(index, -1, text, True, len(ids), ids)
+
+
 def gold_ranks(scores: list[float]) -> list[int]:
     """Dense ranks by gold score, 0 = best; equal scores tie (unlike noiseless_ranking,
     which breaks ties by index), so tied pairs are left out of gold accuracy."""
@@ -80,8 +108,17 @@ def settings(ctx: StageContext) -> dict:
     for field in ("n_prompts", "max_new_tokens", "batch_size"):
         if c[field] < (0 if field == "n_prompts" else 1):
             raise ConfigError(f"{name}.{field}", f"out of range: {c[field]}")
-    if c.temperature <= 0:
-        raise ConfigError(f"{name}.temperature", f"must be > 0 to sample, got {c.temperature}")
+    try:
+        temps = temperatures(c)
+    except ValueError:
+        raise ConfigError(
+            f"{name}.temperatures", f"a comma list of numbers, got {c.temperatures!r}"
+        ) from None
+    if min(temps) <= 0:
+        field = "temperatures" if c.temperatures else "temperature"
+        raise ConfigError(f"{name}.{field}", f"must be > 0 to sample, got {c[field]}")
+    if c.demonstration and c.k < 3:
+        raise ConfigError(f"{name}.demonstration", f"needs k >= 3 (2 sampled replies), got {c.k}")
     n_rm = sources.world_prompt_split(ctx.config)
     if c.n_prompts > n_rm:
         raise ConfigError(
@@ -193,16 +230,25 @@ def run(ctx: StageContext) -> dict:
     protocol = evaluate.Protocol(
         max_new_tokens=c.max_new_tokens, seed=seed, batch_size=c.batch_size
     )
-    replies = evaluate.generate_replies(
-        model,
-        params,
-        tokenizer,
-        records,
-        mode=evaluate.CHAT,
-        temperature=c.temperature,
-        samples=c.k,
-        protocol=protocol,
-    )
+    replies = [None] * (n * c.k)
+    for group, (temperature, slots) in enumerate(slot_groups(c).items()):
+        sampled = evaluate.generate_replies(
+            model,
+            params,
+            tokenizer,
+            records,
+            mode=evaluate.CHAT,
+            temperature=temperature,
+            samples=len(slots),
+            protocol=protocol,
+            seed_offset=group,  # each temperature its own draws
+        )
+        for r in sampled:
+            replies[r.index * c.k + slots[r.sample]] = r
+    if c.demonstration:
+        world = sources.world_config(config)
+        for i, task in enumerate(records):
+            replies[i * c.k + c.k - 1] = demonstration_reply(i, task, world, tokenizer, seed)
     # Held-out prompts are the last ones, so a larger n_prompts keeps the same held-out set
     # only if heldout_fraction shrinks accordingly; the split is by prompt, never by reply.
     n_heldout = max(1, round(n * c.heldout_fraction))

@@ -188,7 +188,7 @@ def _split_tasks(
     return out
 
 
-def _demonstrate(task: dict, cfg: WorldConfig, rng: random.Random) -> dict:
+def demonstrate(task: dict, cfg: WorldConfig, rng: random.Random) -> dict:
     """The demonstrator's reply: right most of the time, with the configured failings."""
     if task["answer"] is None:
         style = "idk" if rng.random() < cfg.demo_idk_rate else "hallucinated"
@@ -303,7 +303,7 @@ def generate(cfg: WorldConfig | None = None) -> dict[str, list[dict]]:
         reason_ppo = make(cfg.n_reason_prompts, "ppo")
     for split in ("demos", "demos_heldout"):
         rng = _rng(cfg, split + "/responses")
-        splits[split] = [_demonstrate(t, cfg, rng) for t in splits[split]]
+        splits[split] = [demonstrate(t, cfg, rng) for t in splits[split]]
     for split in ("eval_prompts", "ppo_prompts"):
         splits[split] = [{**t, "in_demos": t["person"] in in_demos} for t in splits[split]]
 
