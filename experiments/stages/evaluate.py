@@ -258,9 +258,9 @@ def _model_scores(v: Variant, models: Models, records, proto, replies, kl: bool)
     full-vocabulary per-token KL along them, summed: evaluate.kl_to_reference)."""
     if v.mode != "chat":
         return replies
-    # A tempered variant's own distribution is SFT's logits / T: its entropy, and its
-    # log-probs for the KL to SFT (Monte Carlo over its samples, as for every policy).
-    logp, entropy = models.scores(v.role, records, replies, proto, v.temperature or 1.0)
+    # A tempered variant's own distribution is SFT's logits / T: its entropy, and its KL
+    # to SFT along its own samples (as for every policy).
+    _, entropy = models.scores(v.role, records, replies, proto, v.temperature or 1.0)
     replies = evaluate.with_extra(replies, "entropy", entropy)
     if not kl or not has_stage(models.ctx, "sft"):
         return replies
