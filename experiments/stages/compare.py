@@ -6,14 +6,15 @@
 
 For each of the first `compare.n_prompts` of the world's prompts kept for comparisons
 (data.rm_prompt_share of its ppo_prompts; RL stages train on the others), K replies are
-sampled at `compare.temperature` with the KV-cache sampler (fixed per-reply seeds from
-seeds.sampling + compare.seed_offset, so a rerun draws the same replies) and ranked by a
-labeler (InstructGPT,
-sec. 3.4: labelers rank K = 4..9 outputs per prompt). The default labeler is the world's
-noisy gold labeler (Bradley-Terry noise at world.label_noise); `compare.labeler` may name
-any callable "module:function" `(prompt_record, replies) -> ranks`, rank 0 best, equal
-ranks tied. The prompt record it gets is the world's task plus `ended` (whether each
-reply reached EOS).
+sampled at `compare.temperature` (or at `compare.temperatures`, cycled over the K; with
+`compare.demonstration` the last is the world demonstrator's reply: replies from several
+policies, as InstructGPT collected them) with the KV-cache sampler (fixed per-reply seeds
+from seeds.sampling + compare.seed_offset, so a rerun draws the same replies) and ranked
+by a labeler (InstructGPT, sec. 3.4: labelers rank K = 4..9 outputs per prompt). The
+default labeler is the world's noisy gold labeler (Bradley-Terry noise at
+world.label_noise); `compare.labeler` may name any callable "module:function"
+`(prompt_record, replies) -> ranks`, rank 0 best, equal ranks tied. The prompt record it
+gets is the world's task plus `ended` (whether each reply reached EOS).
 
 Writes `<workdir>/compare/{train,heldout}.jsonl` in the ranked-list comparison format
 (`gptjax/data/formats.py`), each record with `ended` and `meta` (the task, the gold
