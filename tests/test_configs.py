@@ -109,3 +109,20 @@ def test_a_second_round_config_declares_its_instances_in_order(tmp_path):
         pipeline.validate(config, str(tmp_path), names)
     with pytest.raises(ValueError, match="rounds=3"):
         pipeline_configs.get_config("tiny,rounds=3")
+
+
+def test_an_evaluator_instance_runs_with_its_own_section(tmp_path):
+    """eval_2's fields (not eval's) are what its run reads as config.eval."""
+    from experiments.stages import evaluate as evaluate_stage
+
+    config = pipeline_configs.get_config("tiny,rounds=2")
+    config.eval_2.variants = "SFT,PPO"
+    config.eval_2.max_prompts = 7
+    own = evaluate_stage.own_section(pipeline.context(config, str(tmp_path), "eval_2"))
+    assert own.config.eval.variants == "SFT,PPO" and own.config.eval.max_prompts == 7
+    assert config.eval.variants == "" and config.eval.max_prompts == 0  # not modified
+    default = pipeline.context(config, str(tmp_path), "eval")
+    assert evaluate_stage.own_section(default).config.eval.variants == ""
+    config.eval_2.reward = "tests.reward_fns:exact_sum"  # on the world: refused
+    with pytest.raises(ConfigError, match="judged by its gold labeler"):
+        pipeline.validate(config, str(tmp_path), ["eval_2"])

@@ -79,8 +79,20 @@ def user_reward(config):
     return rewards.HostReward(spec, config_lib.load_callable(spec, "eval.reward"))
 
 
+def own_section(ctx: StageContext) -> StageContext:
+    """The context with `config.eval` set to this instance's section: an evaluator
+    instance (eval_2, …) runs with its own settings, which the code below reads as
+    config.eval like the default instance's."""
+    if ctx.name == "eval":
+        return ctx
+    config = ctx.config.copy_and_resolve_references()
+    config.eval = config[ctx.name]
+    return dataclasses.replace(ctx, config=config)
+
+
 def settings(ctx: StageContext) -> dict:
     """Validated before any stage runs: eval.reward loads, and is used only off the world."""
+    ctx = own_section(ctx)
     fn = user_reward(ctx.config)
     if fn is not None and not off_world(ctx.config):
         from gptjax.errors import ConfigError
@@ -423,6 +435,7 @@ def differences(records, replies, metrics, n_boot: int, metric_names=DIFFERENCE_
 
 
 def run(ctx: StageContext) -> dict:
+    ctx = own_section(ctx)
     out = evaluate_all(ctx)
     os.makedirs(ctx.dir, exist_ok=True)
     path = os.path.join(ctx.dir, "results.json")
