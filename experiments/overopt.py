@@ -24,7 +24,6 @@ about two standard errors of a mean over 512 replies).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from experiments import plots
 from gptjax import eval_stats
+from gptjax.metrics import read_jsonl
 
 BEST_OF, SFT = "best-of-", "SFT"
 FALL = 0.02
@@ -104,9 +104,7 @@ def stage_evals(directory: str, stages) -> dict[str, list[dict]]:
         path = os.path.join(directory, stage, "metrics.jsonl")
         if not os.path.exists(path):
             continue
-        with open(path) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        rows = [r for r in rows if "eval/sample/kl_to_sft" in r]
+        rows = [r for r in read_jsonl(path) if "eval/sample/kl_to_sft" in r]
         if rows:
             out[stage] = rows
     return out
