@@ -30,11 +30,10 @@ from experiments.rundir import StageContext, on_process_0, stage_dir, write_json
 from experiments.stages import compare, dpo, evaluate, pretrain, reason, rl, rm, sft
 from gptjax import config as config_lib
 from gptjax.errors import CheckpointError, ConfigError
+from gptjax.world import config as world_config
 
 # Sections every stage reads besides its own: what the data, tokenizer, model and mesh are.
 GLOBAL_SECTIONS = ("seeds", "world", "data", "tokenizer", "model", "mesh", "tools")
-# The world's fields that only the labeler reads (gptjax/world/config.py "Labeler").
-LABELER_FIELDS = ("length_weight", "label_noise")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +187,9 @@ def stage_key(
     own = {s: own_config[s].to_dict() for s in sections if s in own_config}
     if not row.judges and "world" in own:
         # The labeler's fields change no document or demo the stage reads.
-        own["world"] = {k: v for k, v in own["world"].items() if k not in LABELER_FIELDS}
+        own["world"] = {
+            k: v for k, v in own["world"].items() if k not in world_config.LABELER_FIELDS
+        }
     inputs = {}
     for role, source in row.reads.items():
         override = own_config[name].get(f"{role}_from", "") if name in own_config else ""

@@ -27,6 +27,11 @@ from gptjax.world import labeler, vocab
 GENERATOR_VERSION = 4
 
 
+# The fields only the labeler reads: the pretraining text and the demos do not depend on
+# them (experiments/pipeline.py leaves them out of the keys of stages that never judge).
+LABELER_FIELDS = ("length_weight", "label_noise")
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     seed: int = 0
@@ -110,7 +115,7 @@ class WorldConfig:
     # restated, so the base model learns to copy them (see the README's reasoning results).
     n_worked_docs: int = 0
 
-    # Labeler.
+    # Labeler (LABELER_FIELDS: they change how replies are judged, no generated text).
     length_weight: float = labeler.DEFAULT_LENGTH_WEIGHT  # >0 rewards detail
     label_noise: float = labeler.DEFAULT_LABEL_NOISE  # BT disagreement with gold labels
 
