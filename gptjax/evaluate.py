@@ -179,19 +179,63 @@ def _teacher_forced(model, params, tokens_BxT, lengths_B, reply_start_B, tempera
 
 
 @functools.partial(jax.jit, static_argnames=("model", "ref_model", "temperature"))
-def _teacher_forced_kl(
+def _teacher_forced_pair(
     model, params, ref_model, ref_params, tokens_BxT, lengths_B, reply_start_B, temperature
 ):
-    """Per row: Σ over the reply's tokens of KL(model at `temperature` ‖ ref_model at 1)
-    over the full vocabulary (losses.token_kl)."""
+    """Per row, sums over the reply's tokens from one forward of the policy (at
+    `temperature`) and one of its reference (at 1): the policy's log p and entropy, the
+    token count, the reference's log p and entropy, and KL(policy ‖ reference) over the full
+    vocabulary (losses.token_kl). ref_model None: the reference is the policy's own model
+    at temperature 1 (a tempered variant against itself), one forward."""
     t = tokens_BxT.shape[1]
     col = jnp.arange(t)[None, :]
     seg_BxT = (col < lengths_B[:, None]).astype(jnp.int32)
     logits = model.apply(params, tokens_BxT, seg_BxT, col * seg_BxT)[:, :-1]
-    ref_logits = ref_model.apply(ref_params, tokens_BxT, seg_BxT, col * seg_BxT)[:, :-1]
+    if ref_model is None:
+        ref_logits = logits
+    else:
+        ref_logits = ref_model.apply(ref_params, tokens_BxT, seg_BxT, col * seg_BxT)[:, :-1]
     target = ((col >= reply_start_B[:, None]) & (col < lengths_B[:, None]))[:, 1:]
-    kl = losses.token_kl(logits if temperature == 1.0 else logits / temperature, ref_logits)
-    return jnp.sum(kl * target, axis=1)
+    tempered = logits if temperature == 1.0 else logits / temperature
+    logp, entropy = losses.reply_logprobs(tempered, tokens_BxT[:, 1:], target)
+    ref_logp, ref_entropy = losses.reply_logprobs(ref_logits, tokens_BxT[:, 1:], target)
+    kl = losses.token_kl(tempered, ref_logits)
+    return tuple(
+        jnp.sum(x * target, axis=1) for x in (logp, entropy, target, ref_logp, ref_entropy, kl)
+    )
+
+
+def score_with_reference(
+    model,
+    params,
+    ref_model,
+    ref_params,
+    tokenizer,
+    records: Sequence[dict],
+    replies: Sequence[Reply],
+    protocol,
+    temperature: float = 1.0,
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """A policy and its reference over chat replies in one teacher-forced pass:
+    ((log p, mean entropy) under the policy at `temperature`, (log p, mean entropy) under
+    the reference at 1 — each as score_replies gives it —, [N] KL(policy ‖ reference) of
+    each reply's sequence). The KL is the full-vocabulary KL at each reply token, summed:
+    on replies sampled from the policy its mean estimates the sequence KL without bias,
+    with less variance than the summed log-ratio. ref_model None: the reference is `model`
+    itself at temperature 1 (one forward)."""
+    outs = [
+        jax.device_get(
+            _teacher_forced_pair(model, params, ref_model, ref_params, *batch, temperature)
+        )
+        for batch in _scoring_batches(model, tokenizer, records, replies, protocol)
+    ]
+    n = len(replies)
+    if not outs:
+        zero = np.zeros(0)
+        return (zero, zero), (zero, zero), zero
+    logp, ent, count, ref_logp, ref_ent, kl = (np.concatenate(x)[:n] for x in zip(*outs))
+    count = np.maximum(count, 1)
+    return (logp, ent / count), (ref_logp, ref_ent / count), kl
 
 
 def kl_to_reference(
@@ -205,17 +249,11 @@ def kl_to_reference(
     protocol,
     temperature: float = 1.0,
 ) -> np.ndarray:
-    """[N] KL(policy ‖ reference) of each reply's sequence: the full-vocabulary KL at each
-    reply token (policy at `temperature`, the one a tempered variant sampled from;
-    reference at 1), summed. On replies sampled from the policy its mean estimates the
-    sequence KL without bias, with less variance than the summed log-ratio."""
-    outs = [
-        jax.device_get(
-            _teacher_forced_kl(model, params, ref_model, ref_params, *batch, temperature)
-        )
-        for batch in _scoring_batches(model, tokenizer, records, replies, protocol)
-    ]
-    return np.concatenate(outs)[: len(replies)] if outs else np.zeros(0)
+    """[N] KL(policy ‖ reference) of each reply's sequence (policy at `temperature`, the
+    one a tempered variant sampled from; reference at 1): score_with_reference's KL."""
+    return score_with_reference(
+        model, params, ref_model, ref_params, tokenizer, records, replies, protocol, temperature
+    )[2]
 
 
 def _scoring_batches(model, tokenizer, records, replies, protocol, max_len: int | None = None):

@@ -165,6 +165,37 @@ def test_kl_to_reference_is_the_full_vocabulary_kl_summed_over_the_reply(tempera
     np.testing.assert_allclose(same, 0.0, atol=1e-6)
 
 
+def test_one_pass_of_policy_and_reference_gives_their_separate_scores():
+    import jax
+
+    from gptjax.model import Model
+    from tests.helpers import tiny_model_config
+
+    tok = _ByteTokenizer()
+    records = [{"prompt": "what is 2 + 3?"}, {"prompt": "sort c a b"}, {"prompt": "hi"}]
+    replies = [
+        Reply(0, 0, "", True, 3, ids=(9, 10, 1)),
+        Reply(1, 0, "", False, 2, ids=(11, 12)),
+        Reply(2, 0, "", True, 1, ids=(1,)),
+    ]
+    args = (tok, records, replies, evaluate.Protocol(batch_size=2))  # 2 batches, 1 padded
+    lm = Model(tiny_model_config())
+    p, q = lm.init(jax.random.key(0)), lm.init(jax.random.key(1))
+    for t in (1.0, 0.7):
+        policy, ref, kl = evaluate.score_with_reference(lm, p, lm, q, *args, temperature=t)
+        for got, want in zip(policy, evaluate.score_replies(lm, p, *args, temperature=t)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        for got, want in zip(ref, evaluate.score_replies(lm, q, *args)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert kl.shape == (3,) and np.all(kl > 0)
+        # The reference omitted is the policy's own model at temperature 1: one forward.
+        own = evaluate.score_with_reference(lm, p, None, None, *args, temperature=t)
+        both = evaluate.score_with_reference(lm, p, lm, p, *args, temperature=t)
+        for got, want in zip(jax.tree.leaves(own), jax.tree.leaves(both)):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.allclose(own[2], evaluate.kl_to_reference(lm, p, lm, p, *args, 0.7), atol=1e-6)
+
+
 def test_teacher_forced_scores_match_sequence_logprobs_and_rm_rewards():
     import jax
 

@@ -32,6 +32,7 @@ import dataclasses
 import os
 
 import jax
+import numpy as np
 
 from experiments import sources
 from experiments.rundir import StageContext, write_json
@@ -168,6 +169,7 @@ class Models:
         self.ctx, self.tokenizer, self.mesh = ctx, tokenizer, ctx.mesh()
         self._cache = {}
         self._scores = {}
+        self._kl = {}
         self._replies = {}
 
     def get(self, role: str):
@@ -208,15 +210,34 @@ class Models:
             )
         return self._scores[key]
 
+    def kl_to_sft(self, role: str, records, replies, proto, temperature: float = 1.0):
+        """[N] each reply's KL(role's model at `temperature` ‖ SFT), from one pass of both
+        models (evaluate.score_with_reference) that also leaves both models' scores of the
+        replies for `scores`: the entropy and the RM's reference feature need them."""
+        ids = tuple((r.index, r.ids) for r in replies)
+        key = (role, temperature, ids)
+        if key not in self._kl:
+            model, params = self.get(role)
+            ref = (None, None) if role == "sft" else self.get("sft")
+            own, sft, self._kl[key] = evaluate.score_with_reference(
+                model, params, *ref, self.tokenizer, records, replies, proto, temperature
+            )
+            self._scores.setdefault(key, own)
+            self._scores.setdefault(("sft", 1.0, ids), sft)
+        return self._kl[key]
+
 
 # The role of an RM trained on other comparisons (configs/pipeline.py `heldout_rm=1`): a
 # judge no policy was trained against, "heldout_rm_reward" beside "rm_reward".
 HELDOUT_RM = "heldout_rm"
 
 
-def _replies(v: Variant, models: Models, records, proto, temperature: float, samples: int):
-    """The variant's replies, RM-scored when an RM exists (best-of-n needs it), and by the
-    held-out RM when there is one."""
+def _replies(
+    v: Variant, models: Models, records, proto, temperature: float, samples: int, kl: bool
+):
+    """The variant's replies, with their model scores (_model_scores; `kl`: their KL to
+    SFT too), RM-scored when an RM exists (best-of-n needs it), and by the held-out RM when
+    there is one."""
     mode = world_eval.MODES[v.mode]
     if v.temperature and temperature > 0:
         temperature = v.temperature
@@ -235,13 +256,17 @@ def _replies(v: Variant, models: Models, records, proto, temperature: float, sam
         return replies
 
     if not v.best_of:
-        return rm_scored(models.generate(v.role, records, **kw))
+        # Model scores first: the KL pass also scores the replies under SFT, which the
+        # RM's reference feature reads.
+        replies = models.generate(v.role, records, **kw)
+        return rm_scored(_model_scores(v, models, records, proto, replies, kl))
     pool = [
         rm_scored(models.generate(v.role, records, seed_offset=m, **kw))
         for m in range(max(v.best_of, pool_draws(models.ctx.config)))
     ]
     best = evaluate.best_of_n(pool[: v.best_of])
-    return evaluate.with_extra(best, "kl", pool_kl(pool, v.best_of, best))
+    best = evaluate.with_extra(best, "kl", pool_kl(pool, v.best_of, best))
+    return _model_scores(v, models, records, proto, best, kl)
 
 
 def pool_draws(config) -> int:
@@ -267,24 +292,22 @@ def pool_kl(pool, n: int, replies) -> list[float]:
 
 def _model_scores(v: Variant, models: Models, records, proto, replies, kl: bool):
     """Entropy of the answering model, and per-sequence KL to SFT on samples (the
-    full-vocabulary per-token KL along them, summed: evaluate.kl_to_reference)."""
+    full-vocabulary per-token KL along them, summed: Models.kl_to_sft)."""
     if v.mode != "chat":
         return replies
     # A tempered variant's own distribution is SFT's logits / T: its entropy, and its KL
     # to SFT along its own samples (as for every policy).
-    _, entropy = models.scores(v.role, records, replies, proto, v.temperature or 1.0)
+    temperature = v.temperature or 1.0
+    # Best-of-n has its exact KL over the pool of SFT samples (_replies); SFT's KL to
+    # itself is 0.
+    kl = kl and not v.best_of and has_stage(models.ctx, "sft")
+    if kl and (v.role, temperature) != ("sft", 1.0):
+        kl_values = models.kl_to_sft(v.role, records, replies, proto, temperature)
+    elif kl:
+        kl_values = np.zeros(len(replies))
+    _, entropy = models.scores(v.role, records, replies, proto, temperature)
     replies = evaluate.with_extra(replies, "entropy", entropy)
-    if not kl or not has_stage(models.ctx, "sft"):
-        return replies
-    if v.best_of:
-        return replies  # its exact KL over the pool of SFT samples (_replies)
-    model, params = models.get(v.role)
-    ref_model, ref_params = models.get("sft")
-    kl = evaluate.kl_to_reference(
-        model, params, ref_model, ref_params, models.tokenizer, records, replies, proto,
-        v.temperature or 1.0,
-    )  # fmt: skip
-    return evaluate.with_extra(replies, "kl", kl)
+    return evaluate.with_extra(replies, "kl", kl_values) if kl else replies
 
 
 def world_judging(config) -> tuple[dict, dict]:
@@ -350,8 +373,7 @@ def evaluate_all(ctx: StageContext) -> dict:
                 # tempered SFT's greedy reply is SFT's.
                 replies[v.name, name] = []
                 continue
-            r = _replies(v, models, records, proto, temperature, samples)
-            r = _model_scores(v, models, records, proto, r, name == "sample")
+            r = _replies(v, models, records, proto, temperature, samples, name == "sample")
             replies[v.name, name] = user_scored(fn, records, r)
     per_model = {}
     for v in todo:
@@ -363,15 +385,9 @@ def evaluate_all(ctx: StageContext) -> dict:
         }
         if off_world(config):
             continue
-        fewshot = evaluate.generate_replies(
-            model,
-            params,
-            tokenizer,
-            records,
-            mode=world_eval.FEWSHOT,
-            temperature=0.0,
-            samples=1,
-            protocol=proto,
+        # The base model's are its few-shot variant's greedy replies.
+        fewshot = models.generate(
+            v.role, records, mode=world_eval.FEWSHOT, temperature=0.0, samples=1, protocol=proto
         )
         per_model[v.role]["fewshot_accuracy"] = eval_stats.summarize(
             records, fewshot, metrics, proto.bootstrap

@@ -162,13 +162,13 @@ def eval_fn(ctx: StageContext, policy, tokenizer, trainer: RLTrainer, rm: Model)
 def proxy_and_kl(trainer: RLTrainer, policy: Model, rm: Model, params, tokenizer, records,
                  replies, protocol) -> dict:  # fmt: skip
     """Mean RM reward (the proxy the policy is trained on) and mean KL to SFT of the
-    policy's sampled replies (the evaluator's estimator: evaluate.kl_to_reference)."""
+    policy's sampled replies (the evaluator's estimator, from one pass of policy and reference:
+    evaluate.score_with_reference)."""
     rm_params, *ref = trainer.frozen
     ref_params = lora.base(params) if trainer.reference_from_state else ref[0]
     args = (tokenizer, records, replies, protocol)
-    ref_logp, _ = evaluate.score_replies(policy, ref_params, *args)
+    _, (ref_logp, _), kl = evaluate.score_with_reference(policy, params, policy, ref_params, *args)
     proxy = evaluate.rm_rewards((rm, rm_params), *args, ref_logp)
-    kl = evaluate.kl_to_reference(policy, params, policy, ref_params, *args)
     return {"sample/rm_reward": float(proxy.mean()), "sample/kl_to_sft": float(kl.mean())}
 
 
