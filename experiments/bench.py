@@ -3,6 +3,7 @@
     python -m experiments.bench train [--configs=tiny,small_cpu,gpt2_4l] [--steps=20]
     python -m experiments.bench sample [--configs=tiny,small_cpu]
     python -m experiments.bench compare [--configs=tiny,gpt2_4l]   # beside PyTorch
+    python -m experiments.bench profile [--configs=tiny,gpt2_4l]   # per op, beside PyTorch
     python -m experiments.bench gpu   # on one NVIDIA GPU: experiments/bench_gpu.py
     python -m experiments.bench ppo [--configs=tiny,small_cpu] [--iterations=5] [--ptx]
     python -m experiments.bench grpo|rloo|dpo [--configs=tiny,small_cpu]   # beside PPO
@@ -23,6 +24,8 @@ compare: the train step's tokens/s beside a nanoGPT-style PyTorch model with the
   parameter count, and greedy decode tokens/s (tiny, B=1 and 64) beside Hugging Face
   `generate` on the same weights, in one process, ratios gptjax / PyTorch
   (experiments/bench_torch.py; needs the test extra).
+profile: a train step's time per op (XLA:CPU ops under jax.profiler, aten ops under
+  torch.profiler) in shared categories, beside PyTorch's (experiments/bench_profile.py).
 gpu: one GPU's training MFU against its bf16 peak (gpt2_124m, llama_1b with cuDNN flash
   attention), decode tokens/s at B = 1, 64, 256 and a PPO iteration's split
   (experiments/bench_gpu.py; BUILD.md, GPU).
@@ -47,6 +50,7 @@ import numpy as np
 
 import experiments.bench_gpu as bench_gpu
 import experiments.bench_hf as bench_hf
+import experiments.bench_profile as bench_profile
 from configs import model as model_configs
 from configs import pipeline
 from experiments.bench_rl import CONFIGS as RL_CONFIGS
@@ -83,18 +87,16 @@ def measure_peak_flops(n: int = 2048, repeats: int = 10, dtype=jnp.float32) -> f
     return 2 * n**3 / min(times)
 
 
-def bench_train(
+def train_setup(
     name: str,
     steps: int,
-    peak: float,
     batch: int = 0,
     seq_len: int = 0,
     model: dict | None = None,
     one_doc: bool = False,
-) -> dict:
-    """Tokens/s and MFU of the pretrain stage's step for preset `name`; batch, seq_len and
-    model fields (e.g. attention, remat) override the preset's; one_doc: batches without
-    segment ids, one document per row (the layout cuDNN flash attention takes)."""
+):
+    """(model, jitted step, state, 4 device batches, key) of the pretrain stage's step for
+    preset `name`, as bench_train describes its arguments."""
     config = pipeline.get_config(name)
     config.model.update(model or {})
     train, optim = section_configs(config.pretrain, "pretrain")
@@ -124,7 +126,23 @@ def bench_train(
     if one_doc:
         batches = [{k: x[k] for k in ("tokens", "loss_mask")} for x in batches]
     batches = [jax.device_put(x, sharding.batch_sharding(mesh)) for x in batches]
-    key = jax.random.key(1)
+    return model, step, state, batches, jax.random.key(1)
+
+
+def bench_train(
+    name: str,
+    steps: int,
+    peak: float,
+    batch: int = 0,
+    seq_len: int = 0,
+    model: dict | None = None,
+    one_doc: bool = False,
+) -> dict:
+    """Tokens/s and MFU of the pretrain stage's step for preset `name`; batch, seq_len and
+    model fields (e.g. attention, remat) override the preset's; one_doc: batches without
+    segment ids, one document per row (the layout cuDNN flash attention takes)."""
+    model, step, state, batches, key = train_setup(name, steps, batch, seq_len, model, one_doc)
+    b, t = batches[0]["tokens"].shape
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -375,6 +393,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads")
     p.add_argument("--model", default="", help="ModelConfig overrides: FIELD=VALUE,...")
     p.add_argument("--out", default="runs/bench/compare.json")
+    p = sub.add_parser("profile", help="a train step's time per op, beside PyTorch's")
+    p.add_argument("--configs", default="tiny,gpt2_4l")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads")
+    p.add_argument("--out", default="runs/bench/profile.json")
     p = sub.add_parser("gpu", help="MFU, decode tokens/s and a PPO split on one GPU")
     p.add_argument("--train", default="gpt2_124m,llama_1b", help="PRESET[:ROWSxTOKENS],...")
     p.add_argument("--steps", type=int, default=10)
@@ -407,6 +430,7 @@ def main(argv=None) -> int:
     use_cpu_devices(args.cpu_devices)
     runners = {"train": run_train, "sample": run_sample, "ppo": run_ppo}
     runners["compare"] = run_compare
+    runners["profile"] = bench_profile.run
     runners["gpu"] = bench_gpu.run
     runners["hf_import"] = bench_hf.run
     runners.update(grpo=run_versus_ppo, rloo=run_versus_ppo)

@@ -86,29 +86,52 @@ class GPT(nn.Module):
 
 
 def train_tokens_per_s(
-    cfg: ModelConfig, batch: int, seq_len: int, steps: int, lr: float, clip: float, threads: int
+    cfg: ModelConfig,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    lr: float,
+    clip: float,
+    threads: int,
+    profile_steps: int = 0,
 ) -> dict:
-    """Median tokens/s of `steps` AdamW steps (after 3 warm-up steps) on random tokens."""
+    """Median tokens/s of `steps` AdamW steps (after 3 warm-up steps) on random tokens;
+    with profile_steps, "ops_ms": each aten op's self CPU ms per step over that many more
+    steps under torch.profiler."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = GPT(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
     rng = np.random.default_rng(0)
     tokens = torch.from_numpy(rng.integers(3, cfg.vocab_size, (4, batch, seq_len + 1)))
-    times = []
-    for i in range(steps + 3):
+
+    def step(i):
         x, y = tokens[i % 4, :, :-1], tokens[i % 4, :, 1:]
-        t0 = time.perf_counter()
         logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
+
+    times = []
+    for i in range(steps + 3):
+        t0 = time.perf_counter()
+        step(i)
         times.append(time.perf_counter() - t0)
     params = sum(p.numel() for p in model.parameters())
     step_s = statistics.median(times[3:])
-    return {"params": params, "step_ms": 1e3 * step_s, "tokens_per_s": batch * seq_len / step_s}
+    out = {"params": params, "step_ms": 1e3 * step_s, "tokens_per_s": batch * seq_len / step_s}
+    if profile_steps:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for i in range(profile_steps):
+                step(i)
+        out["ops_ms"] = {
+            e.key: e.self_cpu_time_total / 1e3 / profile_steps
+            for e in prof.key_averages()
+            if e.self_cpu_time_total > 0
+        }
+    return out
 
 
 def hf_greedy(cfg: ModelConfig, params, prompts_BxP: np.ndarray, new_tokens: int, threads: int):
