@@ -3,7 +3,7 @@
     python -m experiments.bench train [--configs=tiny,small_cpu,gpt2_4l] [--steps=20]
     python -m experiments.bench sample [--configs=tiny,small_cpu]
     python -m experiments.bench compare [--configs=tiny,gpt2_4l]   # beside PyTorch
-    python -m experiments.bench profile [--configs=tiny,gpt2_4l]   # per op, beside PyTorch
+    python -m experiments.bench profile [--configs=tiny,gpt2_4l] [--decode=1,64]   # per op
     python -m experiments.bench gpu   # on one NVIDIA GPU: experiments/bench_gpu.py
     python -m experiments.bench ppo [--configs=tiny,small_cpu] [--iterations=5] [--ptx]
     python -m experiments.bench grpo|rloo|dpo [--configs=tiny,small_cpu]   # beside PPO
@@ -24,8 +24,9 @@ compare: the train step's tokens/s beside a nanoGPT-style PyTorch model with the
   parameter count, and greedy decode tokens/s (tiny, B=1 and 64) beside Hugging Face
   `generate` on the same weights, in one process, ratios gptjax / PyTorch
   (experiments/bench_torch.py; needs the test extra).
-profile: a train step's time per op (XLA:CPU ops under jax.profiler, aten ops under
-  torch.profiler) in shared categories, beside PyTorch's (experiments/bench_profile.py).
+profile: where the time of a train step and of greedy decoding goes, per op (XLA:CPU ops
+  under jax.profiler, aten ops under torch.profiler) in shared categories, beside
+  PyTorch's and Hugging Face's (experiments/bench_profile.py).
 gpu: one GPU's training MFU against its bf16 peak (gpt2_124m, llama_1b with cuDNN flash
   attention), decode tokens/s at B = 1, 64, 256 and a PPO iteration's split
   (experiments/bench_gpu.py; BUILD.md, GPU).
@@ -393,8 +394,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads")
     p.add_argument("--model", default="", help="ModelConfig overrides: FIELD=VALUE,...")
     p.add_argument("--out", default="runs/bench/compare.json")
-    p = sub.add_parser("profile", help="a train step's time per op, beside PyTorch's")
-    p.add_argument("--configs", default="tiny,gpt2_4l")
+    p = sub.add_parser("profile", help="train and decode time per op, beside PyTorch's")
+    p.add_argument("--configs", default="tiny,gpt2_4l", help="train steps profiled")
+    p.add_argument("--decode", default="1,64", help="batch sizes of tiny's decode profiled")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2, help="PyTorch's intra-op threads")
     p.add_argument("--out", default="runs/bench/profile.json")

@@ -1,15 +1,17 @@
-"""bench profile: where a training step's time goes, op by op, beside PyTorch's.
+"""bench profile: where a train step's and greedy decoding's time goes, op by op, beside
+PyTorch's.
 
-    python -m experiments.bench profile [--configs=tiny,gpt2_4l] [--steps=10]
+    python -m experiments.bench profile [--configs=tiny,gpt2_4l] [--decode=1,64] [--steps=10]
 
-gptjax: the pretrain stage's jitted step (experiments/bench.py train_setup) under
-jax.profiler; each XLA:CPU op's self time (its events on XLA's threads, less the ops
-nested in it: a scan's body inside its while loop) summed over the threads that ran it.
-PyTorch (the test extra): the same shape's nanoGPT-style step (experiments/bench_torch.py)
-under torch.profiler, each aten op's self CPU time. Both are grouped into the same
-categories (matmul, elementwise, reduction / softmax, copy / layout, other), each
-category's share of the op time times the step's median wall time (unprofiled), so the
-two columns sum to the two step times and the gap shows up where it is.
+gptjax: the pretrain stage's jitted step (experiments/bench.py train_setup), and tiny's
+greedy KV-cache decoding (bench.py greedy_decoder), under jax.profiler; each XLA:CPU op's
+self time (its events on XLA's threads, less the ops nested in it: a scan's body inside
+its while loop) summed over the threads that ran it. PyTorch (the test extra): the same
+shape's nanoGPT-style step (experiments/bench_torch.py), and Hugging Face `generate` on
+the same weights, under torch.profiler, each aten op's self CPU time. Both are grouped
+into the same categories (matmul, elementwise, reduction / softmax, copy / layout,
+other), each category's share of the op time times the median wall time (unprofiled),
+so the two columns sum to the two wall times and the gap shows up where it is.
 
 Shares, not raw sums: XLA:CPU runs independent ops on two threads at once (its op times
 can sum to more than the step's wall time), and torch.profiler's per-op overhead inflates
@@ -21,11 +23,10 @@ from __future__ import annotations
 import collections
 import glob
 import re
-import statistics
 import tempfile
-import time
 
 import jax
+import numpy as np
 
 # Events on XLA's threads that are not ops: the executor's and thread pool's bookkeeping.
 _NOT_OPS = ("ThreadpoolListener", "ThunkExecutor", "end: ")
@@ -98,7 +99,22 @@ def by_category(op_ms: dict[str, float], table, wall_ms: float) -> dict[str, flo
     return {cat: ms / total * wall_ms for cat, ms in out.items()}
 
 
-def profile_config(name: str, steps: int, threads: int) -> dict:
+def _row(work: str, ours: dict, ours_ms: float, theirs: dict, theirs_ms: float) -> dict:
+    """Both sides' op times (ms per call) by category, scaled to their wall times."""
+    top = lambda ops: sorted(ops.items(), key=lambda kv: -kv[1])[:12]  # noqa: E731
+    return {
+        "work": work,
+        "gptjax_wall_ms": ours_ms,
+        "torch_wall_ms": theirs_ms,
+        "gptjax_ms": by_category(ours, _XLA, ours_ms),
+        "torch_ms": by_category(theirs, _TORCH, theirs_ms),
+        "gptjax_top_ops": top(ours),
+        "torch_top_ops": top(theirs),
+    }
+
+
+def profile_train(name: str, steps: int, threads: int) -> dict:
+    """The pretrain stage's step of preset `name` beside the PyTorch step of its shape."""
     import experiments.bench_torch as bench_torch  # torch: the test extra
     from configs import pipeline
     from experiments.bench import train_setup
@@ -113,11 +129,9 @@ def profile_config(name: str, steps: int, threads: int) -> dict:
         box["i"] += 1
         jax.block_until_ready(metrics)
 
-    times = []
-    for _ in range(steps + 3):
-        t0 = time.perf_counter()
+    for _ in range(3):
         run_step()
-        times.append(time.perf_counter() - t0)
+    wall_ms = 1e3 * bench_torch.median_seconds(run_step, steps)
     ours = xla_self_ms(run_step, steps)
     config = pipeline.get_config(name)
     train, optim = section_configs(config.pretrain, "pretrain")
@@ -125,33 +139,51 @@ def profile_config(name: str, steps: int, threads: int) -> dict:
         from_pipeline(config), train.batch_size, train.seq_len, steps, optim.lr,
         optim.clip_norm, threads, profile_steps=steps,
     )  # fmt: skip
-    top = sorted(ours.items(), key=lambda kv: -kv[1])[:12]
-    wall_ms = 1e3 * statistics.median(times[3:])
-    return {
-        "config": name,
-        "params": model.param_count(),
-        "shape": f"B{train.batch_size}xT{train.seq_len}",
-        "gptjax_step_ms": wall_ms,
-        "torch_step_ms": theirs["step_ms"],
-        "gptjax_ms": by_category(ours, _XLA, wall_ms),
-        "torch_ms": by_category(theirs["ops_ms"], _TORCH, theirs["step_ms"]),
-        "gptjax_top_ops": top,
-        "torch_top_ops": sorted(theirs["ops_ms"].items(), key=lambda kv: -kv[1])[:12],
+    shape = f"B{train.batch_size}xT{train.seq_len}"
+    work = f"train step {name} ({model.param_count() / 1e6:.2f}M), {shape}"
+    return _row(work, ours, wall_ms, theirs["ops_ms"], theirs["step_ms"])
+
+
+def profile_decode(name: str, batch: int, threads: int, repeats: int = 5) -> dict:
+    """Greedy decoding with the KV cache (prompt 16, 32 new tokens) beside Hugging Face
+    `generate` on the same weights (experiments/bench.py compare_decode)."""
+    import torch
+
+    import experiments.bench_torch as bench_torch  # torch: the test extra
+    from experiments.bench import greedy_decoder
+
+    model, params, prompts, ours = greedy_decoder(name, batch, 16, 32)
+    theirs = bench_torch.hf_greedy(model.cfg, params, prompts, 32, threads)
+    run_ours = lambda: np.asarray(ours())  # noqa: E731
+    for fn in (run_ours, theirs):
+        fn()
+    ours_ms = 1e3 * bench_torch.median_seconds(run_ours, repeats)
+    theirs_ms = 1e3 * bench_torch.median_seconds(theirs, repeats)
+    ours_ops = xla_self_ms(run_ours, repeats)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            theirs()
+    their_ops = {
+        e.key: e.self_cpu_time_total / 1e3 / repeats
+        for e in prof.key_averages()
+        if e.self_cpu_time_total > 0
     }
+    work = f"greedy decode {name}, B={batch}, prompt 16, 32 new"
+    return _row(work, ours_ops, ours_ms, their_ops, theirs_ms)
 
 
 def run(args) -> dict:
-    rows = [profile_config(n, args.steps, args.threads) for n in args.configs.split(",")]
+    rows = [profile_train(n, args.steps, args.threads) for n in args.configs.split(",") if n]
+    rows += [profile_decode("tiny", int(b), args.threads) for b in args.decode.split(",") if b]
     for r in rows:
-        a, b = r["gptjax_step_ms"], r["torch_step_ms"]
-        print(f"\n{r['config']} ({r['params'] / 1e6:.2f}M, {r['shape']}): step wall "
-              f"gptjax {a:.1f} ms, PyTorch {b:.1f} ms")  # fmt: skip
-        print(f"{'ms per step (share of ops)':<28} {'gptjax':>8} {'PyTorch':>8} {'gap':>8}")
+        ours, theirs = r["gptjax_wall_ms"], r["torch_wall_ms"]
+        print(f"\n{r['work']}: wall gptjax {ours:.1f} ms, PyTorch {theirs:.1f} ms")
+        print(f"{'ms (share of op time)':<24} {'gptjax':>8} {'PyTorch':>8} {'gap':>8}")
         for cat in CATEGORIES:
             a, b = r["gptjax_ms"][cat], r["torch_ms"][cat]
-            print(f"{cat:<28} {a:>8.1f} {b:>8.1f} {a - b:>+8.1f}")
-        print(f"{'step':<28} {a:>8.1f} {b:>8.1f} {a - b:>+8.1f}")
+            print(f"{cat:<24} {a:>8.1f} {b:>8.1f} {a - b:>+8.1f}")
+        print(f"{'wall':<24} {ours:>8.1f} {theirs:>8.1f} {ours - theirs:>+8.1f}")
         for who in ("gptjax", "torch"):
             ops = ", ".join(f"{n} {ms:.1f}" for n, ms in r[f"{who}_top_ops"])
-            print(f"{who}'s largest ops (profiled self ms per step): {ops}")
+            print(f"{who}'s largest ops (profiled self ms): {ops}")
     return {"rows": rows}
