@@ -277,6 +277,7 @@ def run_stages(config, workdir: str, stages: list[str]) -> dict[str, dict]:
 def run_guarded(config, workdir: str, stages: list[str]) -> int:
     """Runs the stages; a bad config, data file or checkpoint, or a stop (signal,
     non-finite values) is one line on stderr and a non-zero exit code."""
+    report.git_commit()  # the commit of the code this process loaded, before HEAD can move
     try:
         run_stages(config, workdir, stages)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:

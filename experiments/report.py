@@ -45,7 +45,9 @@ CSV_FIELDS = (
 
 @functools.cache
 def git_commit() -> str:
-    """HEAD of the repo this code runs from, "+dirty" if it has uncommitted changes."""
+    """HEAD of the repo this code runs from, "+dirty" if it has uncommitted changes: read
+    once per process (the entry points read it first, so a report written after a long run
+    names the code that ran, not a HEAD that moved meanwhile)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(

@@ -415,6 +415,7 @@ def check_findings(sweep) -> None:
 
 def run_sweep(sweep, sweep_name: str, workdir: str, shared_from: str | None = None) -> dict:
     check_findings(sweep)
+    report.git_commit()  # the commit of the code this process loaded, before HEAD can move
     cells = [
         run_cell(sweep, workdir, variant, seed, shared_from)
         for variant in sweep.variants
