@@ -101,7 +101,7 @@ def by_category(op_ms: dict[str, float], table, wall_ms: float) -> dict[str, flo
 
 def _row(work: str, ours: dict, ours_ms: float, theirs: dict, theirs_ms: float) -> dict:
     """Both sides' op times (ms per call) by category, scaled to their wall times."""
-    top = lambda ops: sorted(ops.items(), key=lambda kv: -kv[1])[:12]  # noqa: E731
+    top = lambda ops: sorted(ops.items(), key=lambda kv: -kv[1])[:12]
     return {
         "work": work,
         "gptjax_wall_ms": ours_ms,
@@ -154,7 +154,7 @@ def profile_decode(name: str, batch: int, threads: int, repeats: int = 5) -> dic
 
     model, params, prompts, ours = greedy_decoder(name, batch, 16, 32)
     theirs = bench_torch.hf_greedy(model.cfg, params, prompts, 32, threads)
-    run_ours = lambda: np.asarray(ours())  # noqa: E731
+    run_ours = lambda: np.asarray(ours())
     for fn in (run_ours, theirs):
         fn()
     ours_ms = 1e3 * bench_torch.median_seconds(run_ours, repeats)

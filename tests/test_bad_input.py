@@ -249,3 +249,13 @@ def test_every_requested_stage_is_checked_before_pretraining_begins(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and re.search(message, err), err
     assert not (tmp_path / "pretrain").exists() and not (tmp_path / "tokenizer").exists()
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 0), ("samples", -1)])
+def test_a_bad_eval_protocol_fails_before_pretraining(field, value, tmp_path, capsys):
+    config = pipeline_configs.get_config("tiny")
+    config.eval[field] = value
+    code = pipeline.run_guarded(config, str(tmp_path), ["pretrain", "eval"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and re.search(rf"config\.eval\.{field}: must be >= 1, got {value}", err), err
+    assert not (tmp_path / "pretrain").exists()

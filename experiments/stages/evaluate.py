@@ -39,6 +39,7 @@ from experiments.rundir import StageContext, write_json
 from gptjax import config as config_lib
 from gptjax import eval_stats, evaluate, rewards, train_steps
 from gptjax.data.iterators import lm_batches
+from gptjax.errors import ConfigError
 from gptjax.world import evaluation as world_eval
 
 
@@ -92,12 +93,15 @@ def own_section(ctx: StageContext) -> StageContext:
 
 
 def settings(ctx: StageContext) -> dict:
-    """Validated before any stage runs: eval.reward loads, and is used only off the world."""
+    """Validated before any stage runs: the protocol's counts, eval.reward loads, and is
+    used only off the world."""
     ctx = own_section(ctx)
+    e = ctx.config.eval
+    for field in ("batch_size", "samples", "max_new_tokens"):
+        if e[field] < 1:
+            raise ConfigError(f"eval.{field}", f"must be >= 1, got {e[field]}")
     fn = user_reward(ctx.config)
     if fn is not None and not off_world(ctx.config):
-        from gptjax.errors import ConfigError
-
         raise ConfigError(
             "eval.reward", "the world's prompts are judged by its gold labeler; set eval.prompts"
         )
