@@ -59,6 +59,21 @@ def category(name: str, table) -> str:
     return "elementwise"
 
 
+def self_times(events) -> collections.Counter:
+    """{name: self time} of one thread's (start, duration, name) events: an event's
+    duration less those of the events nested in it (a while loop less its body's ops)."""
+    totals: collections.Counter = collections.Counter()
+    stack: list = []  # (end, name) of the events open at an event's start
+    for start, duration, name in sorted(events, key=lambda e: (e[0], -e[1])):
+        while stack and stack[-1][0] <= start:
+            stack.pop()
+        if stack:
+            totals[stack[-1][1]] -= duration
+        totals[name] += duration
+        stack.append((start + duration, name))
+    return totals
+
+
 def xla_self_ms(run_step, steps: int) -> dict[str, float]:
     """{op name: self ms per step} of XLA:CPU's ops over `steps` calls of run_step."""
     from jax._src.lib import _profile_data
@@ -72,21 +87,9 @@ def xla_self_ms(run_step, steps: int) -> dict[str, float]:
     totals: collections.Counter = collections.Counter()
     for plane in profile.planes:
         for line in plane.lines:
-            if not line.name.startswith("tf_XLA"):
-                continue
-            events = sorted(
-                ((e.start_ns, e.duration_ns, e.name) for e in line.events
-                 if not e.name.startswith(_NOT_OPS)),
-                key=lambda e: (e[0], -e[1]),
-            )  # fmt: skip
-            stack: list = []  # [end, name] of the ops open at an event's start
-            for start, duration, name in events:
-                while stack and stack[-1][0] <= start:
-                    stack.pop()
-                if stack:  # nested: its time is not its parent's own
-                    totals[stack[-1][1]] -= duration
-                totals[name] += duration
-                stack.append((start + duration, name))
+            if line.name.startswith("tf_XLA"):  # one of XLA's threads
+                events = ((e.start_ns, e.duration_ns, e.name) for e in line.events)
+                totals.update(self_times(e for e in events if not e[2].startswith(_NOT_OPS)))
     return {name: ns / 1e6 / steps for name, ns in totals.items()}
 
 

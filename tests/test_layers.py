@@ -17,6 +17,7 @@ TOOLS = (
     "aot_table",
     "bench",
     "bench_gpu",
+    "bench_profile",
     "bench_rl",
     "bench_torch",
     "calibrate",
@@ -66,8 +67,10 @@ def test_a_tool_never_imports_a_stage(tool):
 
 
 @pytest.mark.parametrize(
-    "tool", ["aot", "aot_programs", "aot_table", "bench", "bench_gpu", "bench_rl", "bench_torch"]
-)
+    "tool",
+    ["aot", "aot_programs", "aot_table", "bench", "bench_gpu", "bench_profile", "bench_rl",
+     "bench_torch"],
+)  # fmt: skip
 def test_aot_and_bench_import_only_gptjax_and_configs(tool):
     ours = {
         m
@@ -105,3 +108,20 @@ def test_the_gpu_benchmark_reads_each_gpus_bf16_peak():
         ("tiny", 4, 32, {}),
         ("llama_1b", 8, 2048, {"remat": "dots"}),
     ]
+
+
+def test_the_profile_counts_each_ops_own_time_once():
+    """A while loop's events contain its body's ops: each op's self time excludes what is
+    nested in it, so the self times add up to the outermost events' durations."""
+    from experiments.bench_profile import self_times
+
+    events = [
+        (0, 100, "while"),  # [0, 100) holds two body ops and a nested loop
+        (10, 20, "dot"),
+        (40, 50, "inner_while"),  # [40, 90) holds one op
+        (50, 30, "copy"),
+        (120, 5, "dot"),  # after the loop
+    ]
+    got = self_times(events[::-1])  # order of arrival does not matter
+    assert got == {"while": 30, "dot": 25, "inner_while": 20, "copy": 30}
+    assert sum(got.values()) == 105
