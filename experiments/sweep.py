@@ -272,16 +272,17 @@ PER_VARIANT = {
 
 
 def gate_stats(cells: list[dict]) -> list[dict]:
-    """Each gate over the cells that recorded it: its floor, mean and 95% t-interval,
-    min, max, sample sd, passes; fragile when its worst value lies within 2 sd of the
-    floor (or beyond it): a gate a new seed or machine may fail."""
-    values: dict[str, list] = {}
+    """Each gate of each variant over that variant's cells (its seeds): its floor, mean and
+    95% t-interval, min, max, sample sd, passes; fragile when its worst value lies within
+    2 sd of the floor (or beyond it): a gate a new seed or machine may fail. Per variant,
+    since a variant that changes the world or a stage is not the default run."""
+    values: dict[tuple, list] = {}
     for c in cells:
         for name, row in c.get("gates", {}).items():
             if row.get("value") is not None:
-                values.setdefault(name, []).append(row)
+                values.setdefault((c["variant"], name), []).append(row)
     out = []
-    for name, rows in values.items():
+    for (variant, name), rows in values.items():
         x = np.array([r["value"] for r in rows], float)
         mean, lo, hi = t_interval(list(x))
         sd = float(x.std(ddof=1)) if len(x) > 1 else float("nan")
@@ -291,6 +292,7 @@ def gate_stats(cells: list[dict]) -> list[dict]:
         out.append(
             dict(
                 name=name,
+                variant=variant,
                 description=rows[0]["description"],
                 op=op,
                 floor=floor,
@@ -313,17 +315,18 @@ def gate_lines(rows: list[dict]) -> list[str]:
     lines = [
         "## Gates over seeds",
         "",
-        "Each gate's floor, its mean over the cells with a 95% t-interval, the range and the "
-        "sample sd; **fragile** when the worst seed lies within 2 sd of the floor (or past "
-        "it).",
+        "Each variant's gates: the floor, the mean over its seeds with a 95% t-interval, the "
+        "range and the sample sd; **fragile** when the worst seed lies within 2 sd of the "
+        "floor (or past it).",
         "",
-        "| gate | floor | mean [95% CI] | min | max | sd | passed | fragile |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | gate | floor | mean [95% CI] | min | max | sd | passed | fragile |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         kind = " (a reported metric, not gated)" if r["demoted"] else ""
         lines.append(
-            f"| {r['description']}{kind} | {r['op']} {r['floor']:g} | {r['mean']:.3f} "
+            f"| {r['variant']} | {r['description']}{kind} | {r['op']} {r['floor']:g} | "
+            f"{r['mean']:.3f} "
             f"[{r['lo']:.3f}, {r['hi']:.3f}] | {r['min']:.3f} | {r['max']:.3f} | "
             f"{r['sd']:.3f} | {r['passed']}/{r['n']} | {'**yes**' if r['fragile'] else 'no'} |"
         )

@@ -340,16 +340,20 @@ def test_gate_stats_flag_a_gate_whose_worst_seed_is_within_two_sd_of_its_floor()
         return {"variant": "default", "seed": seed, "variants": {}, "gates": rows}
 
     accs, gaps = [0.70, 0.72, 0.69, 0.71, 0.70], [0.60, 0.75, 0.62, 0.70, 0.79]
-    rows = {
-        r["name"]: r for r in sweep_lib.gate_stats([cell(*c) for c in zip(range(5), accs, gaps)])
-    }
+    cells = [cell(*c) for c in zip(range(5), accs, gaps)]
+    # Another variant's cells (a changed world) are its own rows, not pooled with these.
+    cells += [{**cell(s, 0.3, 0.9), "variant": "other"} for s in range(3)]
+    stats = sweep_lib.gate_stats(cells)
+    rows = {r["name"]: r for r in stats if r["variant"] == "default"}
+    other = {r["name"]: r for r in stats if r["variant"] == "other"}
+    assert other["acc"]["n"] == 3 and other["acc"]["passed"] == 0 and other["acc"]["fragile"]
     acc, gap = rows["acc"], rows["gap"]
     assert acc["n"] == gap["n"] == 5 and acc["passed"] == gap["passed"] == 5
     assert acc["min"] == 0.69 and acc["sd"] == pytest.approx(np.std(accs, ddof=1))
     assert acc["mean"] == pytest.approx(np.mean(accs)) and acc["lo"] < acc["mean"] < acc["hi"]
     assert not acc["fragile"]  # 0.69 - 0.6 = 0.09 > 2 x 0.011
     assert gap["fragile"]  # worst 0.79 is 0.01 from 0.8, sd 0.08
-    assert "| accuracy | >= 0.6 |" in "\n".join(sweep_lib.gate_lines(list(rows.values())))
+    assert "| default | accuracy | >= 0.6 |" in "\n".join(sweep_lib.gate_lines(stats))
 
 
 def test_a_demoted_gate_is_reported_against_its_floor_but_never_fails_a_run():
