@@ -95,11 +95,10 @@ def own_section(ctx: StageContext) -> StageContext:
 def settings(ctx: StageContext) -> dict:
     """Validated before any stage runs: the protocol's counts, eval.reward loads, and is
     used only off the world."""
-    ctx = own_section(ctx)
+    name, ctx = ctx.name, own_section(ctx)  # an instance's errors name its own section
     e = ctx.config.eval
     for field in ("batch_size", "samples", "max_new_tokens"):
-        if e[field] < 1:
-            raise ConfigError(f"eval.{field}", f"must be >= 1, got {e[field]}")
+        config_lib.need(e[field] >= 1, f"{name}.{field}", f"must be >= 1, got {e[field]}")
     fn = user_reward(ctx.config)
     if fn is not None and not off_world(ctx.config):
         raise ConfigError(
