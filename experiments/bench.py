@@ -309,25 +309,33 @@ def greedy_decoder(name: str, batch: int, prompt_len: int, new_tokens: int, fiel
     return model, params, prompts, decode
 
 
-def compare_train(name: str, steps: int, threads: int, fields: dict | None = None) -> dict:
-    """Training tokens/s at the pretrain stage's shapes: gptjax's step vs the nanoGPT-style
-    PyTorch model with the same parameter count (asserted)."""
+def torch_train(name: str, steps: int, threads: int, profile_steps: int = 0) -> dict:
+    """The nanoGPT-style PyTorch step at preset `name`'s pretrain shapes
+    (bench_torch.train_tokens_per_s), with "work", the row's label."""
     import experiments.bench_torch as bench_torch  # torch: the test extra
 
     config = pipeline.get_config(name)
     train, optim = section_configs(config.pretrain, "pretrain")
-    ours = bench_train(name, steps, 1.0, model=fields)
-    theirs = bench_torch.train_tokens_per_s(
+    out = bench_torch.train_tokens_per_s(
         from_pipeline(config), train.batch_size, train.seq_len, steps, optim.lr,
-        optim.clip_norm, threads,
+        optim.clip_norm, threads, profile_steps,
     )  # fmt: skip
+    shape = f"B{train.batch_size}xT{train.seq_len}"
+    out["work"] = f"train step {name} ({out['params'] / 1e6:.2f}M), {shape}"
+    return out
+
+
+def compare_train(name: str, steps: int, threads: int, fields: dict | None = None) -> dict:
+    """Training tokens/s at the pretrain stage's shapes: gptjax's step vs the nanoGPT-style
+    PyTorch model with the same parameter count (asserted)."""
+    ours = bench_train(name, steps, 1.0, model=fields)
+    theirs = torch_train(name, steps, threads)
     if theirs["params"] != ours["params"]:
         raise BenchError(
             f"{name}: the PyTorch reference has {theirs['params']} params, gptjax "
             f"{ours['params']}: not the same model"
         )
-    work = f"train step {name} ({ours['params'] / 1e6:.2f}M), B{train.batch_size}xT{train.seq_len}"
-    return _compare_row(work, ours["tokens_per_s"], theirs["tokens_per_s"])
+    return _compare_row(theirs["work"], ours["tokens_per_s"], theirs["tokens_per_s"])
 
 
 def model_fields(spec: str) -> dict:

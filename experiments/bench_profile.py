@@ -119,12 +119,9 @@ def _row(work: str, ours: dict, ours_ms: float, theirs: dict, theirs_ms: float) 
 def profile_train(name: str, steps: int, threads: int) -> dict:
     """The pretrain stage's step of preset `name` beside the PyTorch step of its shape."""
     import experiments.bench_torch as bench_torch  # torch: the test extra
-    from configs import pipeline
-    from experiments.bench import train_setup
-    from gptjax.model import from_pipeline
-    from gptjax.trainer import section_configs
+    from experiments.bench import torch_train, train_setup
 
-    model, step, state, batches, key = train_setup(name, steps)
+    _, step, state, batches, key = train_setup(name, steps)
     box = {"state": state, "i": 0}
 
     def run_step():
@@ -136,15 +133,8 @@ def profile_train(name: str, steps: int, threads: int) -> dict:
         run_step()
     wall_ms = 1e3 * bench_torch.median_seconds(run_step, steps)
     ours = xla_self_ms(run_step, steps)
-    config = pipeline.get_config(name)
-    train, optim = section_configs(config.pretrain, "pretrain")
-    theirs = bench_torch.train_tokens_per_s(
-        from_pipeline(config), train.batch_size, train.seq_len, steps, optim.lr,
-        optim.clip_norm, threads, profile_steps=steps,
-    )  # fmt: skip
-    shape = f"B{train.batch_size}xT{train.seq_len}"
-    work = f"train step {name} ({model.param_count() / 1e6:.2f}M), {shape}"
-    return _row(work, ours, wall_ms, theirs["ops_ms"], theirs["step_ms"])
+    theirs = torch_train(name, steps, threads, profile_steps=steps)
+    return _row(theirs["work"], ours, wall_ms, theirs["ops_ms"], theirs["step_ms"])
 
 
 def profile_decode(name: str, batch: int, threads: int, repeats: int = 5) -> dict:
