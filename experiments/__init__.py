@@ -1,0 +1,7 @@
+"""Stage runners and command-line tools, each run as `python -m experiments.<tool>`."""
+
+from gptjax import host
+
+# Such a process restarts once, before anything imports JAX, with glibc malloc on
+# transparent huge pages: 17-23% more training tokens/s on CPU (gptjax/host.py, BUILD.md).
+host.restart_with_huge_pages(__name__)

@@ -13,6 +13,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from gptjax import host  # noqa: E402
+
+# pytest-xdist's workers and the programs tests start inherit malloc on transparent huge
+# pages, as `python -m experiments.<tool>` sets for itself (gptjax/host.py).
+os.environ.update(host.huge_pages_environment(os.environ) or {})
+
 _CACHE = os.environ.get(
     "GPTJAX_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
 )
