@@ -326,9 +326,11 @@ class Block(nnx.Module):
     def __call__(
         self, x_BxTxD, mask_BxTxS, positions_BxT, rng=None, kv_cache=None, cache_index=None
     ):
-        """One layer. With kv_cache=(k_LxBxSxKxH, v_LxBxSxKxH, layer), this layer's new keys
-        and values are written into the stacked caches at (layer, cache_index) and attention
-        runs over the layer's whole cache; returns (x, (k, v) stacked caches) then."""
+        """One layer. With kv_cache=(k, v, layer), this layer's new keys and values are
+        written into its cache at cache_index and attention runs over the layer's whole
+        cache; returns (x, (k, v)) then. k and v are the stacked [L, B, K, S, H] caches
+        (scanned layers, `layer` a traced index) or this layer's own [B, K, S, H] (unrolled
+        layers, `layer` None)."""
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         rng_attn, rng_mlp = jax.random.split(rng) if rng is not None else (None, None)
         h = self.attn_norm(x_BxTxD)
@@ -344,19 +346,15 @@ class Block(nnx.Module):
         if kv_cache is not None:
             # In place inside the decode loop: XLA aliases a loop carry updated by
             # dynamic_update_slice, so no step copies the cache.
-            # The cache is [L, B, K, S, H]: a layer's keys and values are then laid out as
+            # The cache is [.., B, K, S, H]: a layer's keys and values are then laid out as
             # the attention dots read them (batch dims B, K first), so reading a layer's
-            # slice is a plain copy, not a transposing one ([L, B, S, K, H] made each
-            # decode step transpose every layer's whole cache; BUILD.md, Benchmarks).
-            k_all, v_all, layer = kv_cache
-            start = (layer, 0, 0, cache_index, 0)
-            new_k = jnp.swapaxes(k, 1, 2)[None].astype(k_all.dtype)
-            new_v = jnp.swapaxes(v, 1, 2)[None].astype(v_all.dtype)
-            k_all = jax.lax.dynamic_update_slice(k_all, new_k, start)
-            v_all = jax.lax.dynamic_update_slice(v_all, new_v, start)
-            kv_cache = (k_all, v_all)
-            k = jnp.swapaxes(jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False), 1, 2)
-            v = jnp.swapaxes(jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False), 1, 2)
+            # slice of the stacked cache is a plain copy, not a transposing one ([L, B, S,
+            # K, H] made each decode step transpose every layer's whole cache; BUILD.md,
+            # Benchmarks). A layer's own cache (unrolled layers) is read with no copy.
+            k_cache, v_cache, layer = kv_cache
+            k_cache, k = _write_and_read(k_cache, k, layer, cache_index)
+            v_cache, v = _write_and_read(v_cache, v, layer, cache_index)
+            kv_cache = (k_cache, v_cache)
         k, v = constrain(k, BSKH), constrain(v, BSKH)
         a = constrain(attention(cfg.attention, q, k, v, mask_BxTxS), BTNH)
         out = self._dense(a, "wo", dt)
@@ -390,6 +388,18 @@ class Block(nnx.Module):
         else:
             x_BxTxD = constrain(x_BxTxD + mlp_out, BTD)
         return x_BxTxD if kv_cache is None else (x_BxTxD, kv_cache)
+
+
+def _write_and_read(cache, new_BxTxKxH, layer, index):
+    """(cache with new_BxTxKxH written at position `index`, the layer's whole cache as
+    [B, S, K, H]); `cache` stacked over layers ([L, B, K, S, H], `layer` an index) or one
+    layer's own ([B, K, S, H], `layer` None)."""
+    new = jnp.swapaxes(new_BxTxKxH, 1, 2).astype(cache.dtype)
+    if layer is None:
+        cache = jax.lax.dynamic_update_slice(cache, new, (0, 0, index, 0))
+        return cache, jnp.swapaxes(cache, 1, 2)
+    cache = jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, 0, index, 0))
+    return cache, jnp.swapaxes(jax.lax.dynamic_index_in_dim(cache, layer, keepdims=False), 1, 2)
 
 
 class Transformer(nnx.Module):
@@ -506,10 +516,12 @@ class Transformer(nnx.Module):
     def _cached(self, tokens_BxT, segment_ids_BxT, positions_BxT, cache):
         """Prefill (T = prompt length) or decode (T = 1) against the KV cache.
 
-        The cache is stacked over layers like the weights and applied the same way: one
-        lax.scan over layers (scan_layers; one compiled layer, so a 96-layer model's
-        sampler compiles like a 1-layer one) or an unrolled loop. Each layer writes its new
-        keys and values into the stacked cache in place (a loop carry).
+        Scanned layers (scan_layers; one compiled layer, so a 96-layer model's sampler
+        compiles like a 1-layer one) keep one cache stacked over layers like the weights,
+        each layer writing its new keys and values into it in place (a loop carry) and
+        reading its slice back out, a copy of the layer's whole cache at every step.
+        Unrolled layers keep one cache per layer, read in place, and take their weights
+        from cache["layers"] when the sampler put them there (Model.with_layer_weights).
         """
         b, t = tokens_BxT.shape
         index = cache["index"]
@@ -529,16 +541,23 @@ class Transformer(nnx.Module):
             x, (k_all, v_all) = block(x, mask, positions_BxT, None, (k_all, v_all, i), index)
             return (x, k_all, v_all), None
 
-        carry = (x_BxTxD, cache["k"], cache["v"])
-        layers = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
         if self.cfg.scan_layers:
-            carry, _ = jax.lax.scan(layer, carry, (stacked, layers))
+            layers = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
+            carry = (x_BxTxD, cache["k"], cache["v"])
+            (x_BxTxD, k, v), _ = jax.lax.scan(layer, carry, (stacked, layers))
         else:
+            k, v = list(cache["k"]), list(cache["v"])
+            weights = cache.get("layers") or _unstack(stacked, self.cfg.n_layers)
             for i in range(self.cfg.n_layers):
-                carry, _ = layer(carry, (jax.tree.map(lambda a, i=i: a[i], stacked), layers[i]))
-        x_BxTxD, k_all, v_all = carry
-        new_cache = {"k": k_all, "v": v_all, "segment_ids": seg_BxS, "index": index + t}
+                (x_BxTxD, k[i], v[i]), _ = layer((x_BxTxD, k[i], v[i]), (weights[i], None))
+            k, v = tuple(k), tuple(v)
+        new_cache = {**cache, "k": k, "v": v, "segment_ids": seg_BxS, "index": index + t}
         return self._head(x_BxTxD), new_cache
+
+
+def _unstack(stacked, n_layers: int) -> tuple:
+    """The layers' weights, one tree per layer, from the tree stacked over layers."""
+    return tuple(jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n_layers))
 
 
 def _scalar_head(h_BxTxD, w_D, b):
@@ -605,16 +624,31 @@ class Model:
 
     def init_cache(self, batch: int, length: int):
         """An empty KV cache for `batch` rows of up to `length` tokens (prompt + new): keys
-        and values [L, B, K, S, H], stacked over layers like the weights."""
+        and values [L, B, K, S, H], stacked over layers like the weights (scan_layers), or
+        L arrays [B, K, S, H], one per layer (unrolled layers)."""
         cfg = self.cfg
-        shape = (cfg.n_layers, batch, cfg.n_kv_heads, length, cfg.head_dim)
+        shape = (batch, cfg.n_kv_heads, length, cfg.head_dim)
         dt = DTYPES[cfg.dtype]
+        if cfg.scan_layers:
+            k = v = jnp.zeros((cfg.n_layers, *shape), dt)
+        else:
+            k = v = tuple(jnp.zeros(shape, dt) for _ in range(cfg.n_layers))
         return {
-            "k": jnp.zeros(shape, dt),
-            "v": jnp.zeros(shape, dt),
+            "k": k,
+            "v": v,
             "segment_ids": jnp.zeros((batch, length), jnp.int32),
             "index": jnp.zeros((), jnp.int32),
         }
+
+    def with_layer_weights(self, params: Params, cache: dict) -> dict:
+        """`cache` with the unrolled layers' weights sliced out of their stack, once per
+        sampling call: inside the decode loop each step would slice (copy) them again, XLA
+        not hoisting the slices out of the while loop (BUILD.md, Benchmarks). Costs one
+        more copy of the blocks' weights while sampling. Scanned layers: `cache` as is."""
+        if self.cfg.scan_layers:
+            return cache
+        _, stacked = nnx.split(nnx.merge(self.graphdef, params).blocks)
+        return {**cache, "layers": _unstack(stacked, self.cfg.n_layers)}
 
     def param_count(self, include_embeddings: bool = True) -> int:
         leaves = jax.tree_util.tree_leaves_with_path(self.abstract_params)

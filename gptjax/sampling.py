@@ -91,11 +91,12 @@ def prefill(model: Model, params, prompt_BxP, prompt_mask_BxP, max_new_tokens: i
     )
     if samples > 1:
         grow = lambda x, axis=0: jnp.repeat(x, samples, axis=axis)  # noqa: E731
+        rows = lambda a: grow(a, a.ndim - 4)  # noqa: E731  B of [L, B, K, S, H] or [B, K, S, H]
         cache = {
-            "k": grow(cache["k"], 1),
-            "v": grow(cache["v"], 1),
+            **cache,
+            "k": jax.tree.map(rows, cache["k"]),
+            "v": jax.tree.map(rows, cache["v"]),
             "segment_ids": grow(cache["segment_ids"]),
-            "index": cache["index"],
         }
         logits_BxPxV, positions_BxP = grow(logits_BxPxV), grow(positions_BxP)
     return logits_BxPxV[:, -1], positions_BxP[:, -1] + 1, cache
@@ -127,6 +128,7 @@ def generate(
     """
     n = max_new_tokens
     logits_BxV, pos_B, cache = prefill(model, params, prompt_BxP, prompt_mask_BxP, n, samples)
+    cache = model.with_layer_weights(params, cache)
     b = logits_BxV.shape[0]
     keys_B = jax.vmap(jax.random.key)(seeds_B)
 

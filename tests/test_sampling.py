@@ -77,6 +77,9 @@ class PlusOne:
     def init_cache(self, batch, length):
         return {"index": jnp.zeros((), jnp.int32)}
 
+    def with_layer_weights(self, params, cache):
+        return cache
+
 
 def test_greedy_with_plus_one_model_counts_up_and_stops_at_eos():
     tokens, mask = sampling.left_pad([[3, 4], [9], [13]])
@@ -151,8 +154,9 @@ def test_per_row_seeds_make_rows_independent_of_their_batch():
     np.testing.assert_array_equal(np.asarray(both[0])[1], np.asarray(alone[0])[0])
 
 
-def test_decode_loop_neither_recompiles_nor_copies_the_cache():
-    model, params = model_and_params(positions="rope", n_kv_heads=2)
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_decode_loop_neither_recompiles_nor_copies_the_cache(scan_layers):
+    model, params = model_and_params(positions="rope", n_kv_heads=2, scan_layers=scan_layers)
     tokens, mask = sampling.left_pad([[5, 6, 7], [9, 10, 11]])
     kw = dict(max_new_tokens=5, eos_id=1, temperature=1.0)
     sampling.generate(model, params, tokens, mask, np.array([1, 2], np.int32), **kw)
@@ -164,9 +168,34 @@ def test_decode_loop_neither_recompiles_nor_copies_the_cache():
         .compile()
         .as_text()
     )
-    cache_shape = r"f32\[(2,)?2,8,2,8\]"  # [L, B, P + N, K, H] or one layer's
+    cache_shape = r"f32\[(2,)?2,2,8,8\]"  # [L, B, K, P + N, H] or one layer's
     # The initial zeros are copied into the loop's buffer once, in the entry computation;
     # inside the loop (every other computation) nothing copies the cache.
     loop = hlo[hlo.index("ENTRY") :].split("\n}\n", 1)[1] + hlo[: hlo.index("ENTRY")]
     copies = re.findall(rf"= {cache_shape}\{{[0-9,]*\}} copy\(", loop)
     assert "dynamic-update-slice" in hlo and not copies, copies
+    if not scan_layers:
+        # Unrolled layers: no step slices a layer's weights out of their stack again.
+        shapes = {leaf.shape[1:] for leaf in jax.tree.leaves(params["blocks"]) if leaf.ndim > 2}
+        made = r"\{[0-9,]*\} (slice|dynamic-slice|copy|fusion)\("
+        sliced = [
+            line.strip()
+            for shape in shapes
+            for line in loop.splitlines()
+            if re.search(rf"= f32\[{','.join(map(str, shape))}\]{made}", line)
+        ]
+        assert not sliced, sliced[:3]
+
+
+@pytest.mark.parametrize("samples", [1, 3])
+def test_unrolled_layers_sample_what_scanned_layers_sample(samples):
+    scanned, params = model_and_params(positions="rope", n_kv_heads=2)
+    unrolled = Model(tiny_model_config(positions="rope", n_kv_heads=2, scan_layers=False))
+    tokens, mask = sampling.left_pad([[5, 6, 7], [9, 10], [4]])
+    seeds = np.arange(3 * samples, dtype=np.int32)
+    kw = dict(max_new_tokens=6, eos_id=1, temperature=1.0, samples=samples)
+    a = sampling.generate(scanned, params, tokens, mask, seeds, **kw)
+    b = sampling.generate(unrolled, params, tokens, mask, seeds, **kw)
+    np.testing.assert_array_equal(np.asarray(a[0]), np.asarray(b[0]))
+    np.testing.assert_array_equal(np.asarray(a[2]), np.asarray(b[2]))
+    np.testing.assert_allclose(np.asarray(a[1]), np.asarray(b[1]), rtol=1e-5, atol=1e-6)
