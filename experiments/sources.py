@@ -93,6 +93,11 @@ class _Slice(Sequence):
             raise IndexError(i)
         return self._source[self._start + (i % self._len)]
 
+    def __getitems__(self, indices):
+        if not hasattr(self._source, "__getitems__"):
+            return [self[i] for i in indices]
+        return self._source.__getitems__([self._start + (i % self._len) for i in indices])
+
 
 # data field -> the world's (train, held-out) splits of it
 _WORLD_SPLITS = {"pretrain": ("pretrain", "pretrain_heldout"), "demos": ("demos", "demos_heldout")}
@@ -163,14 +168,22 @@ def split_user_file(
     return train, heldout
 
 
-def texts(source: Sequence, limit_chars: int = 20_000_000):
+def texts(source: Sequence, limit_chars: int = 20_000_000, chunk: int = 4096):
+    """The source's texts in order, up to about limit_chars characters, read `chunk`
+    records at a time where the source can (its `__getitems__`)."""
     n = 0
-    for i in range(len(source)):
-        text = source[i]["text"] if isinstance(source[i], dict) else str(source[i])
-        yield text
-        n += len(text)
-        if n >= limit_chars:
-            return
+    for start in range(0, len(source), chunk):
+        indices = range(start, min(start + chunk, len(source)))
+        if hasattr(source, "__getitems__"):
+            records = source.__getitems__(indices)
+        else:
+            records = [source[i] for i in indices]
+        for record in records:
+            text = record["text"] if isinstance(record, dict) else str(record)
+            yield text
+            n += len(text)
+            if n >= limit_chars:
+                return
 
 
 def get_tokenizer(config, workdir: str, corpus: Sequence | None = None) -> tok_lib.Tokenizer:

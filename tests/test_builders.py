@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from experiments import sources
 from gptjax.data import builders, formats
 
 
@@ -30,6 +31,10 @@ def test_text_corpus_builders(tmp_path):
     head = builders.load_split(f"jsonl:{jsonl}", "train[:80%]", data_dir)
     tail = builders.load_split(f"jsonl:{jsonl}", "train[80%:]", data_dir)
     assert list(head) + list(tail) == list(source) and len(tail) == 2
+    # A batched read is the same records as one at a time, in the order asked.
+    assert source.__getitems__([7, 0, 3]) == [source[7], source[0], source[3]]
+    assert list(sources.texts(source, chunk=3)) == [f"doc {i}" for i in range(10)]
+    assert list(sources.texts(source, limit_chars=11, chunk=4)) == ["doc 0", "doc 1", "doc 2"]
     assert "tensorflow" not in sys.modules
 
 
@@ -134,6 +139,7 @@ def test_tfds_by_name_reads_a_prepared_dataset(tmp_path):
     (config,) = [p.name for p in (tmp_path / "tfds" / "gptjax_records").iterdir()]
     source = builders.load_split(f"tfds:gptjax_records/{config}", "train", data_dir)
     assert len(source) == 1 and json.loads(source[0]["json"]) == {"text": "to be"}
+    assert source.__getitems__([0]) == [source[0]]
 
 
 @pytest.mark.parametrize("spec", ["corpus.txt", "txt:/x", "text:", "tfds"])
