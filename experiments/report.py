@@ -101,6 +101,8 @@ def machine() -> dict:
         "isa": next((isa for isa in _ISAS if isa in flags), platform.machine()),
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
         "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", ""),
+        # Malloc's settings: they change speed, not values (gptjax/host.py, BUILD.md).
+        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -126,7 +128,8 @@ def provenance_md(prov: dict) -> list[str]:
         *(
             [
                 f"- machine: {m['cpu']}, {m['cpus']} CPUs, ISA {m['isa']}, "
-                f"XLA_FLAGS={m['XLA_FLAGS'] or '(none)'}"
+                f"XLA_FLAGS={m['XLA_FLAGS'] or '(none)'}, "
+                f"GLIBC_TUNABLES={m.get('GLIBC_TUNABLES') or '(none)'}"
             ]
             if (m := prov.get("machine"))
             else []
