@@ -154,9 +154,10 @@ def test_per_row_seeds_make_rows_independent_of_their_batch():
     np.testing.assert_array_equal(np.asarray(both[0])[1], np.asarray(alone[0])[0])
 
 
-@pytest.mark.parametrize("scan_layers", [True, False])
-def test_decode_loop_neither_recompiles_nor_copies_the_cache(scan_layers):
-    model, params = model_and_params(positions="rope", n_kv_heads=2, scan_layers=scan_layers)
+def _decode_loop_hlo(**overrides):
+    """(params, the decode loop's compiled HLO, without the entry computation), after
+    checking that a second call with other prompts and seeds does not recompile."""
+    model, params = model_and_params(positions="rope", n_kv_heads=2, **overrides)
     tokens, mask = sampling.left_pad([[5, 6, 7], [9, 10, 11]])
     kw = dict(max_new_tokens=5, eos_id=1, temperature=1.0)
     sampling.generate(model, params, tokens, mask, np.array([1, 2], np.int32), **kw)
@@ -168,23 +169,31 @@ def test_decode_loop_neither_recompiles_nor_copies_the_cache(scan_layers):
         .compile()
         .as_text()
     )
-    cache_shape = r"f32\[(2,)?2,2,8,8\]"  # [L, B, K, P + N, H] or one layer's
     # The initial zeros are copied into the loop's buffer once, in the entry computation;
-    # inside the loop (every other computation) nothing copies the cache.
+    # inside the loop (every other computation) nothing may copy the cache.
     loop = hlo[hlo.index("ENTRY") :].split("\n}\n", 1)[1] + hlo[: hlo.index("ENTRY")]
+    cache_shape = r"f32\[(2,)?2,2,8,8\]"  # [L, B, K, P + N, H] or one layer's
     copies = re.findall(rf"= {cache_shape}\{{[0-9,]*\}} copy\(", loop)
     assert "dynamic-update-slice" in hlo and not copies, copies
-    if not scan_layers:
-        # Unrolled layers: no step slices a layer's weights out of their stack again.
-        shapes = {leaf.shape[1:] for leaf in jax.tree.leaves(params["blocks"]) if leaf.ndim > 2}
-        made = r"\{[0-9,]*\} (slice|dynamic-slice|copy|fusion)\("
-        sliced = [
-            line.strip()
-            for shape in shapes
-            for line in loop.splitlines()
-            if re.search(rf"= f32\[{','.join(map(str, shape))}\]{made}", line)
-        ]
-        assert not sliced, sliced[:3]
+    return params, loop
+
+
+def test_decode_loop_neither_recompiles_nor_copies_the_cache():
+    _decode_loop_hlo()
+
+
+def test_unrolled_decode_loop_slices_no_weights_and_copies_no_cache():
+    params, loop = _decode_loop_hlo(scan_layers=False)
+    # No step slices a layer's weights out of their stack again (Model.with_layer_weights).
+    shapes = {leaf.shape[1:] for leaf in jax.tree.leaves(params["blocks"]) if leaf.ndim > 2}
+    made = r"\{[0-9,]*\} (slice|dynamic-slice|copy|fusion)\("
+    sliced = [
+        line.strip()
+        for shape in shapes
+        for line in loop.splitlines()
+        if re.search(rf"= f32\[{','.join(map(str, shape))}\]{made}", line)
+    ]
+    assert not sliced, sliced[:3]
 
 
 @pytest.mark.parametrize("samples", [1, 3])
