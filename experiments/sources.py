@@ -94,9 +94,15 @@ class _Slice(Sequence):
         return self._source[self._start + (i % self._len)]
 
     def __getitems__(self, indices):
-        if not hasattr(self._source, "__getitems__"):
-            return [self[i] for i in indices]
-        return self._source.__getitems__([self._start + (i % self._len) for i in indices])
+        return read_many(self._source, [self._start + (i % self._len) for i in indices])
+
+
+def read_many(source: Sequence, indices: Sequence[int]) -> list:
+    """source's records at `indices`, in one batched read where the source has one (its
+    `__getitems__`, ~4x faster than one at a time on ArrayRecord), else one at a time."""
+    if hasattr(source, "__getitems__"):
+        return source.__getitems__(indices)
+    return [source[i] for i in indices]
 
 
 # data field -> the world's (train, held-out) splits of it
@@ -170,15 +176,10 @@ def split_user_file(
 
 def texts(source: Sequence, limit_chars: int = 20_000_000, chunk: int = 4096):
     """The source's texts in order, up to about limit_chars characters, read `chunk`
-    records at a time where the source can (its `__getitems__`)."""
+    records at a time (read_many)."""
     n = 0
     for start in range(0, len(source), chunk):
-        indices = range(start, min(start + chunk, len(source)))
-        if hasattr(source, "__getitems__"):
-            records = source.__getitems__(indices)
-        else:
-            records = [source[i] for i in indices]
-        for record in records:
+        for record in read_many(source, range(start, min(start + chunk, len(source)))):
             text = record["text"] if isinstance(record, dict) else str(record)
             yield text
             n += len(text)

@@ -91,7 +91,7 @@ def prefill(model: Model, params, prompt_BxP, prompt_mask_BxP, max_new_tokens: i
     )
     if samples > 1:
         grow = lambda x, axis=0: jnp.repeat(x, samples, axis=axis)  # noqa: E731
-        rows = lambda a: grow(a, a.ndim - 4)  # noqa: E731  B of [L, B, K, S, H] or [B, K, S, H]
+        rows = lambda a: grow(a, a.ndim - 4)  # B of [L, B, K, S, H] or [B, K, S, H]
         cache = {
             **cache,
             "k": jax.tree.map(rows, cache["k"]),
