@@ -34,7 +34,7 @@ def test_text_corpus_builders(tmp_path):
     # A batched read is the same records as one at a time, in the order asked.
     assert source.__getitems__([7, 0, 3]) == [source[7], source[0], source[3]]
     assert list(sources.texts(source, chunk=3)) == [f"doc {i}" for i in range(10)]
-    window = sources._Slice(source, 2, 6)  # how a user file's held-out split is read
+    window = sources._Slice(source, 2, 6)  # as the RM's and RL's prompt shares are read
     assert window.__getitems__([0, 3]) == [source[2], source[5]]
     assert list(sources.texts(window)) == [f"doc {i}" for i in range(2, 6)]
     assert list(sources.texts(source, limit_chars=11, chunk=4)) == ["doc 0", "doc 1", "doc 2"]
