@@ -23,7 +23,10 @@ train: training tokens/s and model-FLOPs utilisation (MFU) of the pretrain stage
 compare: the train step's tokens/s beside a nanoGPT-style PyTorch model with the same
   parameter count, and greedy decode tokens/s (tiny, B=1 and 64) beside Hugging Face
   `generate` on the same weights, in one process, ratios gptjax / PyTorch
-  (experiments/bench_torch.py; needs the test extra).
+  (experiments/bench_torch.py; needs the test extra). The two sides run in alternating
+  blocks (alternating_blocks) and each ratio is the median of the rounds' ratios, printed
+  with its range over rounds: on a machine whose speed drifts, back-to-back blocks
+  compare like with like where two separate timings would not.
 profile: where the time of a train step and of greedy decoding goes, per op (XLA:CPU ops
   under jax.profiler, aten ops under torch.profiler) in shared categories, beside
   PyTorch's and Hugging Face's (experiments/bench_profile.py).
@@ -264,7 +267,7 @@ def _decode_params(model: Model, seed: int = 0):
 
 
 def compare_decode(
-    name: str, batch: int, threads: int, fields=None, prompt_len=16, new_tokens=32
+    name: str, batch: int, threads: int, fields=None, prompt_len=16, new_tokens=32, rounds=6
 ) -> dict:
     """Greedy decode tokens/s, gptjax's KV-cache sampler vs Hugging Face `generate`, on
     the same weights; their output tokens are asserted identical before timing."""
@@ -279,11 +282,9 @@ def compare_decode(
             f"decode {name} B={batch}: greedy tokens differ from Hugging Face's in "
             f"{int(differ.sum())} of {batch} rows"
         )
-    repeats = 5 if batch > 1 else 10
-    ours_s = bench_torch.median_seconds(ours, repeats)
-    theirs_s = bench_torch.median_seconds(theirs, repeats)
+    seconds = alternating_blocks({"ours": ours, "theirs": theirs}, rounds, 3 if batch > 1 else 5)
     work = f"greedy decode {name}, B={batch}, prompt {prompt_len}, {new_tokens} new"
-    return _compare_row(work, batch * new_tokens / ours_s, batch * new_tokens / theirs_s)
+    return _compare_row(work, batch * new_tokens, seconds)
 
 
 def greedy_decoder(name: str, batch: int, prompt_len: int, new_tokens: int, fields=None):
@@ -327,15 +328,61 @@ def torch_train(name: str, steps: int, threads: int, profile_steps: int = 0) -> 
 
 def compare_train(name: str, steps: int, threads: int, fields: dict | None = None) -> dict:
     """Training tokens/s at the pretrain stage's shapes: gptjax's step vs the nanoGPT-style
-    PyTorch model with the same parameter count (asserted)."""
-    ours = bench_train(name, steps, 1.0, model=fields)
-    theirs = torch_train(name, steps, threads)
-    if theirs["params"] != ours["params"]:
+    PyTorch model with the same parameter count (asserted), in alternating blocks of 5
+    steps, `steps` of each timed."""
+    import experiments.bench_torch as bench_torch  # torch: the test extra
+
+    model, step, state, batches, key = train_setup(name, steps, model=fields)
+    config = pipeline.get_config(name)
+    train, optim = section_configs(config.pretrain, "pretrain")
+    b, t = batches[0]["tokens"].shape
+    torch_step, torch_params = bench_torch.train_step(
+        model.cfg, b, t, optim.lr, optim.clip_norm, threads
+    )
+    if torch_params != model.param_count():
         raise BenchError(
-            f"{name}: the PyTorch reference has {theirs['params']} params, gptjax "
-            f"{ours['params']}: not the same model"
+            f"{name}: the PyTorch reference has {torch_params} params, gptjax "
+            f"{model.param_count()}: not the same model"
         )
-    return _compare_row(theirs["work"], ours["tokens_per_s"], theirs["tokens_per_s"])
+    calls = {"ours": 0, "theirs": 0}
+
+    def ours():
+        nonlocal state
+        state, metrics = step(state, batches[calls["ours"] % len(batches)], key)
+        jax.block_until_ready(metrics["loss"])
+        calls["ours"] += 1
+
+    def theirs():
+        torch_step(calls["theirs"])
+        calls["theirs"] += 1
+
+    for _ in range(3):  # compile, warm up
+        ours(), theirs()
+    block = 5
+    seconds = alternating_blocks({"ours": ours, "theirs": theirs}, -(-steps // block), block)
+    work = f"train step {name} ({torch_params / 1e6:.2f}M), B{b}xT{t}"
+    return _compare_row(work, b * t, seconds)
+
+
+def alternating_blocks(fns: dict, rounds: int, block: int) -> dict:
+    """{name: [rounds] median seconds of a call}: each round runs every function for one
+    untimed call then `block` timed ones, in reverse order every other round. A block
+    keeps one side's work apart from the other's (XLA's and PyTorch's thread pools spin a
+    while after their work: the untimed call absorbs the switch), and alternating the
+    blocks spreads the machine's drift (clock speed, neighbours) over both sides, so each
+    round's ratio compares like with like."""
+    names = list(fns)
+    out = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            fns[n]()
+            times = []
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fns[n]()
+                times.append(time.perf_counter() - t0)
+            out[n].append(statistics.median(times))
+    return out
 
 
 def model_fields(spec: str) -> dict:
@@ -351,9 +398,19 @@ def model_fields(spec: str) -> dict:
     return out
 
 
-def _compare_row(work: str, ours: float, theirs: float) -> dict:
-    return {"work": work, "gptjax_tokens_per_s": ours, "torch_tokens_per_s": theirs,
-            "ratio": ours / theirs}  # fmt: skip
+def _compare_row(work: str, tokens: int, seconds: dict) -> dict:
+    """tokens/s of each side (`tokens` per call over its median call) and their ratio: the
+    median over rounds of each round's ratio, with its range over rounds."""
+    ours, theirs = (np.asarray(seconds[k]) for k in ("ours", "theirs"))
+    ratios = theirs / ours
+    return {
+        "work": work,
+        "gptjax_tokens_per_s": tokens / float(np.median(ours)),
+        "torch_tokens_per_s": tokens / float(np.median(theirs)),
+        "ratio": float(np.median(ratios)),
+        "ratio_range": [float(ratios.min()), float(ratios.max())],
+        "rounds": len(ratios),
+    }
 
 
 def run_compare(args) -> dict:
@@ -365,11 +422,13 @@ def run_compare(args) -> dict:
     rows = [compare_train(n, args.steps, args.threads, fields) for n in args.configs.split(",")]
     rows += [compare_decode("tiny", b, args.threads, fields) for b in (1, 64)]
     print(f"PyTorch {torch.__version__}, {args.threads} threads, eager; JAX {jax.__version__}")
-    print(f"{'work':<58} {'gptjax tok/s':>12} {'PyTorch tok/s':>13} {'ratio':>6}")
+    print(f"{'work':<58} {'gptjax tok/s':>12} {'PyTorch tok/s':>13} {'ratio':>6} {'rounds':>18}")
     for r in rows:
+        low, high = r["ratio_range"]
         print(
             f"{r['work']:<58} {r['gptjax_tokens_per_s']:>12.0f} "
-            f"{r['torch_tokens_per_s']:>13.0f} {r['ratio']:>5.2f}x"
+            f"{r['torch_tokens_per_s']:>13.0f} {r['ratio']:>5.2f}x "
+            f"{r['rounds']:>2} ({low:.2f}-{high:.2f}x)"
         )
     return {"env": environment(), "torch": torch.__version__, "rows": rows}
 

@@ -85,19 +85,9 @@ class GPT(nn.Module):
         return self.final_norm(x) @ self.embed.weight.T  # tied unembedding
 
 
-def train_tokens_per_s(
-    cfg: ModelConfig,
-    batch: int,
-    seq_len: int,
-    steps: int,
-    lr: float,
-    clip: float,
-    threads: int,
-    profile_steps: int = 0,
-) -> dict:
-    """Median tokens/s of `steps` AdamW steps (after 3 warm-up steps) on random tokens;
-    with profile_steps, "ops_ms": each aten op's self CPU ms per step over that many more
-    steps under torch.profiler."""
+def train_step(cfg: ModelConfig, batch: int, seq_len: int, lr: float, clip: float, threads: int):
+    """(step(i), parameter count): step(i) runs one AdamW step with gradient clipping on
+    the i-th of 4 batches of random tokens."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = GPT(cfg)
@@ -114,12 +104,28 @@ def train_tokens_per_s(
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
 
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def train_tokens_per_s(
+    cfg: ModelConfig,
+    batch: int,
+    seq_len: int,
+    steps: int,
+    lr: float,
+    clip: float,
+    threads: int,
+    profile_steps: int = 0,
+) -> dict:
+    """Median tokens/s of `steps` train_step steps (after 3 warm-up steps) on random
+    tokens; with profile_steps, "ops_ms": each aten op's self CPU ms per step over that
+    many more steps under torch.profiler."""
+    step, params = train_step(cfg, batch, seq_len, lr, clip, threads)
     times = []
     for i in range(steps + 3):
         t0 = time.perf_counter()
         step(i)
         times.append(time.perf_counter() - t0)
-    params = sum(p.numel() for p in model.parameters())
     step_s = statistics.median(times[3:])
     out = {"params": params, "step_ms": 1e3 * step_s, "tokens_per_s": batch * seq_len / step_s}
     if profile_steps:
