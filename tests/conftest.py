@@ -1,12 +1,15 @@
-"""Test session set-up: 8 simulated CPU devices and a persistent compilation cache.
+"""Test session set-up: 8 simulated CPU devices, LLVM at -O1 and a persistent compilation
+cache (tests/helpers.py xla_flags).
 
 Both must be configured before JAX initialises its backend, hence at import time here.
 """
 
 import os
 
+from tests.helpers import xla_flags  # imports JAX, which reads XLA_FLAGS only later
+
 # Sharding tests need 8 devices; single-device tests simply use device 0.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 # Keep libtpu (installed with the `tpu` extra) from probing for TPUs in every worker.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

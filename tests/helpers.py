@@ -85,14 +85,26 @@ def write_text_corpus(path, n_paragraphs: int = 300, seed: int = 0) -> str:
     return str(path)
 
 
-def subprocess_env(n_devices: int = 1) -> dict:
-    """Environment for a child `python -m experiments...`: n CPU devices, the shared cache."""
+def xla_flags(n_devices: int) -> str:
+    """XLA_FLAGS of every test process: n simulated CPU devices, and LLVM at -O1. The suite
+    compiles hundreds of tiny programs and runs each for milliseconds, and -O1 compiles
+    them about a fifth faster (BUILD.md, Tests); it changes results in the last bits only
+    (BUILD.md, reproducibility), and a test compares runs made under the same flags."""
+    return f"--xla_force_host_platform_device_count={n_devices} --xla_backend_optimization_level=1"
+
+
+def subprocess_env(n_devices: int = 1, pipeline_flags: bool = False) -> dict:
+    """Environment for a child `python -m experiments...`: n CPU devices, the shared cache,
+    the suite's -O1 (xla_flags) or, with pipeline_flags, XLA's default optimisation level
+    as the pipeline runs it."""
     import os
 
     import jax
 
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = xla_flags(n_devices)
+    if pipeline_flags:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
