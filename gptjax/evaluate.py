@@ -223,18 +223,17 @@ def score_with_reference(
     on replies sampled from the policy its mean estimates the sequence KL without bias,
     with less variance than the summed log-ratio. ref_model None: the reference is `model`
     itself at temperature 1 (one forward)."""
-    batches = _scoring_batches(model, tokenizer, records, replies, protocol)
-    outs = _score_batches(
-        lambda *batch: _teacher_forced_pair(
-            model, params, ref_model, ref_params, *batch, temperature
-        ),
-        batches,
-        len(replies),
-    )
+    outs = [
+        jax.device_get(
+            _teacher_forced_pair(model, params, ref_model, ref_params, *batch, temperature)
+        )
+        for batch in _scoring_batches(model, tokenizer, records, replies, protocol)
+    ]
+    n = len(replies)
     if not outs:
         zero = np.zeros(0)
         return (zero, zero), (zero, zero), zero
-    logp, ent, count, ref_logp, ref_ent, kl = outs
+    logp, ent, count, ref_logp, ref_ent, kl = (np.concatenate(x)[:n] for x in zip(*outs))
     count = np.maximum(count, 1)
     return (logp, ent / count), (ref_logp, ref_ent / count), kl
 
@@ -258,55 +257,29 @@ def kl_to_reference(
 
 
 def _scoring_batches(model, tokenizer, records, replies, protocol, max_len: int | None = None):
-    """(row indices, (tokens, lengths, reply starts)) batches of protocol.batch_size chat
-    rows (prompt + reply; the last batch padded with EOS rows), as score_replies describes.
-
-    Rows are batched shortest first and each batch is as wide as its longest row, rounded
-    up to a multiple of 16 (at most the model's max_len), so the many scoring calls of an
-    evaluation (each variant x protocol x scorer) share a handful of compiled programs and
-    pad few tokens. A row's scores do not depend on the rows beside it; an LM's summed
-    log-prob, entropy and KL do depend on the batch's width, in the last bits (the sums
-    over T), a scalar head's reward does not."""
+    """(tokens, lengths, reply starts) batches of protocol.batch_size chat rows (prompt +
+    reply, the last batch padded with EOS rows), as score_replies describes."""
     limit = model.cfg.max_len if max_len is None else min(max_len, model.cfg.max_len)
     rows = []
     for r in replies:
         p, y = chat_prompt_ids(records[r.index], tokenizer), list(r.ids) or [tokenizer.eos_id]
         ids = (p + y)[-limit:]
         rows.append((ids, max(len(ids) - len(y), 0)))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    width = max((len(ids) for ids, _ in rows), default=1)
+    # Round the width up to a multiple of 16 (at most the model's max_len) so the many
+    # scoring calls of an evaluation (each variant x protocol x scorer) share a handful of
+    # compiled programs.
+    width = max(width, min(-(-width // 16) * 16, model.cfg.max_len))
     bs = protocol.batch_size
     for start in range(0, len(rows), bs):
-        index = order[start : start + bs]
-        chunk = [rows[i] for i in index]
-        chunk += [([tokenizer.eos_id, tokenizer.eos_id], 1)] * (bs - len(chunk))
-        width = max(len(ids) for ids, _ in chunk)
-        width = max(width, min(-(-width // 16) * 16, model.cfg.max_len))
+        chunk = rows[start : start + bs]
+        chunk = chunk + [([tokenizer.eos_id, tokenizer.eos_id], 1)] * (bs - len(chunk))
         tokens = np.zeros((bs, width), np.int32)
         for k, (ids, _) in enumerate(chunk):
             tokens[k, : len(ids)] = ids
         lengths = np.array([len(ids) for ids, _ in chunk], np.int32)
         starts = np.array([s for _, s in chunk], np.int32)
-        yield np.array(index), (tokens, lengths, starts)
-
-
-def _score_batches(fn, batches, n: int) -> list[np.ndarray]:
-    """fn(tokens, lengths, starts) -> one [B] array or a tuple of them, over every batch
-    of _scoring_batches: each output as [n], in reply order."""
-    index, outs = [], []
-    for rows, batch in batches:
-        out = jax.device_get(fn(*batch))
-        outs.append(out if isinstance(out, tuple) else (out,))
-        index.append(rows)
-    if not outs:
-        return []
-    rows = np.concatenate(index)
-    scattered = []
-    for parts in zip(*outs):
-        values = np.concatenate(parts)[: len(rows)]
-        ordered = np.empty(n, values.dtype)
-        ordered[rows] = values
-        scattered.append(ordered)
-    return scattered
+        yield tokens, lengths, starts
 
 
 def score_replies(
@@ -327,14 +300,14 @@ def score_replies(
     training rows do (gptjax/data/iterators.py comparison_example): the prompt loses its
     start first, and the reply's own start only if the reply alone is longer. Memory is
     bounded by batch x max_len whatever the longest record."""
-    batches = _scoring_batches(model, tokenizer, records, replies, protocol, max_len)
-    fn = lambda *batch: _teacher_forced(model, params, *batch, temperature)  # noqa: E731
-    outs = _score_batches(fn, batches, len(replies))
+    outs = [
+        jax.device_get(_teacher_forced(model, params, *batch, temperature))
+        for batch in _scoring_batches(model, tokenizer, records, replies, protocol, max_len)
+    ]
+    n = len(replies)
     if model.cfg.head == "scalar":
-        return outs[0] if outs else np.zeros(0)
-    if not outs:
-        return np.zeros(0), np.zeros(0)
-    logp, ent, count = outs
+        return np.concatenate(outs)[:n] if outs else np.zeros(0)
+    logp, ent, count = (np.concatenate(x)[:n] for x in zip(*outs))
     return logp, ent / np.maximum(count, 1)
 
 

@@ -405,51 +405,6 @@ def test_the_length_controlled_win_rate_removes_a_length_bias():
     assert got["mean"] < float(np.mean([r.extra["win_len"] for r in judged]))
 
 
-def test_scoring_batches_rows_by_length_and_returns_scores_in_reply_order(monkeypatch):
-    """Replies of mixed lengths over several batches: each batch is as wide as its longest
-    row rounded up to 16, shorter rows go in narrower batches, and every reply's score
-    lands at its own index (as its row alone scores it)."""
-    import jax
-
-    from gptjax import losses
-    from gptjax.model import Model
-    from tests.helpers import tiny_model_config
-
-    tok = _ByteTokenizer()
-    records = [{"prompt": "hi"}, {"prompt": "a much longer question here"}]
-    # Long and short rows interleaved, so that sorting reorders them.
-    replies = [
-        Reply(i % 2, i, "", True, n, ids=tuple(range(5, 5 + n)))
-        for i, n in enumerate((1, 3, 2, 4, 1, 2))
-    ]
-    lm = Model(tiny_model_config(max_len=64))
-    params = lm.init(jax.random.key(0))
-    widths = []
-    real = evaluate._teacher_forced
-    monkeypatch.setattr(
-        evaluate,
-        "_teacher_forced",
-        lambda m, p, t, *a: widths.append(t.shape[1]) or real(m, p, t, *a),
-    )
-    logp, _ = evaluate.score_replies(
-        lm, params, tok, records, replies, evaluate.Protocol(batch_size=2)
-    )
-    rows = [evaluate.chat_prompt_ids(records[r.index], tok) + list(r.ids) for r in replies]
-    short = max(len(x) for x, r in zip(rows, replies) if r.index == 0)
-    assert short <= 16 < min(len(x) for x, r in zip(rows, replies) if r.index == 1)
-    assert (
-        sorted(widths) == widths
-        and widths[0] == 16
-        and widths[-1] == -(-max(map(len, rows)) // 16) * 16
-    )
-    for k, (row, r) in enumerate(zip(rows, replies)):
-        tokens = np.array([row], np.int32)
-        mask = np.zeros_like(tokens, np.float32)
-        mask[0, len(row) - len(r.ids) :] = 1
-        want = losses.token_logprobs(lm.apply(params, tokens), tokens, mask).sum()
-        assert logp[k] == pytest.approx(float(want), abs=1e-4)
-
-
 def test_long_records_are_scored_on_their_end_at_bounded_width(monkeypatch):
     """A prompt far longer than the limit keeps its end (as the RM's rows do), and the
     scoring batch is at most the model's max_len wide whatever the longest record."""
