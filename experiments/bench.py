@@ -333,8 +333,7 @@ def compare_train(name: str, steps: int, threads: int, fields: dict | None = Non
     import experiments.bench_torch as bench_torch  # torch: the test extra
 
     model, step, state, batches, key = train_setup(name, steps, model=fields)
-    config = pipeline.get_config(name)
-    train, optim = section_configs(config.pretrain, "pretrain")
+    _, optim = section_configs(pipeline.get_config(name).pretrain, "pretrain")
     b, t = batches[0]["tokens"].shape
     torch_step, torch_params = bench_torch.train_step(
         model.cfg, b, t, optim.lr, optim.clip_norm, threads
@@ -357,7 +356,8 @@ def compare_train(name: str, steps: int, threads: int, fields: dict | None = Non
         calls["theirs"] += 1
 
     for _ in range(3):  # compile, warm up
-        ours(), theirs()
+        ours()
+        theirs()
     block = 5
     seconds = alternating_blocks({"ours": ours, "theirs": theirs}, -(-steps // block), block)
     work = f"train step {name} ({torch_params / 1e6:.2f}M), B{b}xT{t}"

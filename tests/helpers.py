@@ -102,9 +102,11 @@ def subprocess_env(n_devices: int = 1, pipeline_flags: bool = False) -> dict:
     import jax
 
     env = dict(os.environ)
-    env["XLA_FLAGS"] = xla_flags(n_devices)
-    if pipeline_flags:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["XLA_FLAGS"] = (
+        f"--xla_force_host_platform_device_count={n_devices}"
+        if pipeline_flags
+        else xla_flags(n_devices)
+    )
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
