@@ -1,4 +1,5 @@
-"""The host process's memory allocator, set for XLA:CPU's per-step buffers.
+"""The host process's memory allocator, set for XLA:CPU's per-step buffers, and its JAX
+platform where it has no accelerator.
 
 glibc's malloc serves each allocation of 128 KiB or more with its own mmap and returns it
 to the kernel when freed, and trims the heap's free top. XLA:CPU allocates a step's
@@ -14,11 +15,17 @@ Two remedies, both leaving the arithmetic and its values unchanged:
 - `keep_freed_memory` (opt-in, `bench --keep_freed_memory`): malloc keeps what is freed
   for the next step. One heap for all threads also serialises XLA's concurrent
   allocations: programs compile ~1 s slower and a PPO iteration got slower (BUILD.md).
+
+`cpu_only_environment`: with libtpu installed (the `tpu` extra, which the README's test
+command installs), JAX probes for a TPU at start-up and prints libtpu's errors where there
+is none; on a host with no TPU or GPU, `python -m experiments.<tool>` runs with
+JAX_PLATFORMS=cpu, which it would use anyway.
 """
 
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import sys
 from collections.abc import Mapping
@@ -88,3 +95,34 @@ def restart_with_huge_pages(package: str) -> None:
     if environ is None:
         return
     os.execve(sys.executable, [sys.executable, *argv[1:]], environ)
+
+
+_PLATFORMS = "JAX_PLATFORMS"
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips; how JAX itself finds them (hardware_utils)
+# Device nodes of TPUs (v2-v5e /dev/accel<n>, v5p and later /dev/vfio/<n>) and GPUs (NVIDIA
+# /dev/nvidia<n>, AMD ROCm /dev/kfd).
+_ACCELERATOR_NODES = ("accel*", "vfio/[0-9]*", "nvidia[0-9]*", "kfd")
+
+
+def accelerator_present(sys_root: str = "/sys", dev_root: str = "/dev") -> bool:
+    """Whether this host has a TPU or GPU JAX might use: a Google PCI device or an
+    accelerator's device node."""
+    for path in glob.glob(os.path.join(sys_root, "bus/pci/devices/*/vendor")):
+        try:
+            with open(path) as f:
+                if f.read().strip() == _GOOGLE_PCI_VENDOR:
+                    return True
+        except OSError:
+            continue
+    return any(glob.glob(os.path.join(dev_root, node)) for node in _ACCELERATOR_NODES)
+
+
+def cpu_only_environment(environ: Mapping[str, str], **roots) -> dict[str, str] | None:
+    """`environ` with JAX_PLATFORMS=cpu, or None where the user set JAX_PLATFORMS (to
+    anything), the host has an accelerator (`roots`: accelerator_present's) or is not
+    Linux (whose device files this reads)."""
+    if _PLATFORMS in environ or not sys.platform.startswith("linux"):
+        return None
+    if accelerator_present(**roots):
+        return None
+    return {**environ, _PLATFORMS: "cpu"}

@@ -1,4 +1,5 @@
-"""The restart onto huge pages: when it happens, with what command and environment."""
+"""The restart onto huge pages: when it happens, with what command and environment; and
+JAX_PLATFORMS=cpu on a host without an accelerator."""
 
 import os
 import sys
@@ -59,3 +60,46 @@ def test_a_tool_of_the_package_restarts_once_with_its_own_arguments(applies, mon
 )
 def test_anything_else_is_not_restarted(applies, monkeypatch, argv, sys_argv):
     assert _restarts(monkeypatch, argv, {}, sys_argv) == []
+
+
+def _host(tmp_path, vendors=(), nodes=()):
+    """A fake /sys with PCI devices of these vendors and a fake /dev with these nodes."""
+    for i, vendor in enumerate(vendors):
+        device = tmp_path / "sys" / "bus" / "pci" / "devices" / f"0000:00:0{i}.0"
+        device.mkdir(parents=True)
+        (device / "vendor").write_text(vendor + "\n")
+    (tmp_path / "dev").mkdir()
+    for node in nodes:
+        (tmp_path / "dev" / node).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "dev" / node).touch()
+    return dict(sys_root=str(tmp_path / "sys"), dev_root=str(tmp_path / "dev"))
+
+
+@pytest.mark.parametrize(
+    "vendors, nodes",
+    [
+        (["0x1ae0"], []),  # a TPU chip on the PCI bus
+        ([], ["accel0"]),  # TPU v4 / v5e device nodes
+        ([], ["vfio/0"]),  # TPU v5p and later
+        ([], ["nvidia0", "nvidiactl"]),  # an NVIDIA GPU
+        ([], ["kfd"]),  # an AMD GPU (ROCm)
+    ],
+)
+def test_a_host_with_an_accelerator_keeps_jax_s_own_platform_choice(
+    tmp_path, monkeypatch, vendors, nodes
+):
+    monkeypatch.setattr(sys, "platform", "linux")
+    roots = _host(tmp_path, ["0x8086", "0x1af4", *vendors], nodes)
+    assert host.accelerator_present(**roots)
+    assert host.cpu_only_environment({"HOME": "/h"}, **roots) is None
+
+
+def test_a_host_without_one_runs_on_the_cpu_unless_the_user_chose(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    roots = _host(tmp_path, ["0x8086", "0x1af4"], ["vfio/vfio", "null", "nvidiactl"])
+    assert not host.accelerator_present(**roots)
+    env = host.cpu_only_environment({"HOME": "/h"}, **roots)
+    assert env == {"HOME": "/h", "JAX_PLATFORMS": "cpu"}
+    assert host.cpu_only_environment({"JAX_PLATFORMS": ""}, **roots) is None
+    monkeypatch.setattr(sys, "platform", "darwin")  # jax-metal: not this module's to hide
+    assert host.cpu_only_environment({}, **roots) is None
