@@ -98,10 +98,13 @@ def restart_with_huge_pages(package: str) -> None:
 
 
 _PLATFORMS = "JAX_PLATFORMS"
-_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips; how JAX itself finds them (hardware_utils)
-# Device nodes of TPUs (v2-v5e /dev/accel<n>, v5p and later /dev/vfio/<n>) and GPUs (NVIDIA
-# /dev/nvidia<n>, AMD ROCm /dev/kfd).
-_ACCELERATOR_NODES = ("accel*", "vfio/[0-9]*", "nvidia[0-9]*", "kfd")
+# TPU chips, as JAX finds them (jax/_src/hardware_utils.py, which cannot be imported here:
+# importing JAX reads JAX_PLATFORMS). Any Google PCI device counts, so a GCE VM's virtual
+# NIC keeps JAX's own choice too: this errs towards leaving the platform alone.
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+# Device nodes of TPUs (v4/v5e /dev/accel<n>, v5p and later /dev/vfio/<n>) and of GPUs, as
+# JAX looks for them: NVIDIA (nvidiactl alone in containers, dxg under WSL2), AMD (kfd).
+_ACCELERATOR_NODES = ("accel*", "vfio/[0-9]*", "nvidia[0-9]*", "nvidiactl", "dxg", "kfd")
 
 
 def accelerator_present(sys_root: str = "/sys", dev_root: str = "/dev") -> bool:

@@ -82,6 +82,8 @@ def _host(tmp_path, vendors=(), nodes=()):
         ([], ["accel0"]),  # TPU v4 / v5e device nodes
         ([], ["vfio/0"]),  # TPU v5p and later
         ([], ["nvidia0", "nvidiactl"]),  # an NVIDIA GPU
+        ([], ["nvidiactl"]),  # in a container
+        ([], ["dxg"]),  # under WSL2
         ([], ["kfd"]),  # an AMD GPU (ROCm)
     ],
 )
@@ -96,7 +98,7 @@ def test_a_host_with_an_accelerator_keeps_jax_s_own_platform_choice(
 
 def test_a_host_without_one_runs_on_the_cpu_unless_the_user_chose(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
-    roots = _host(tmp_path, ["0x8086", "0x1af4"], ["vfio/vfio", "null", "nvidiactl"])
+    roots = _host(tmp_path, ["0x8086", "0x1af4"], ["vfio/vfio", "null", "nvme0"])
     assert not host.accelerator_present(**roots)
     env = host.cpu_only_environment({"HOME": "/h"}, **roots)
     assert env == {"HOME": "/h", "JAX_PLATFORMS": "cpu"}
