@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import eval_stats, losses, reward_model, sampling
+from gptjax import eval_stats, losses, reward_model, sampling, sharding
 from gptjax.data import chat
 from gptjax.errors import ConfigError
 
@@ -94,6 +94,21 @@ def _decode_chat(ids: list[int], tokenizer) -> tuple[str, bool, int, tuple[int, 
 CHAT = PromptMode("chat", chat_prompt_ids, _decode_chat)
 
 
+def on_rows(params, *arrays_B):
+    """The batch's arrays with their rows split over the data-parallel axes of the mesh
+    that `params` live on, so each device decodes or scores its share of the rows (given
+    as host arrays, they would be computed whole on every device). Unchanged where the
+    params are on one device or the mesh's data-parallel size does not divide the rows."""
+    placement = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    # Across hosts every process holds the whole batch: it stays replicated there.
+    if isinstance(placement, jax.sharding.NamedSharding) and placement.is_fully_addressable:
+        mesh = placement.mesh
+        n = sharding.data_parallel_size(mesh)
+        if n > 1 and arrays_B[0].shape[0] % n == 0:
+            return jax.device_put(arrays_B, sharding.batch_sharding(mesh))
+    return arrays_B
+
+
 def generate_replies(
     model,
     params,
@@ -141,8 +156,9 @@ def generate_replies(
         kw = dict(max_new_tokens=n, eos_id=tokenizer.eos_id, temperature=temperature)
         calls = [()] * bs
         if toolbox is None:
-            out, _, out_mask = sampling.generate(*args, **kw)
-        else:
+            rows = on_rows(params, tokens, mask, seeds)
+            out, _, out_mask = sampling.generate(model, params, *rows, **kw)
+        else:  # a host loop between segments: the rows stay whole
             from gptjax.tool_sampling import generate_with_tools
 
             got = generate_with_tools(
@@ -225,7 +241,9 @@ def score_with_reference(
     itself at temperature 1 (one forward)."""
     outs = [
         jax.device_get(
-            _teacher_forced_pair(model, params, ref_model, ref_params, *batch, temperature)
+            _teacher_forced_pair(
+                model, params, ref_model, ref_params, *on_rows(params, *batch), temperature
+            )
         )
         for batch in _scoring_batches(model, tokenizer, records, replies, protocol)
     ]
@@ -301,7 +319,7 @@ def score_replies(
     start first, and the reply's own start only if the reply alone is longer. Memory is
     bounded by batch x max_len whatever the longest record."""
     outs = [
-        jax.device_get(_teacher_forced(model, params, *batch, temperature))
+        jax.device_get(_teacher_forced(model, params, *on_rows(params, *batch), temperature))
         for batch in _scoring_batches(model, tokenizer, records, replies, protocol, max_len)
     ]
     n = len(replies)

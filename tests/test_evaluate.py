@@ -113,6 +113,9 @@ class _ByteTokenizer:
     def special_id(self, name):
         return {"<|user|>": 61, "<|assistant|>": 62}[name]
 
+    def decode(self, ids):
+        return bytes(i - 3 + 64 for i in ids).decode("latin-1")
+
 
 def test_a_prompt_longer_than_the_model_names_max_len():
     import jax
@@ -231,6 +234,37 @@ def test_teacher_forced_scores_match_sequence_logprobs_and_rm_rewards():
         assert values[k] == pytest.approx(
             float(reward_model.rewards(rm, rm_params, batch)[0, 0]), abs=1e-5
         )
+
+
+def test_a_mesh_splits_the_rows_and_changes_no_reply_or_score():
+    import jax
+
+    from gptjax import sharding
+    from gptjax.model import Model
+    from tests.helpers import tiny_model_config
+
+    tok = _ByteTokenizer()
+    records = [{"prompt": p} for p in ("what is 2 + 3?", "sort c a b", "hi", "name a bird")]
+    proto = evaluate.Protocol(batch_size=8, max_new_tokens=6)
+    lm = Model(tiny_model_config())
+    params = lm.init(jax.random.key(0))
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=1), jax.devices()[:4])
+    placed = jax.device_put(params, sharding.replicated(mesh))
+    rows = evaluate.on_rows(placed, np.zeros((8, 3), np.int32), np.zeros(8, np.int32))
+    assert all(x.sharding.num_devices == 4 and x.addressable_shards[0].data.shape[0] == 2
+               for x in rows)  # fmt: skip
+    assert evaluate.on_rows(placed, np.zeros((6, 3)))[0].shape == (6, 3)  # 4 ∤ 6: whole
+    assert isinstance(evaluate.on_rows(params, np.zeros((8, 3)))[0], np.ndarray)  # 1 device
+    kw = dict(mode=evaluate.CHAT, temperature=1.0, samples=2, protocol=proto)
+    want = evaluate.generate_replies(lm, params, tok, records, **kw)
+    got = evaluate.generate_replies(lm, placed, tok, records, **kw)
+    assert [r.ids for r in got] == [r.ids for r in want]
+    np.testing.assert_allclose(
+        evaluate.score_replies(lm, placed, tok, records, got, proto),
+        evaluate.score_replies(lm, params, tok, records, want, proto),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_the_reference_feature_is_one_reward_in_the_rm_stage_ppo_and_eval():
