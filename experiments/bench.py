@@ -290,7 +290,8 @@ def compare_decode(
 def greedy_decoder(name: str, batch: int, prompt_len: int, new_tokens: int, fields=None):
     """(model, params, prompts, decode()) for preset `name` (model `fields` over it): decode()
     runs the KV-cache sampler greedily with no EOS (every row decodes new_tokens) on random
-    prompts and returns its tokens."""
+    prompts and returns its tokens. With `bench --cpu_devices=N` the rows are split over
+    the N devices (weights replicated) where N divides the batch."""
     from gptjax import sampling
 
     config = pipeline.get_config(name)
@@ -299,12 +300,16 @@ def greedy_decoder(name: str, batch: int, prompt_len: int, new_tokens: int, fiel
     params = _decode_params(model)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, model.cfg.vocab_size, (batch, prompt_len), dtype=np.int32)
-    mask, seeds = np.ones_like(prompts), np.arange(batch, dtype=np.int32)
+    rows = (prompts, np.ones_like(prompts), np.arange(batch, dtype=np.int32))
+    mesh = bench_mesh(config)
+    if batch % sharding.data_parallel_size(mesh) == 0:
+        placed = jax.device_put(params, sharding.replicated(mesh))
+        rows = jax.device_put(rows, sharding.batch_sharding(mesh))
+    else:
+        placed = params
 
     def decode():
-        out = sampling.generate(
-            model, params, prompts, mask, seeds, max_new_tokens=new_tokens, eos_id=-1
-        )
+        out = sampling.generate(model, placed, *rows, max_new_tokens=new_tokens, eos_id=-1)
         return jax.block_until_ready(out)[0]
 
     return model, params, prompts, decode
