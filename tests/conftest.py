@@ -6,12 +6,14 @@ Both must be configured before JAX initialises its backend, hence at import time
 
 import os
 
-from tests.helpers import xla_flags  # imports JAX, which reads XLA_FLAGS only later
+# Keep libtpu (installed with the `tpu` extra) from probing for TPUs in every worker.
+# Before anything imports JAX: JAX reads JAX_PLATFORMS when it is imported.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from tests.helpers import xla_flags  # noqa: E402  (imports JAX, which reads XLA_FLAGS later)
 
 # Sharding tests need 8 devices; single-device tests simply use device 0.
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
-# Keep libtpu (installed with the `tpu` extra) from probing for TPUs in every worker.
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -105,3 +105,11 @@ def test_a_host_without_one_runs_on_the_cpu_unless_the_user_chose(tmp_path, monk
     assert host.cpu_only_environment({"JAX_PLATFORMS": ""}, **roots) is None
     monkeypatch.setattr(sys, "platform", "darwin")  # jax-metal: not this module's to hide
     assert host.cpu_only_environment({}, **roots) is None
+
+
+def test_the_suite_sets_jax_platforms_where_jax_reads_it():
+    import jax
+
+    # conftest.py sets JAX_PLATFORMS before anything imports JAX, which reads it then:
+    # set after the import, libtpu (the tpu extra) probed for TPUs in every worker.
+    assert jax.config.jax_platforms == os.environ["JAX_PLATFORMS"]
