@@ -110,6 +110,55 @@ def test_the_gpu_benchmark_reads_each_gpus_bf16_peak():
     ]
 
 
+def test_the_gpu_benchmark_runs_on_a_cpu_at_tiny_shapes(tmp_path, monkeypatch):
+    """`bench gpu` as a lent GPU machine runs it (experiments/gpu_run.sh), every path but
+    cuDNN's kernel: the attention check, training MFU, decode at B = 1, 64, 256 and a PPO
+    iteration's split, at tiny shapes with the XLA attention path."""
+    import json
+
+    from experiments import bench, bench_gpu
+
+    # The CPU's measured bf16 peak (a 4096^3 matmul) is the one slow part, and not GPU code.
+    monkeypatch.setattr(bench_gpu, "device_peak", lambda device=None: (1e12, "test"))
+    out = tmp_path / "gpu.json"
+    argv = ["gpu", "--train=tiny:8x32", "--steps=2", "--attention=xla", "--decode=tiny"]
+    argv += ["--prompt_len=4", "--new_tokens=4", "--ppo=tiny", "--iterations=2", f"--out={out}"]
+    assert bench.main(argv) == 0
+    got = json.loads(out.read_text())
+    check = got["attention_check"]
+    assert check["ok"] and check["logits_rel_diff"] < 1e-5 and check["grads_rel_diff"] < 1e-5
+    assert [(r["config"], r["batch"], r["seq_len"]) for r in got["train"]] == [("tiny", 8, 32)]
+    assert 0 < got["train"][0]["mfu"] < 1
+    assert [r["batch"] for r in got["decode"]] == [1, 64, 256]
+    assert all(r["tokens_per_s"] > 0 for r in got["decode"])
+    (ppo,) = got["ppo"]
+    assert min(ppo["rollout_s"], ppo["score_s"], ppo["update_s"]) > 0
+
+
+def test_the_gpu_attention_check_fails_an_attention_without_its_causal_mask(monkeypatch):
+    """The check compares with gptjax's own attention on peaked attention rows: a kernel
+    that drops the causal mask, or scales the logits 10% wrong, fails it."""
+    import jax
+
+    from experiments import bench_gpu
+    from gptjax import layers, model
+
+    own = layers.attention
+
+    def no_mask(impl, q, k, v, mask):
+        if impl == "einsum":
+            return own(impl, q, k, v, mask)
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla").astype(v.dtype)
+
+    def misscaled(impl, q, k, v, mask):
+        return own("einsum", q * 1.1 if impl == "xla" else q, k, v, mask)
+
+    assert bench_gpu.attention_check("tiny", "xla")["ok"]
+    for broken in (no_mask, misscaled):
+        monkeypatch.setattr(model, "attention", broken)
+        assert not bench_gpu.attention_check("tiny", "xla")["ok"], broken.__name__
+
+
 def test_the_profile_counts_each_ops_own_time_once():
     """A while loop's events contain its body's ops: each op's self time excludes what is
     nested in it, so the self times add up to the outermost events' durations."""
