@@ -50,9 +50,10 @@ def environment() -> dict:
 
 def bench_mesh(config):
     """The benchmark's mesh: one device, or with `bench --cpu_devices=N` (N > 1) pure data
-    parallelism over the N host devices (weights replicated, gradients all-reduced)."""
+    parallelism over the N host devices (weights replicated, gradients all-reduced). Not
+    the preset's own mesh, which is its TPU slice's (llama_1b's: tensor 4 over hosts)."""
     n = jax.device_count() if CPU_DEVICES["n"] > 1 else 1
-    mesh = dict(config.mesh, data=n, fsdp=1) if n > 1 else config.mesh
+    mesh = dict(config.mesh, data=n, fsdp=1, tensor=1, multihost=False)
     return sharding.make_mesh(from_dict(sharding.MeshConfig, mesh, "mesh"), jax.devices()[:n])
 
 

@@ -39,4 +39,10 @@ print("python", sys.version.split()[0], "jax", jax.__version__, "jaxlib", jaxlib
 print("flax", flax.__version__, "optax", optax.__version__)
 print("devices", jax.devices())
 EOF
+set +e
 timeout 480 python3 -m experiments.bench gpu --out="$out/gpu.json" "$@" 2>&1 | tee "$out/bench.log"
+rc=${PIPESTATUS[0]}
+if ((rc == 124)); then
+  echo "bench gpu: stopped at its 480 s limit; what it printed is above" | tee -a "$out/bench.log"
+fi
+exit "$rc"

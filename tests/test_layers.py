@@ -135,6 +135,18 @@ def test_the_gpu_benchmark_runs_on_a_cpu_at_tiny_shapes(tmp_path, monkeypatch):
     assert min(ppo["rollout_s"], ppo["score_s"], ppo["update_s"]) > 0
 
 
+def test_the_benchmarks_run_every_preset_on_one_device():
+    """`bench gpu` times llama_1b on one GPU: the benchmarks' mesh is one device whatever
+    the preset's own (llama_1b's is tensor 4 over a pod's hosts)."""
+    from configs import model as model_presets
+    from configs import pipeline
+    from experiments.bench_rl import bench_mesh
+
+    for name in model_presets.MODELS:
+        mesh = bench_mesh(pipeline.get_config(name))
+        assert mesh.devices.size == 1, name
+
+
 def test_the_gpu_attention_check_fails_an_attention_without_its_causal_mask(monkeypatch):
     """The check compares with gptjax's own attention on peaked attention rows: a kernel
     that drops the causal mask, or scales the logits 10% wrong, fails it."""
