@@ -23,12 +23,19 @@ out="${1:?usage: experiments/gpu_run.sh OUT_DIR [bench gpu arguments]}"
 shift
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/gptjax-site .whl/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gptjax-site \
+    .whl/*.whl
   export PYTHONPATH="/tmp/gptjax-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
 python3 - <<'EOF' 2>&1 | tee "$out/env.txt"
+import os
 import sys
+
+from gptjax import host
+
+# JAX's own platform choice, except on a host with no accelerator (a dry run): the CPU.
+os.environ.update(host.cpu_only_environment(os.environ) or {})
 
 import flax
 import jax
