@@ -145,7 +145,8 @@ def run(args) -> dict:
 
     peak, source = device_peak()
     print(f"peak: {peak / 1e12:.1f} TFLOP/s ({source})")
-    check = attention_check(parse_train(args.train)[0][0], args.attention)
+    train_rows = parse_train(args.train)
+    check = attention_check(train_rows[0][0], args.attention)
     print(
         f"attention check, {check['attention']} vs einsum ({check['config']}, 2 layers, "
         f"{check['batch']}x{check['seq_len']}): largest relative difference, logits "
@@ -153,7 +154,7 @@ def run(args) -> dict:
         f"(tolerance {ATTENTION_TOLERANCE:.0e}): {'ok' if check['ok'] else 'FAILED'}"
     )
     train = []
-    for name, rows, tokens, fields in parse_train(args.train):
+    for name, rows, tokens, fields in train_rows:
         fields = {**fields, "attention": args.attention}
         train.append(bench.bench_train(name, args.steps, peak, rows, tokens, fields, True))
     decode = [
