@@ -1,4 +1,4 @@
-"""Test session set-up: 8 simulated CPU devices, LLVM at -O1 and a persistent compilation
+"""Test session set-up: 8 simulated CPU devices, LLVM at -O0 and a persistent compilation
 cache (tests/helpers.py xla_flags).
 
 Both must be configured before JAX initialises its backend, hence at import time here.

@@ -213,8 +213,9 @@ def first_minibatch_metrics(value_head: bool) -> dict:
 def test_first_minibatch_has_ratio_one_and_no_clipping(value_head):
     # The old log-probs' forward-only pass and the first minibatch's training pass give
     # bitwise the same numbers in the programs XLA builds at its default optimisation
-    # level, the pipeline's, but not at the suite's -O1 (tests/helpers.py xla_flags): the
-    # update runs in a child process with the pipeline's flags.
+    # level, the pipeline's (and at the suite's -O0, tests/helpers.py xla_flags; not at -O1
+    # or -O2, 2.4e-7 apart): the update runs in a child process with the pipeline's flags,
+    # so the test checks the programs the pipeline runs.
     code = (
         "import json; from tests.test_ppo import first_minibatch_metrics as f; "
         f"print(json.dumps(f({value_head})))"
