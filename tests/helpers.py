@@ -87,8 +87,8 @@ def write_text_corpus(path, n_paragraphs: int = 300, seed: int = 0) -> str:
 
 def xla_flags(n_devices: int) -> str:
     """XLA_FLAGS of every test process: n simulated CPU devices, and LLVM at -O0. The suite
-    compiles hundreds of tiny programs and runs each for milliseconds, and at -O0 the whole
-    suite takes about a fifth less time than at -O1 (BUILD.md, Tests); it changes results
+    compiles hundreds of tiny programs and runs each for milliseconds, and at -O0 they
+    compile a quarter faster than at -O1 (BUILD.md, Tests); it changes results
     in the last bits only (BUILD.md, reproducibility), and a test compares runs made under
     the same flags."""
     return f"--xla_force_host_platform_device_count={n_devices} --xla_backend_optimization_level=0"
