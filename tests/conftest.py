@@ -1,5 +1,5 @@
-"""Test session set-up: 8 simulated CPU devices, LLVM at -O0 and a persistent compilation
-cache (tests/helpers.py xla_flags).
+"""Test session set-up: 8 simulated CPU devices, fast-compiling XLA flags and a persistent
+compilation cache (tests/helpers.py xla_flags).
 
 Both must be configured before JAX initialises its backend, hence at import time here.
 """

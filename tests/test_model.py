@@ -260,8 +260,11 @@ def test_a_batch_without_segment_ids_is_one_document_per_row():
     batch = random_batch(np.random.default_rng(2), 2, 16, 64)
     bare = {k: batch[k] for k in ("tokens", "loss_mask")}
     (s1, m1), (s2, m2) = step(state, batch, jax.random.key(0)), step(state, bare, jax.random.key(0))
-    np.testing.assert_array_equal(m1["loss"], m2["loss"])
-    _assert_trees_close(s1["params"], s2["params"], rtol=0, atol=0)
+    # Two programs (one builds the segment mask), so the compiler may round differently: at
+    # the pipeline's flags they agree bitwise, at the suite's to 5e-8. A layout bug moves the
+    # loss by far more and an Adam update by about its learning rate, 1e-3.
+    np.testing.assert_allclose(m1["loss"], m2["loss"], rtol=1e-6)
+    _assert_trees_close(s1["params"], s2["params"], rtol=0, atol=1e-6)
 
 
 def test_one_trunk_pass_gives_the_lm_head_and_a_value_head():
