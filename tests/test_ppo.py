@@ -213,7 +213,7 @@ def first_minibatch_metrics(value_head: bool) -> dict:
 def test_first_minibatch_has_ratio_one_and_no_clipping(value_head):
     # The old log-probs' forward-only pass and the first minibatch's training pass give
     # bitwise the same numbers in the programs XLA builds at its default optimisation
-    # level, the pipeline's (and at the suite's -O0, tests/helpers.py xla_flags; not at -O1
+    # level, the pipeline's (and at the suite's flags, tests/helpers.py xla_flags; not at -O1
     # or -O2, 2.4e-7 apart): the update runs in a child process with the pipeline's flags,
     # so the test checks the programs the pipeline runs.
     code = (
