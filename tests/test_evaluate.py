@@ -470,3 +470,76 @@ def test_long_records_are_scored_on_their_end_at_bounded_width(monkeypatch):
     mask[0, -3:] = 1
     want = losses.token_logprobs(lm.apply(params, row), row, mask).sum()
     assert logp[0] == pytest.approx(float(want), abs=1e-4)
+
+
+def test_a_distinct_row_is_scored_once_and_every_reply_gets_its_value(monkeypatch):
+    """Replies repeating a (prompt, reply) row share one forward row, and a reply's value
+    does not depend on where it stands in the list: duplicates save work, nothing else."""
+    import jax
+
+    from gptjax.model import Model
+    from tests.helpers import tiny_model_config
+
+    tok = _ByteTokenizer()
+    records = [{"prompt": "what is 2 + 3?"}, {"prompt": "sort c a b"}]
+    a, b, c = (9, 10, 1), (11, 1), (12, 13, 14, 1)
+    rows = [(0, 0, a), (0, 1, a), (1, 0, a), (0, 2, b), (1, 1, c), (0, 3, a)]
+    replies = [Reply(i, j, "", True, len(ids), ids=ids) for i, j, ids in rows]
+    proto = evaluate.Protocol(batch_size=3)
+    lm = Model(tiny_model_config())
+    params = lm.init(jax.random.key(0))
+    seen = []
+    real = evaluate._teacher_forced
+    monkeypatch.setattr(
+        evaluate,
+        "_teacher_forced",
+        lambda m, p, t, lengths, *a: (
+            seen.extend(lengths[lengths > 2].tolist()) or real(m, p, t, lengths, *a)
+        ),
+    )
+    logp, entropy = evaluate.score_replies(lm, params, tok, records, replies, proto)
+    assert len(seen) == 4  # (0, a), (1, a), (0, b), (1, c); the rest pad (EOS, EOS) rows
+    assert logp[0] == logp[1] == logp[5] != logp[2]
+    back = evaluate.score_replies(lm, params, tok, records, replies[::-1], proto)
+    np.testing.assert_array_equal(back[0][::-1], logp)
+    np.testing.assert_array_equal(back[1][::-1], entropy)
+
+
+def test_samples_of_a_prompt_share_its_prefill_and_get_the_replies_of_separate_rows(
+    monkeypatch,
+):
+    """At temperature 1 a prompt's samples are decoded from one prefill (sampling.generate's
+    `samples`), with the tokens each would get as a row of its own prompt copy."""
+    import jax
+
+    from gptjax import sampling
+    from gptjax.model import Model
+    from tests.helpers import tiny_model_config
+
+    tok = _ByteTokenizer()
+    records = [{"prompt": p} for p in ("what is 2 + 3?", "sort c a b", "hi")]
+    proto = evaluate.Protocol(batch_size=4, max_new_tokens=6)
+    lm = Model(tiny_model_config())
+    params = lm.init(jax.random.key(0))
+    calls = []
+    real = sampling.generate
+    monkeypatch.setattr(
+        sampling,
+        "generate",
+        lambda m, p, t, *a, **kw: (
+            calls.append((t.shape[0], kw["samples"])) or real(m, p, t, *a, **kw)
+        ),
+    )
+    got = evaluate.generate_replies(
+        lm, params, tok, records, mode=evaluate.CHAT, temperature=1.0, samples=2, protocol=proto
+    )
+    assert calls == [(2, 2)] * 2  # 3 prompts x 2 samples in batches of 4: 2 prompts each
+    assert [(r.index, r.sample) for r in got] == [(i, j) for i in range(3) for j in range(2)]
+    monkeypatch.setattr(sampling, "generate", real)
+    prompts = [evaluate.chat_prompt_ids(records[r.index], tok) for r in got]
+    tokens, mask = sampling.left_pad(prompts)
+    seeds = np.array([proto.seed + 7919 * r.index + r.sample for r in got], np.int32)
+    want, _, want_mask = real(lm, params, tokens, mask, seeds, max_new_tokens=6,
+                              eos_id=tok.eos_id, temperature=1.0)  # fmt: skip
+    for k, r in enumerate(got):
+        assert list(r.ids) == np.asarray(want)[k][np.asarray(want_mask)[k] > 0].tolist()
