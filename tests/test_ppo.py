@@ -508,3 +508,23 @@ def test_in_stage_proxy_and_kl_read_the_frozen_rm_and_reference(tmp_path):
     assert moved["sample/rm_reward"] == at_sft["sample/rm_reward"]
     head_only = evaluate.score_replies(rm, trainer.frozen[0], *args)
     assert not np.isclose(head_only.mean(), at_sft["sample/rm_reward"])  # the feature is in
+
+
+def test_rl_stages_with_the_same_rollout_settings_share_its_compiled_programs():
+    """A second PPO trainer (ppo_ptx after ppo) gets the first's jitted rollout and scoring,
+    so they compile once in a process; another reply length gets its own."""
+    from gptjax.optim import OptimConfig
+    from gptjax.rl_trainer import RLTrainer
+
+    policy, rm = Model(tiny_model_config()), Model(tiny_model_config(head="scalar"))
+    params, rm_params = policy.init(jax.random.key(0)), rm.init(jax.random.key(1))
+    mesh = sharding.make_mesh(MeshConfig(), jax.devices()[:1])
+
+    def trainer(new_tokens):
+        kw = dict(iterations=3, max_new_tokens=new_tokens, eos_id=-1, sampling_seed=0)
+        return RLTrainer.ppo(policy, params, rm, rm_params, rm_params, ppo.PPOConfig(),
+                             OptimConfig(), mesh, **kw)  # fmt: skip
+
+    a, b, c = trainer(6), trainer(6), trainer(5)
+    assert a.rollout is b.rollout and a.score is b.score
+    assert c.rollout is not a.rollout
