@@ -18,6 +18,7 @@ from gptjax import config as config_lib
 from gptjax import evaluate, lora, sharding, tools
 from gptjax.data import builders, formats
 from gptjax.data import tokenizer as tok_lib
+from gptjax.data.iterators import read_many
 from gptjax.errors import ConfigError
 from gptjax.model import Model, ModelConfig, checkpoint_dir, from_pipeline
 from gptjax.world import WorldConfig, generate
@@ -95,14 +96,6 @@ class _Slice(Sequence):
 
     def __getitems__(self, indices):
         return read_many(self._source, [self._start + (i % self._len) for i in indices])
-
-
-def read_many(source: Sequence, indices: Sequence[int]) -> list:
-    """source's records at `indices`, in one batched read where the source has one (its
-    `__getitems__`, ~4x faster than one at a time on ArrayRecord), else one at a time."""
-    if hasattr(source, "__getitems__"):
-        return source.__getitems__(indices)
-    return [source[i] for i in indices]
 
 
 # data field -> the world's (train, held-out) splits of it

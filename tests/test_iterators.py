@@ -3,6 +3,7 @@
 import collections
 import itertools
 import json
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -61,6 +62,41 @@ def test_restored_state_replays_the_same_batches(tok, kind, k):
     resumed.set_state(state)
     assert resumed.step == k
     assert_same_batches(take(resumed, 15), reference[k:])
+
+
+class _BlockSource(Sequence):
+    """A list with a batched read (as a prepared TFDS split has), counting its calls."""
+
+    def __init__(self, records):
+        self.records, self.reads = records, []
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        self.reads.append(1)
+        return self.records[i]
+
+    def __getitems__(self, indices):
+        self.reads.append(len(indices))
+        return [self.records[i] for i in indices]
+
+
+def test_records_are_read_in_blocks_and_give_the_batches_of_single_reads(tok, monkeypatch):
+    monkeypatch.setattr(iterators, "_READ_AHEAD", 8)
+    source = _BlockSource(documents())
+
+    def make(src):
+        return iterators.lm_batches(src, tok, batch_size=B, seq_len=T, seed=3)
+
+    reference = take(make(documents()), 40)  # a plain list: one record at a time
+    assert_same_batches(take(make(source), 40), reference)  # across epoch boundaries
+    assert max(source.reads) == 8 and len(source.reads) < len(documents())
+    interrupted = make(source)
+    take(interrupted, 13)
+    resumed = make(source)
+    resumed.set_state(interrupted.get_state())
+    assert_same_batches(take(resumed, 27), reference[13:])
 
 
 def test_same_seed_same_batches_other_seed_other_order(tok):

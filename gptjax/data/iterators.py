@@ -35,6 +35,16 @@ from gptjax.data.packing import Example, RowPacker, chunk_example, host_slice, l
 from gptjax.data.tokenizer import Tokenizer
 
 _STATE_VERSION = 1
+# Records read from the source in one call (read_many).
+_READ_AHEAD = 64
+
+
+def read_many(source: Sequence, indices: Sequence[int]) -> list:
+    """source's records at `indices`, in one batched read where the source has one (its
+    `__getitems__`, ~4x faster than one at a time on ArrayRecord), else one at a time."""
+    if hasattr(source, "__getitems__"):
+        return source.__getitems__(indices)
+    return [source[i] for i in indices]
 
 
 class BatchIterator:
@@ -66,6 +76,7 @@ class BatchIterator:
         self._epoch = self._index = self._chunk = self._step = 0
         self._order: tuple[int, np.ndarray] | None = None
         self._chunks: tuple[tuple[int, int], list[Example]] | None = None
+        self._ahead: tuple[int, int, list[Any]] | None = None
 
     def __iter__(self):
         return self
@@ -78,10 +89,19 @@ class BatchIterator:
             self._order = (epoch, rng.permutation(self._num_records))
         return int(self._order[1][index])
 
+    def _record(self, epoch: int, index: int) -> Any:
+        """The record at `index` of the epoch's order, read with the next _READ_AHEAD."""
+        ahead = self._ahead
+        if ahead is None or ahead[0] != epoch or not 0 <= index - ahead[1] < len(ahead[2]):
+            stop = min(index + _READ_AHEAD, self._num_records)
+            indices = [self._record_index(epoch, i) for i in range(index, stop)]
+            self._ahead = ahead = (epoch, index, read_many(self._source, indices))
+        return ahead[2][index - ahead[1]]
+
     def _current_chunks(self) -> list[Example]:
         key = (self._epoch, self._index)
         if self._chunks is None or self._chunks[0] != key:
-            record = self._source[self._record_index(*key)]
+            record = self._record(*key)
             self._chunks = (key, chunk_example(self._example_fn(record), self.seq_len))
         return self._chunks[1]
 
@@ -139,7 +159,7 @@ class BatchIterator:
             raise ValueError(f"iterator state position out of range: {dict(state)}")
         self._epoch, self._index = int(state["epoch"]), int(state["index"])
         self._chunk, self._step = int(state["chunk"]), int(state["step"])
-        self._chunks = None
+        self._chunks = self._ahead = None
 
 
 def record_text(record: Any, text_key: str = "text") -> str:
