@@ -439,6 +439,17 @@ def test_the_length_controlled_win_rate_removes_a_length_bias():
     assert got["mean"] < float(np.mean([r.extra["win_len"] for r in judged]))
 
 
+def _spy_on_scoring(monkeypatch, record):
+    """Calls record(tokens_BxT, lengths_B) on every batch the scorer runs."""
+    real = evaluate._teacher_forced
+
+    def spy(model, params, tokens, lengths, *args):
+        record(tokens, lengths)
+        return real(model, params, tokens, lengths, *args)
+
+    monkeypatch.setattr(evaluate, "_teacher_forced", spy)
+
+
 def test_long_records_are_scored_on_their_end_at_bounded_width(monkeypatch):
     """A prompt far longer than the limit keeps its end (as the RM's rows do), and the
     scoring batch is at most the model's max_len wide whatever the longest record."""
@@ -454,12 +465,7 @@ def test_long_records_are_scored_on_their_end_at_bounded_width(monkeypatch):
     lm = Model(tiny_model_config())
     params = lm.init(jax.random.key(0))
     widths = []
-    real = evaluate._teacher_forced
-    monkeypatch.setattr(
-        evaluate,
-        "_teacher_forced",
-        lambda m, p, t, *a: widths.append(t.shape[1]) or real(m, p, t, *a),
-    )
+    _spy_on_scoring(monkeypatch, lambda tokens, lengths: widths.append(tokens.shape[1]))
     logp, _ = evaluate.score_replies(
         lm, params, tok, records, replies, evaluate.Protocol(batch_size=2), max_len=24
     )
@@ -489,14 +495,7 @@ def test_a_distinct_row_is_scored_once_and_every_reply_gets_its_value(monkeypatc
     lm = Model(tiny_model_config())
     params = lm.init(jax.random.key(0))
     seen = []
-    real = evaluate._teacher_forced
-    monkeypatch.setattr(
-        evaluate,
-        "_teacher_forced",
-        lambda m, p, t, lengths, *a: (
-            seen.extend(lengths[lengths > 2].tolist()) or real(m, p, t, lengths, *a)
-        ),
-    )
+    _spy_on_scoring(monkeypatch, lambda tokens, lengths: seen.extend(lengths[lengths > 2]))
     logp, entropy = evaluate.score_replies(lm, params, tok, records, replies, proto)
     assert len(seen) == 4  # (0, a), (1, a), (0, b), (1, c); the rest pad (EOS, EOS) rows
     assert logp[0] == logp[1] == logp[5] != logp[2]
