@@ -279,7 +279,7 @@ def _per_reply(fn, params, model, tokenizer, records, replies, protocol, outputs
     chat rows (prompt + reply) of protocol.batch_size, as score_replies describes.
 
     Each distinct row (prompt + reply ids) is computed once: a prompt's temperature-1
-    samples often repeat a reply (an eval stage: 28.0k distinct rows of 35.3k). A row's
+    samples often repeat a reply (BUILD.md, Benchmarks). A row's
     values do not depend on its batch's other rows, so this changes no value. All batches
     share one width, the longest row's rounded up to a multiple of 16 (at most max_len), so
     the many scoring calls of an evaluation (each variant x protocol x scorer) share a

@@ -247,7 +247,7 @@ def _phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, host
 def _jitted_phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, rm_reward):
     """_phases without tools, one pair per setting in a process: stages that sample and
     score alike (ppo and ppo_ptx in the default run, a sweep's cells) share their compiled
-    programs (each took 1-2 s to compile at tiny, again in every stage)."""
+    programs instead of compiling them again per trainer."""
     reference = get_model(lora.without_adapters(policy.cfg))
 
     def sample(params, prompt, mask, seeds):
