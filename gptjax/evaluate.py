@@ -334,12 +334,14 @@ def score_replies(
     def forward(*batch):
         return _teacher_forced(model, params, *batch, temperature)
 
-    if model.cfg.head == "scalar":
-        args = (forward, params, model, tokenizer, records, replies, protocol, 1, max_len)
-        return _per_reply(*args)[0]
-    logp, ent, count = _per_reply(
-        forward, params, model, tokenizer, records, replies, protocol, 3, max_len
+    scalar = model.cfg.head == "scalar"
+    outputs = 1 if scalar else 3  # a reward, or (log p, entropy sum, token count)
+    values = _per_reply(
+        forward, params, model, tokenizer, records, replies, protocol, outputs, max_len
     )
+    if scalar:
+        return values[0]
+    logp, ent, count = values
     return logp, ent / np.maximum(count, 1)
 
 

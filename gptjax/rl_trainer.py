@@ -225,12 +225,11 @@ def _phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, host
     ref_logprobs} for the RM; (reference params, batch) -> {ref_logprobs} for a host
     reward, whose scores the iteration adds. The reference is the policy's model, without
     its LoRA adapters."""
+    sample, score = _jitted_phases(
+        policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, host_reward is None
+    )
     if tools is None:
-        return _jitted_phases(
-            policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, host_reward is None
-        )
-    reference = get_model(lora.without_adapters(policy.cfg))
-    score = _scorer(reference, rm, host_reward is None, temperature)
+        return sample, score
 
     def sample_with_tools(params, prompt, mask, seeds):
         return rollout_lib.tool_rollout(
@@ -240,14 +239,14 @@ def _phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, host
         )  # fmt: skip
 
     # Not jitted: the host answers calls between the jitted decode segments it traces.
-    return sharding.with_mesh(sample_with_tools, mesh), jax.jit(sharding.with_mesh(score, mesh))
+    return sharding.with_mesh(sample_with_tools, mesh), score
 
 
 @functools.lru_cache(maxsize=16)
 def _jitted_phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, samples, rm_reward):
-    """_phases without tools, one pair per setting in a process: stages that sample and
-    score alike (ppo and ppo_ptx in the default run, a sweep's cells) share their compiled
-    programs instead of compiling them again per trainer."""
+    """The jitted rollout (without tools) and scoring, one pair per setting in a process:
+    stages that sample and score alike (ppo and ppo_ptx in the default run, a sweep's
+    cells) share their compiled programs instead of compiling them again per trainer."""
     reference = get_model(lora.without_adapters(policy.cfg))
 
     def sample(params, prompt, mask, seeds):
@@ -263,14 +262,6 @@ def _jitted_phases(policy, rm, mesh, max_new_tokens, eos_id, temperature, sample
             samples=samples,
         )
 
-    score = _scorer(reference, rm, rm_reward, temperature)
-    return jax.jit(sharding.with_mesh(sample, mesh)), jax.jit(sharding.with_mesh(score, mesh))
-
-
-def _scorer(reference, rm, rm_reward: bool, temperature: float):
-    """The scoring phase: the RM's scores and the reference's log-probs, or (a host reward)
-    the reference's alone."""
-
     def score_rm(rm_params, ref_params, batch):
         return rollout_lib.score_rollout(rm, rm_params, reference, ref_params, batch, temperature)
 
@@ -278,4 +269,5 @@ def _scorer(reference, rm, rm_reward: bool, temperature: float):
         logp, _ = rollout_lib.response_logprobs(reference, ref_params, batch, temperature)
         return {"ref_logprobs": logp}
 
-    return score_rm if rm_reward else score_ref
+    score = score_rm if rm_reward else score_ref
+    return jax.jit(sharding.with_mesh(sample, mesh)), jax.jit(sharding.with_mesh(score, mesh))
