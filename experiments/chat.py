@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import cli, sources, toolbox
-from gptjax import sampling, tools
+from gptjax import host, sampling, tools
 from gptjax.data import chat
 from gptjax.errors import ConfigError
 
@@ -134,6 +134,7 @@ def main(argv) -> int:
             file=sys.stderr,
         )
         return 2
+    host.use_compilation_cache(multihost=False)  # chat runs on this host alone
     try:
         if _HF.value:
             chatters = [Chatter.from_hf(_HF.value)]

@@ -24,11 +24,21 @@ import sys
 import time
 from collections.abc import Callable, Collection, Mapping
 
-from experiments import calibrate, compile_clock, gates, report, show_data, sources, toolbox
+from experiments import (
+    calibrate,
+    compile_clock,
+    gates,
+    report,
+    rundir,
+    show_data,
+    sources,
+    toolbox,
+)
 from experiments.loop import StageStopped
 from experiments.rundir import StageContext, on_process_0, stage_dir, write_json
 from experiments.stages import compare, dpo, evaluate, pretrain, reason, rl, rm, sft
 from gptjax import config as config_lib
+from gptjax import host
 from gptjax.errors import CheckpointError, ConfigError
 from gptjax.world import config as world_config
 
@@ -275,10 +285,12 @@ def run_stages(config, workdir: str, stages: list[str]) -> dict[str, dict]:
 
 
 def run_guarded(config, workdir: str, stages: list[str]) -> int:
-    """Runs the stages; a bad config, data file or checkpoint, or a stop (signal,
-    non-finite values) is one line on stderr and a non-zero exit code."""
+    """Runs the stages, with JAX's persistent compilation cache (host.use_compilation_cache);
+    a bad config, data file or checkpoint, or a stop (signal, non-finite values) is one
+    line on stderr and a non-zero exit code."""
     report.git_commit()  # the commit of the code this process loaded, before HEAD can move
     try:
+        host.use_compilation_cache(rundir.multihost(config))
         run_stages(config, workdir, stages)
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -72,6 +72,13 @@ def initialize_distributed(config) -> sharding.MeshConfig:
     return mesh_cfg
 
 
+def multihost(config) -> bool:
+    """Whether this process runs with others (sharding.MeshConfig: config fields or the
+    environment)."""
+    mesh_cfg = config_lib.from_dict(sharding.MeshConfig, config.mesh, "mesh")
+    return sharding.distributed_kwargs(mesh_cfg) is not None
+
+
 def make_mesh(config):
     return sharding.make_mesh(initialize_distributed(config))
 

@@ -42,9 +42,11 @@ from experiments import (
     plots,
     reason_report,
     report,
+    rundir,
     sources,
     stage_cache,
 )
+from gptjax import host
 from gptjax.errors import ConfigError
 from gptjax.eval_stats import t_interval
 
@@ -446,6 +448,7 @@ def main(argv) -> int:
     name = sweep.name
     workdir = _WORKDIR.value or os.path.join("runs", f"sweep-{name}")
     try:
+        host.use_compilation_cache(rundir.multihost(cell_config(sweep, None, 0)))
         run_sweep(sweep, name, workdir, _SHARED_FROM.value)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

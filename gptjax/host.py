@@ -1,5 +1,5 @@
-"""The host process's memory allocator, set for XLA:CPU's per-step buffers, and its JAX
-platform where it has no accelerator.
+"""The host process's memory allocator, set for XLA:CPU's per-step buffers, its JAX
+platform where it has no accelerator, and its persistent compilation cache.
 
 glibc's malloc serves each allocation of 128 KiB or more with its own mmap and returns it
 to the kernel when freed, and trims the heap's free top. XLA:CPU allocates a step's
@@ -20,6 +20,12 @@ Two remedies, both leaving the arithmetic and its values unchanged:
 command installs), JAX probes for a TPU at start-up and prints libtpu's errors where there
 is none; on a host with no TPU or GPU, `python -m experiments.<tool>` runs with
 JAX_PLATFORMS=cpu, which it would use anyway.
+
+`use_compilation_cache`: the pipeline's runs (experiments.main, sweep, chat) keep JAX's
+persistent compilation cache in ~/.cache/gptjax/jax, so that a program compiled once loads
+in every later run with the same code, flags, JAX version and device kind (JAX's cache
+key): a rerun, a resumed run or another seed skips most of its compiling (BUILD.md,
+Benchmarks). A loaded executable is the compiled one, so no number changes.
 """
 
 from __future__ import annotations
@@ -129,3 +135,37 @@ def cpu_only_environment(environ: Mapping[str, str], **roots) -> dict[str, str] 
     if accelerator_present(**roots):
         return None
     return {**environ, _PLATFORMS: "cpu"}
+
+
+_CACHE_DIR, _CACHE_ON = "JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE"
+
+
+def compilation_cache_dir(environ: Mapping[str, str], multihost: bool) -> str | None:
+    """The persistent compilation cache's directory the pipeline's tools set:
+    $XDG_CACHE_HOME/gptjax/jax (default ~/.cache/gptjax/jax), or None where they set none.
+
+    JAX's own settings win: JAX_COMPILATION_CACHE_DIR names another directory (JAX reads
+    it itself), JAX_ENABLE_COMPILATION_CACHE=false turns the cache off. A multi-host run
+    gets no default: only process 0 writes entries, so on a rerun the other processes
+    would compile what it loads, and on CPU gloo gives a peer that late 30 s to join."""
+    off = environ.get(_CACHE_ON, "").strip().lower() in ("0", "false", "no", "off")
+    if multihost or off or environ.get(_CACHE_DIR, "").strip():
+        return None
+    base = environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(base, "gptjax", "jax")
+
+
+def use_compilation_cache(multihost: bool) -> str | None:
+    """Points JAX's persistent compilation cache at `compilation_cache_dir` unless this
+    process has one already; returns the directory set, or None. Call it before the
+    process's first compile: JAX decides at that compile whether it has a cache."""
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:  # set in code or by JAX_COMPILATION_CACHE_DIR
+        return None
+    path = compilation_cache_dir(os.environ, multihost)
+    if path is not None:
+        jax.config.update("jax_compilation_cache_dir", path)
+    return path

@@ -28,6 +28,9 @@ _CACHE = os.environ.get(
     "GPTJAX_TEST_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")
 )
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
+# And the processes tests start, which inherit it: none writes the user's own cache
+# (gptjax/host.py use_compilation_cache).
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.abspath(_CACHE)
 # Cache everything: each tiny step compiles in 1-5 s, and reusing it is the whole point.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -113,3 +113,28 @@ def test_the_suite_sets_jax_platforms_where_jax_reads_it():
     # conftest.py sets JAX_PLATFORMS before anything imports JAX, which reads it then:
     # set after the import, libtpu (the tpu extra) probed for TPUs in every worker.
     assert jax.config.jax_platforms == os.environ["JAX_PLATFORMS"]
+
+
+def test_the_pipeline_keeps_compiled_programs_in_the_users_cache_unless_jax_is_told_otherwise(
+    monkeypatch,
+):
+    monkeypatch.setattr(os.path, "expanduser", lambda p: p.replace("~", "/home/u"))
+    default = host.compilation_cache_dir({}, multihost=False)
+    assert default == "/home/u/.cache/gptjax/jax"
+    assert host.compilation_cache_dir({"XDG_CACHE_HOME": "/c"}, False) == "/c/gptjax/jax"
+    on = {"JAX_ENABLE_COMPILATION_CACHE": "true"}
+    assert host.compilation_cache_dir(on, False) == default  # on, but JAX has no directory
+    # JAX's own variables win (JAX reads them itself); multi-host runs get no default.
+    assert host.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/mine"}, False) is None
+    for off in ("false", "False", "0"):
+        assert host.compilation_cache_dir({"JAX_ENABLE_COMPILATION_CACHE": off}, False) is None
+    assert host.compilation_cache_dir({}, multihost=True) is None
+
+
+def test_a_process_whose_jax_has_a_cache_keeps_it():
+    import jax
+
+    # conftest.py gave this process the suite's cache: the pipeline run in-process keeps it.
+    before = jax.config.jax_compilation_cache_dir
+    assert before and host.use_compilation_cache(multihost=False) is None
+    assert jax.config.jax_compilation_cache_dir == before

@@ -54,9 +54,13 @@ def final_params(workdir, step):
 def test_trains_on_a_local_text_file_through_the_cli(tmp_path):
     corpus = write_text_corpus(tmp_path / "corpus.txt")
     workdir = tmp_path / "run"
+    # As a user's shell has it: no JAX cache set, so the run keeps its programs in the
+    # user's cache directory (gptjax/host.py use_compilation_cache).
+    env = {**subprocess_env(), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    del env["JAX_COMPILATION_CACHE_DIR"]
     out = subprocess.run(
         main_cmd(workdir, corpus, 30),
-        env=subprocess_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
@@ -71,10 +75,11 @@ def test_trains_on_a_local_text_file_through_the_cli(tmp_path):
     params, meta = final_params(workdir, 30)
     assert meta["stage"] == "pretrain" and len(meta["tokenizer_hash"]) == 64
     assert json.loads(meta["config"])["data"]["pretrain"] == f"text:{corpus}"
+    assert os.listdir(tmp_path / "cache" / "gptjax" / "jax")  # the train step, at least
     # Rerunning the finished command resumes instead of starting over.
     again = subprocess.run(
         main_cmd(workdir, corpus, 30),
-        env=subprocess_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,
