@@ -23,8 +23,8 @@ JAX_PLATFORMS=cpu, which it would use anyway.
 
 `use_compilation_cache`: the pipeline's runs (experiments.main, sweep, chat) keep JAX's
 persistent compilation cache in ~/.cache/gptjax/jax, so that a program compiled once loads
-in every later run with the same code, flags, JAX version and device kind (JAX's cache
-key): a rerun, a resumed run or another seed skips most of its compiling (BUILD.md,
+in every later run of the same program with the same flags, JAX version and device kind
+(JAX's cache key): a rerun or a resumed run skips most of its compiling (BUILD.md,
 Benchmarks). A loaded executable is the compiled one, so no number changes.
 """
 
