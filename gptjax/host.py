@@ -137,20 +137,9 @@ def cpu_only_environment(environ: Mapping[str, str], **roots) -> dict[str, str] 
     return {**environ, _PLATFORMS: "cpu"}
 
 
-_CACHE_DIR, _CACHE_ON = "JAX_COMPILATION_CACHE_DIR", "JAX_ENABLE_COMPILATION_CACHE"
-
-
-def compilation_cache_dir(environ: Mapping[str, str], multihost: bool) -> str | None:
-    """The persistent compilation cache's directory the pipeline's tools set:
-    $XDG_CACHE_HOME/gptjax/jax (default ~/.cache/gptjax/jax), or None where they set none.
-
-    JAX's own settings win: JAX_COMPILATION_CACHE_DIR names another directory (JAX reads
-    it itself), JAX_ENABLE_COMPILATION_CACHE=false turns the cache off. A multi-host run
-    gets no default: only process 0 writes entries, so on a rerun the other processes
-    would compile what it loads, and on CPU gloo gives a peer that late 30 s to join."""
-    off = environ.get(_CACHE_ON, "").strip().lower() in ("0", "false", "no", "off")
-    if multihost or off or environ.get(_CACHE_DIR, "").strip():
-        return None
+def compilation_cache_dir(environ: Mapping[str, str]) -> str:
+    """The persistent compilation cache's directory the pipeline's tools default to:
+    $XDG_CACHE_HOME/gptjax/jax, ~/.cache/gptjax/jax without it."""
     base = environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(
         os.path.expanduser("~"), ".cache"
     )
@@ -158,14 +147,20 @@ def compilation_cache_dir(environ: Mapping[str, str], multihost: bool) -> str | 
 
 
 def use_compilation_cache(multihost: bool) -> str | None:
-    """Points JAX's persistent compilation cache at `compilation_cache_dir` unless this
-    process has one already; returns the directory set, or None. Call it before the
-    process's first compile: JAX decides at that compile whether it has a cache."""
+    """Points JAX's persistent compilation cache at `compilation_cache_dir`; returns the
+    directory set, or None where it sets none. Call it before the process's first compile:
+    JAX decides at that compile whether it has a cache.
+
+    JAX's own settings win, read by JAX itself: a directory already set (in code or by
+    JAX_COMPILATION_CACHE_DIR) stays, and JAX_ENABLE_COMPILATION_CACHE=false turns the
+    cache off. A multi-host run gets no default: only process 0 writes entries, so on a
+    rerun the other processes would compile what it loads, and on CPU gloo gives a peer
+    that late 30 s to join."""
     import jax
 
-    if jax.config.jax_compilation_cache_dir:  # set in code or by JAX_COMPILATION_CACHE_DIR
+    config = jax.config
+    if multihost or config.jax_compilation_cache_dir or not config.jax_enable_compilation_cache:
         return None
-    path = compilation_cache_dir(os.environ, multihost)
-    if path is not None:
-        jax.config.update("jax_compilation_cache_dir", path)
+    path = compilation_cache_dir(os.environ)
+    config.update("jax_compilation_cache_dir", path)
     return path

@@ -116,19 +116,29 @@ def test_the_suite_sets_jax_platforms_where_jax_reads_it():
 
 
 def test_the_pipeline_keeps_compiled_programs_in_the_users_cache_unless_jax_is_told_otherwise(
-    monkeypatch,
+    monkeypatch, tmp_path
 ):
+    import jax
+
     monkeypatch.setattr(os.path, "expanduser", lambda p: p.replace("~", "/home/u"))
-    default = host.compilation_cache_dir({}, multihost=False)
-    assert default == "/home/u/.cache/gptjax/jax"
-    assert host.compilation_cache_dir({"XDG_CACHE_HOME": "/c"}, False) == "/c/gptjax/jax"
-    on = {"JAX_ENABLE_COMPILATION_CACHE": "true"}
-    assert host.compilation_cache_dir(on, False) == default  # on, but JAX has no directory
-    # JAX's own variables win (JAX reads them itself); multi-host runs get no default.
-    assert host.compilation_cache_dir({"JAX_COMPILATION_CACHE_DIR": "/mine"}, False) is None
-    for off in ("false", "False", "0"):
-        assert host.compilation_cache_dir({"JAX_ENABLE_COMPILATION_CACHE": off}, False) is None
-    assert host.compilation_cache_dir({}, multihost=True) is None
+    assert host.compilation_cache_dir({}) == "/home/u/.cache/gptjax/jax"
+    assert host.compilation_cache_dir({"XDG_CACHE_HOME": "/c"}) == "/c/gptjax/jax"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    # JAX's own settings win (JAX reads its variables into them); multi-host runs get no
+    # default. No compile runs in between: the process's own cache is untouched.
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update("jax_enable_compilation_cache", False)
+        assert host.use_compilation_cache(multihost=False) is None
+        jax.config.update("jax_enable_compilation_cache", True)
+        assert host.use_compilation_cache(multihost=True) is None
+        assert jax.config.jax_compilation_cache_dir is None
+        assert host.use_compilation_cache(multihost=False) == str(tmp_path / "gptjax" / "jax")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "gptjax" / "jax")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_enable_compilation_cache", before[1])
 
 
 def test_a_process_whose_jax_has_a_cache_keeps_it():
