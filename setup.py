@@ -20,7 +20,6 @@ INSTALL_REQUIRES = [
     "ml_collections==1.1.0",
     "absl-py==2.5.1",
     "numpy>=2.0,<3",
-    "tensorboardX==2.6.5",
     "matplotlib==3.11.2",
     "tqdm>=4.66",
 ]
@@ -44,6 +43,8 @@ EXTRAS_REQUIRE = {
         # The LoRA adapter export is checked by loading it in peft.
         "peft==0.21.2",
         "accelerate==1.16.0",
+        # An independent reader of the TensorBoard event files gptjax/tb_events.py writes.
+        "tensorboardX==2.6.5",
     ],
     # NVIDIA GPUs (driver >= 580, CUDA 13): the CUDA plugin with its pip-installed CUDA
     # and cuDNN libraries, at the pinned jax version (BUILD.md, GPU).

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from gptjax.tb_events import EventWriter
+
 
 def to_python(metrics: dict[str, Any]) -> dict[str, float]:
     """Device scalars -> floats (one host transfer for the whole dict)."""
@@ -37,9 +39,7 @@ class MetricsWriter:
         self._file = open(self.path, "a")
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(directory, "tb"))
+            self._tb = EventWriter(os.path.join(directory, "tb"))
 
     def write(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
         if not self.enabled:
@@ -53,8 +53,7 @@ class MetricsWriter:
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
         if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(f"{prefix}{k}", v, int(step))
+            self._tb.scalars(int(step), {f"{prefix}{k}": v for k, v in metrics.items()})
 
     def close(self) -> None:
         if not self.enabled:
