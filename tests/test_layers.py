@@ -122,7 +122,7 @@ def test_the_gpu_benchmark_runs_on_a_cpu_at_tiny_shapes(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_gpu, "device_peak", lambda device=None: (1e12, "test"))
     out = tmp_path / "gpu.json"
     argv = ["gpu", "--train=tiny:8x32", "--steps=2", "--attention=xla", "--decode=tiny"]
-    argv += ["--prompt_len=4", "--new_tokens=4", "--ppo=tiny", "--iterations=2", f"--out={out}"]
+    argv += ["--prompt_len=4", "--new_tokens=4", "--ppo=tiny", "--iterations=1", f"--out={out}"]
     assert bench.main(argv) == 0
     got = json.loads(out.read_text())
     check = got["attention_check"]
