@@ -163,4 +163,13 @@ def use_compilation_cache(multihost: bool) -> str | None:
         return None
     path = compilation_cache_dir(os.environ)
     config.update("jax_compilation_cache_dir", path)
+    # Keep every program, not only those over JAX's default of 1 s of compiling: the tiny
+    # pipeline's sub-second programs (about half of them) would compile again in every
+    # run, where loading one takes a few hundredths of a second (BUILD.md, Benchmarks). A
+    # threshold set by JAX's variable or in code stays.
+    threshold = "jax_persistent_cache_min_compile_time_secs"
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ and (
+        getattr(config, threshold) == 1.0
+    ):
+        config.update(threshold, 0.0)
     return path

@@ -126,19 +126,35 @@ def test_the_pipeline_keeps_compiled_programs_in_the_users_cache_unless_jax_is_t
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     # JAX's own settings win (JAX reads its variables into them); multi-host runs get no
     # default. No compile runs in between: the process's own cache is untouched.
-    before = jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache
+    threshold = "jax_persistent_cache_min_compile_time_secs"
+    names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", threshold)
+    before = {name: getattr(jax.config, name) for name in names}
     try:
         jax.config.update("jax_compilation_cache_dir", None)
         jax.config.update("jax_enable_compilation_cache", False)
+        jax.config.update(threshold, 1.0)  # JAX's default (conftest.py sets 0 for the suite)
         assert host.use_compilation_cache(multihost=False) is None
         jax.config.update("jax_enable_compilation_cache", True)
         assert host.use_compilation_cache(multihost=True) is None
         assert jax.config.jax_compilation_cache_dir is None
+        assert getattr(jax.config, threshold) == 1.0
+        # A threshold from JAX's variable stays; without it, every program is kept.
+        monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+        assert host.use_compilation_cache(multihost=False) == str(tmp_path / "gptjax" / "jax")
+        assert getattr(jax.config, threshold) == 1.0
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update(threshold, 2.0)  # and so does one set in code
+        assert host.use_compilation_cache(multihost=False) == str(tmp_path / "gptjax" / "jax")
+        assert getattr(jax.config, threshold) == 2.0
+        jax.config.update("jax_compilation_cache_dir", None)
+        jax.config.update(threshold, 1.0)
         assert host.use_compilation_cache(multihost=False) == str(tmp_path / "gptjax" / "jax")
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "gptjax" / "jax")
+        assert getattr(jax.config, threshold) == 0.0
     finally:
-        jax.config.update("jax_compilation_cache_dir", before[0])
-        jax.config.update("jax_enable_compilation_cache", before[1])
+        for name, value in before.items():
+            jax.config.update(name, value)
 
 
 def test_a_process_whose_jax_has_a_cache_keeps_it():
