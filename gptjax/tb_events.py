@@ -4,9 +4,9 @@ An event file is a TFRecord file (tensorflow/core/lib/io/record_writer.cc): each
 its length (uint64), the length's masked CRC-32C, the bytes, and their masked CRC-32C. Each
 record holds one `Event` proto (tensorflow/core/util/event.proto): the first names the
 file version, the others carry a step's scalars as a `Summary` (summary.proto). Scalars
-are all the library logs, and these few proto fields are encoded by hand here. The
-tensorboardX writer used before imports torch whenever torch is installed: about 2 s of
-every run's start, and of every stage a test runs in a child process.
+are all the library logs, and these few proto fields are encoded by hand here: the
+tensorboardX writer used before imports torch whenever torch is installed, which slowed
+the start of every process that logs (BUILD.md, Tests).
 """
 
 from __future__ import annotations
