@@ -38,8 +38,9 @@ def test_future_tokens_do_not_change_earlier_logits(variant):
     tokens = np.random.default_rng(0).integers(3, 64, size=(2, 16))
     changed = tokens.copy()
     changed[:, 9:] = np.random.default_rng(1).integers(3, 64, size=(2, 7))
-    a = model.apply(params, jnp.asarray(tokens))
-    b = model.apply(params, jnp.asarray(changed))
+    apply = jax.jit(model.apply)  # one program, not one per op
+    a = apply(params, jnp.asarray(tokens))
+    b = apply(params, jnp.asarray(changed))
     np.testing.assert_allclose(a[:, :9], b[:, :9], atol=1e-6)
     # and the change is visible from position 9 on, so the check above is not vacuous
     assert np.abs(np.asarray(a[:, 9:] - b[:, 9:])).max() > 1e-3
@@ -61,12 +62,13 @@ def test_packed_documents_equal_documents_run_alone(variant):
         pos[0, start : start + len(d)] = np.arange(len(d))
         start += len(d)
     packed = lm_batch(tokens, seg, pos)
-    logits = model.apply(params, packed["tokens"], packed["segment_ids"], packed["positions"])
+    apply = jax.jit(model.apply)  # one program per shape, not one per op
+    logits = apply(params, packed["tokens"], packed["segment_ids"], packed["positions"])
     packed_nll = -losses.token_logprobs(logits, packed["tokens"])
     packed_mask = losses.target_mask(packed["segment_ids"])
     start = 0
     for d in docs:
-        alone = model.apply(params, jnp.asarray(d[None]))
+        alone = apply(params, jnp.asarray(d[None]))
         alone_nll = -losses.token_logprobs(alone, jnp.asarray(d[None]))
         np.testing.assert_allclose(
             packed_nll[0, start + 1 : start + len(d)], alone_nll[0, 1:], rtol=1e-5, atol=1e-5
@@ -118,10 +120,11 @@ def test_remat_changes_neither_outputs_nor_grads(remat, scan):
 def test_dropout_is_random_with_rng_and_off_without():
     model, params = model_and_params(dropout=0.5)
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, size=(2, 16)))
-    det1, det2 = model.apply(params, tokens), model.apply(params, tokens)
+    apply = jax.jit(model.apply)  # one program, not one per op
+    det1, det2 = apply(params, tokens), apply(params, tokens)
     np.testing.assert_array_equal(det1, det2)
-    d1 = model.apply(params, tokens, rng=jax.random.key(1))
-    d2 = model.apply(params, tokens, rng=jax.random.key(2))
+    d1 = apply(params, tokens, rng=jax.random.key(1))
+    d2 = apply(params, tokens, rng=jax.random.key(2))
     assert np.abs(np.asarray(d1 - d2)).max() > 1e-3
 
 
@@ -129,7 +132,7 @@ def test_dropout_is_random_with_rng_and_off_without():
 def test_each_variant_runs_and_trains_one_step(variant):
     model, params = model_and_params(**VARIANTS[variant])
     batch = random_batch(np.random.default_rng(0), 4, 16, 64)
-    out = model.apply(params, batch["tokens"])
+    out = jax.jit(model.apply)(params, batch["tokens"])  # one program, not one per op
     want = (4, 16) if model.cfg.head == "scalar" else (4, 16, 64)
     assert out.shape == want and out.dtype == jnp.float32
     rng = jax.random.key(3) if model.cfg.dropout else None
@@ -151,9 +154,9 @@ def test_sequence_logprobs_matches_manual_log_softmax():
     batch = random_batch(np.random.default_rng(0), 2, 8, 64)
     mask = np.ones((2, 8), np.float32)
     mask[:, :3] = 0
-    logits = model.apply(params, batch["tokens"])
+    logits = jax.jit(model.apply)(params, batch["tokens"])  # one program, not one per op
     logp = losses.token_logprobs(logits, batch["tokens"], mask)
-    logits = np.asarray(model.apply(params, batch["tokens"]), np.float64)
+    logits = np.asarray(logits, np.float64)
     ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     for b in range(2):
         for t in range(3, 8):

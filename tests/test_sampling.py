@@ -29,6 +29,8 @@ def model_and_params(**overrides):
 )
 def test_prefill_then_cached_decode_equals_full_forward(overrides):
     model, params = model_and_params(**overrides)
+    # Jitted as the sampler runs it: one program per shape instead of one per op.
+    apply = jax.jit(model.apply)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 64, size=n).tolist() for n in (3, 7, 5)]
     continuation = rng.integers(3, 64, size=(3, 6))
@@ -36,11 +38,11 @@ def test_prefill_then_cached_decode_equals_full_forward(overrides):
     p = tokens.shape[1]
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     cache = model.init_cache(3, p + 6)
-    logits, cache = model.apply(params, tokens, mask, positions, cache=cache)
+    logits, cache = apply(params, tokens, mask, positions, cache=cache)
     cached = [logits[:, -1]]
     pos = positions[:, -1] + 1
     for i in range(6):
-        out, cache = model.apply(
+        out, cache = apply(
             params,
             continuation[:, i : i + 1],
             np.ones((3, 1), np.int32),
@@ -50,7 +52,7 @@ def test_prefill_then_cached_decode_equals_full_forward(overrides):
         cached.append(out[:, 0])
     for row, prompt in enumerate(prompts):
         full_seq = np.asarray(prompt + continuation[row].tolist())[None]
-        full = np.asarray(model.apply(params, full_seq))[0]  # unpadded, no cache
+        full = np.asarray(apply(params, full_seq))[0]  # unpadded, no cache
         n = len(prompt)
         # prefill logits of the prompt itself, at every real position
         np.testing.assert_allclose(np.asarray(logits)[row, p - n :], full[:n], rtol=1e-4, atol=1e-5)
