@@ -32,13 +32,20 @@ def model_and_params(**overrides):
     return _model_and_params(**overrides)
 
 
+@functools.cache
+def jitted_apply(model):
+    """model.apply as one jitted program per shape, as the steps and the sampler run it:
+    called eagerly it compiles one program per op, which slows the suite."""
+    return jax.jit(model.apply)
+
+
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_future_tokens_do_not_change_earlier_logits(variant):
     model, params = model_and_params(**VARIANTS[variant])
     tokens = np.random.default_rng(0).integers(3, 64, size=(2, 16))
     changed = tokens.copy()
     changed[:, 9:] = np.random.default_rng(1).integers(3, 64, size=(2, 7))
-    apply = jax.jit(model.apply)  # one program, not one per op
+    apply = jitted_apply(model)
     a = apply(params, jnp.asarray(tokens))
     b = apply(params, jnp.asarray(changed))
     np.testing.assert_allclose(a[:, :9], b[:, :9], atol=1e-6)
@@ -62,7 +69,7 @@ def test_packed_documents_equal_documents_run_alone(variant):
         pos[0, start : start + len(d)] = np.arange(len(d))
         start += len(d)
     packed = lm_batch(tokens, seg, pos)
-    apply = jax.jit(model.apply)  # one program per shape, not one per op
+    apply = jitted_apply(model)
     logits = apply(params, packed["tokens"], packed["segment_ids"], packed["positions"])
     packed_nll = -losses.token_logprobs(logits, packed["tokens"])
     packed_mask = losses.target_mask(packed["segment_ids"])
@@ -120,7 +127,7 @@ def test_remat_changes_neither_outputs_nor_grads(remat, scan):
 def test_dropout_is_random_with_rng_and_off_without():
     model, params = model_and_params(dropout=0.5)
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 64, size=(2, 16)))
-    apply = jax.jit(model.apply)  # one program, not one per op
+    apply = jitted_apply(model)
     det1, det2 = apply(params, tokens), apply(params, tokens)
     np.testing.assert_array_equal(det1, det2)
     d1 = apply(params, tokens, rng=jax.random.key(1))
@@ -132,7 +139,7 @@ def test_dropout_is_random_with_rng_and_off_without():
 def test_each_variant_runs_and_trains_one_step(variant):
     model, params = model_and_params(**VARIANTS[variant])
     batch = random_batch(np.random.default_rng(0), 4, 16, 64)
-    out = jax.jit(model.apply)(params, batch["tokens"])  # one program, not one per op
+    out = jitted_apply(model)(params, batch["tokens"])
     want = (4, 16) if model.cfg.head == "scalar" else (4, 16, 64)
     assert out.shape == want and out.dtype == jnp.float32
     rng = jax.random.key(3) if model.cfg.dropout else None
@@ -154,7 +161,7 @@ def test_sequence_logprobs_matches_manual_log_softmax():
     batch = random_batch(np.random.default_rng(0), 2, 8, 64)
     mask = np.ones((2, 8), np.float32)
     mask[:, :3] = 0
-    logits = jax.jit(model.apply)(params, batch["tokens"])  # one program, not one per op
+    logits = jitted_apply(model)(params, batch["tokens"])
     logp = losses.token_logprobs(logits, batch["tokens"], mask)
     logits = np.asarray(logits, np.float64)
     ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
