@@ -36,6 +36,34 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# The files that take a worker longest (seconds, in the order of a cold suite: BUILD.md,
+# Tests) run first. `--dist loadfile` hands a worker the next file in collection order as
+# it finishes one; longest first, the last files are the short ones and the two workers
+# end together (alphabetically, a 45 s file came last and the other worker idled 14 s).
+_LONGEST_FIRST = (
+    "test_ppo.py", "test_hf_pipeline.py", "test_kills.py", "test_multihost.py",
+    "test_algorithms.py", "test_rm_stage.py", "test_aot.py", "test_layers.py",
+    "test_model.py", "test_pretrain.py", "test_bad_input.py", "test_sft.py",
+    "test_hf_export.py", "test_nonfinite.py", "test_lora_rl.py", "test_evaluate.py",
+    "test_lora.py", "test_sampling.py", "test_hf_model.py", "test_reward_model.py",
+    "test_sharding.py", "test_hf_tokenizer.py",
+)  # fmt: skip
+
+
+def pytest_configure(config):
+    # pytest-xdist would sort files by their number of tests instead (tests/conftest.py
+    # orders them in pytest_collection_modifyitems).
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files in _LONGEST_FIRST order, then the rest as collected; tests within a file
+    keep their order (a stable sort)."""
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_sessionfinish(session, exitstatus):
     # "No tests collected" (exit 5) means the suite did not run: a failure, never a pass.
     if exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
