@@ -4,6 +4,7 @@ configs. Checked on the source's import statements, so a violation fails here be
 can make an import cycle or a hidden coupling."""
 
 import ast
+import functools
 import os
 
 import pytest
@@ -116,10 +117,16 @@ def test_the_gpu_benchmark_runs_on_a_cpu_at_tiny_shapes(tmp_path, monkeypatch):
     iteration's split, at tiny shapes with the XLA attention path."""
     import json
 
-    from experiments import bench, bench_gpu
+    from experiments import bench, bench_gpu, bench_rl
 
     # The CPU's measured bf16 peak (a 4096^3 matmul) is the one slow part, and not GPU code.
     monkeypatch.setattr(bench_gpu, "device_peak", lambda device=None: (1e12, "test"))
+    # One epoch of 16 prompts instead of tiny's 4 epochs of 64: the same code, a sixteenth
+    # of the update's run time at the suite's -O0.
+    small_ppo = functools.partial(
+        bench_rl.bench_rl, fields=dict(epochs=1, prompts_per_iteration=16)
+    )
+    monkeypatch.setattr(bench_rl, "bench_rl", small_ppo)
     out = tmp_path / "gpu.json"
     argv = ["gpu", "--train=tiny:8x32", "--steps=2", "--attention=xla", "--decode=tiny"]
     argv += ["--prompt_len=4", "--new_tokens=4", "--ppo=tiny", "--iterations=1", f"--out={out}"]
