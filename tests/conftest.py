@@ -36,10 +36,10 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# The files that take a worker longest (seconds, in the order of a cold suite: BUILD.md,
-# Tests) run first. `--dist loadfile` hands a worker the next file in collection order as
-# it finishes one; longest first, the last files are the short ones and the two workers
-# end together (alphabetically, a 45 s file came last and the other worker idled 14 s).
+# The files that take a worker longest in a cold suite, longest first (BUILD.md, Tests).
+# `--dist loadfile` hands a worker the next file in collection order as it finishes one;
+# longest first, the last files are the short ones and the two workers end together
+# (alphabetically, a 45 s file came last and the other worker idled for 14 s).
 _LONGEST_FIRST = (
     "test_ppo.py", "test_hf_pipeline.py", "test_kills.py", "test_multihost.py",
     "test_algorithms.py", "test_rm_stage.py", "test_aot.py", "test_layers.py",
@@ -51,8 +51,8 @@ _LONGEST_FIRST = (
 
 
 def pytest_configure(config):
-    # pytest-xdist would sort files by their number of tests instead (tests/conftest.py
-    # orders them in pytest_collection_modifyitems).
+    # pytest-xdist would reorder the files by their number of tests; keep the order that
+    # pytest_collection_modifyitems sets.
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
 

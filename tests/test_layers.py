@@ -122,7 +122,7 @@ def test_the_gpu_benchmark_runs_on_a_cpu_at_tiny_shapes(tmp_path, monkeypatch):
     # The CPU's measured bf16 peak (a 4096^3 matmul) is the one slow part, and not GPU code.
     monkeypatch.setattr(bench_gpu, "device_peak", lambda device=None: (1e12, "test"))
     # One epoch of 16 prompts instead of tiny's 4 epochs of 64: the same code, a sixteenth
-    # of the update's run time at the suite's -O0.
+    # of the update's work (2.7 s an iteration at the suite's -O0).
     small_ppo = functools.partial(
         bench_rl.bench_rl, fields=dict(epochs=1, prompts_per_iteration=16)
     )
