@@ -1,5 +1,8 @@
 """Tiny shapes shared by the tests (T <= 32, <= 2 layers, small vocab)."""
 
+import functools
+
+import jax
 import numpy as np
 
 from gptjax.model import ModelConfig
@@ -9,6 +12,13 @@ TINY = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff
 
 def tiny_model_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**TINY, **overrides})
+
+
+@functools.cache
+def jitted_apply(model):
+    """model.apply as one jitted program per shape, as the steps and the sampler run it:
+    called eagerly it compiles one program per op, which slows the suite."""
+    return jax.jit(model.apply)
 
 
 def lm_batch(tokens_BxT, segment_ids_BxT=None, positions_BxT=None, loss_mask_BxT=None):

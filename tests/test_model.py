@@ -10,7 +10,7 @@ import pytest
 
 from gptjax import losses, train_steps
 from gptjax.model import Model
-from tests.helpers import lm_batch, random_batch, tiny_model_config
+from tests.helpers import jitted_apply, lm_batch, random_batch, tiny_model_config
 
 VARIANTS = {
     "gpt2": dict(),
@@ -30,13 +30,6 @@ def _model_and_params(**overrides):
 
 def model_and_params(**overrides):
     return _model_and_params(**overrides)
-
-
-@functools.cache
-def jitted_apply(model):
-    """model.apply as one jitted program per shape, as the steps and the sampler run it:
-    called eagerly it compiles one program per op, which slows the suite."""
-    return jax.jit(model.apply)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])

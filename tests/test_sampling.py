@@ -10,7 +10,7 @@ import pytest
 
 from gptjax import losses, sampling
 from gptjax.model import Model
-from tests.helpers import tiny_model_config
+from tests.helpers import jitted_apply, tiny_model_config
 
 
 @functools.cache
@@ -29,8 +29,7 @@ def model_and_params(**overrides):
 )
 def test_prefill_then_cached_decode_equals_full_forward(overrides):
     model, params = model_and_params(**overrides)
-    # Jitted as the sampler runs it: one program per shape instead of one per op.
-    apply = jax.jit(model.apply)
+    apply = jitted_apply(model)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, 64, size=n).tolist() for n in (3, 7, 5)]
     continuation = rng.integers(3, 64, size=(3, 6))
